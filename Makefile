@@ -1,0 +1,26 @@
+# Two commands do all the set-up (README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install profile clean-artifacts
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dvc repro
+	@$(BIN)/python -m pipeline.where
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Select a configuration profile: make profile NAME=paper-syntic-coco (NAME=offline switches back).
+profile: $(STAMP)
+	$(BIN)/python -m pipeline.params use $(NAME)

@@ -1,0 +1,652 @@
+"""Caption corpora and evaluation sets: read, clean, and pair with images.
+
+Readers turn the caption formats users bring into one record type, :class:`Caption`
+(``group_id`` in brackets):
+
+- ``karpathy_list``: a JSON list of ``{split, image_name, [file_path], captions: [str, ...]}``
+  (``image_name``).
+- ``karpathy_dataset``: Karpathy's ``dataset_*.json``,
+  ``{"images": [{filename, split, sentences: [{raw}, ...]}, ...]}`` (``filename``).
+- ``coco_annotations``: COCO captions JSON, ``{"annotations": [{image_id, caption}, ...],
+  "images": [{id, file_name}, ...]}`` (``str(image_id)``).
+- ``flickr8k_tokens``: ``IMAGE.jpg#k<TAB>caption`` a line; a space in place of the tab is
+  accepted (``IMAGE.jpg``).
+- ``plain_text``: one caption a line (``line{lineno}``).
+
+``caption_id`` is ``f"{group_id}#{k}"`` with ``k`` the caption's index within its group (for
+Flickr8k, the ``k`` written in the file; for plain text, ``line{lineno}`` like ``group_id``).
+Caption ids are unique within a file; a file that repeats one is rejected.
+
+Text files are decoded line by line as UTF-8: a line that is not valid UTF-8 is skipped and
+reported as ``"file:line"`` in :attr:`CaptionFile.undecodable`, never fatal and never mangled.
+JSON files must be valid UTF-8 JSON as a whole.
+
+Typical use::
+
+    corpus = read_captions("Flickr8k.token.txt", split_file="Flickr_8k.trainImages.txt")
+    kept, report = clean_captions(corpus, max_words=15)
+
+    references = read_references("Flickr8k.token.txt", split_file="Flickr_8k.testImages.txt")
+    rows, report = load_eval_images("Flickr8k_Dataset/", references, max_images=100)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from PIL import Image
+
+__all__ = [
+    "FORMATS",
+    "Caption",
+    "CaptionFile",
+    "read_captions",
+    "clean_captions",
+    "normalize_whitespace",
+    "split_name_from_file",
+    "read_references",
+    "load_eval_images",
+    "resolve_dir",
+]
+
+JSON_FORMATS = ("karpathy_list", "karpathy_dataset", "coco_annotations")
+TEXT_FORMATS = ("flickr8k_tokens", "plain_text")
+FORMATS = JSON_FORMATS + TEXT_FORMATS
+_FORMATS_WITH_SPLITS = ("karpathy_list", "karpathy_dataset")
+
+# ``IMAGE#k``, then a tab or space(s), then the caption (possibly empty).
+_TOKEN_LINE = re.compile(r"^(?P<image>[^\s#]+)#(?P<k>\d+)(?:[ \t]+(?P<text>.*))?$")
+_TOKEN_PREFIX = re.compile(rb"^(?P<image>[^\s#]+)#\d+")
+_LINES_SNIFFED = 5
+_MAX_EXAMPLES = 5
+PACKAGE_PREFIX = "package:"
+
+
+@dataclass(frozen=True, slots=True)
+class Caption:
+    """One caption of a corpus.
+
+    ``split`` is ``""`` when the source format has no splits; ``source`` is the caller's name
+    for the file the caption came from.
+    """
+
+    caption_id: str
+    group_id: str
+    text: str
+    split: str
+    source: str
+
+    def to_dict(self) -> dict[str, str]:
+        """The record as a plain dict (for JSON, Arrow tables and the like)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CaptionFile:
+    """What :func:`read_captions` read: the captions, and the lines it had to skip.
+
+    ``undecodable`` names the text lines that were not valid UTF-8, as ``"file:line"``
+    (1-based line numbers). Two results are combined by concatenating both lists, e.g.
+    ``CaptionFile(a.records + b.records, a.undecodable + b.undecodable)``.
+    """
+
+    records: list[Caption]
+    undecodable: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading captions
+# --------------------------------------------------------------------------------------------
+
+
+def read_captions(
+    path: str | Path,
+    format: str = "auto",
+    source: str | None = None,
+    splits: Iterable[str] | str | None = None,
+    split_file: str | Path | None = None,
+    split_name: str | None = None,
+) -> CaptionFile:
+    """Read a caption file into :class:`Caption` records.
+
+    Args:
+        path: the caption file.
+        format: one of :data:`FORMATS`, or ``"auto"``: a ``.json`` file is told apart by its
+            structure (list → ``karpathy_list``; ``images`` with ``sentences`` →
+            ``karpathy_dataset``; ``annotations`` → ``coco_annotations``), any other file is
+            ``flickr8k_tokens`` if its first non-blank lines all look like ``IMAGE#k caption``,
+            else ``plain_text``.
+        source: the name stored in each record's ``source``; defaults to the file's name.
+        splits: keep only records whose split is one of these (a single string is one split).
+            Only for formats that carry splits (Karpathy formats, or Flickr8k tokens with a
+            ``split_file``); otherwise ``ValueError``, since nothing could match.
+        split_file: ``flickr8k_tokens`` only: a file listing one image name a line; only those
+            images' captions are kept, with ``split`` set to ``split_name`` or else the name
+            derived from the file name (``Flickr_8k.trainImages.txt`` → ``"train"``). Every
+            listed image must have captions (``ValueError`` otherwise).
+        split_name: the split to record for ``split_file``'s captions.
+
+    Returns:
+        a :class:`CaptionFile`: records in file order, plus the undecodable text lines (only
+        those belonging to ``split_file``'s images when it is given and the line's image name
+        can still be read).
+
+    Raises:
+        FileNotFoundError: ``path`` or ``split_file`` does not exist.
+        ValueError: unknown format, invalid UTF-8 or JSON in a JSON file, a malformed record
+            (the message names the file and the item index or line), repeated caption ids,
+            or an argument that does not apply to the format.
+    """
+    path = Path(path)
+    fmt, content = _load(path, format)
+    return _read_loaded(path, fmt, content, source or path.name, splits, split_file, split_name)
+
+
+def _read_loaded(
+    path: Path, fmt: str, content, source: str, splits, split_file, split_name
+) -> CaptionFile:
+    """:func:`read_captions` once the file is loaded and its format known."""
+    _check_split_arguments(fmt, splits, split_file, split_name)
+    caption_file = _READERS[fmt](content, path, source)
+    if split_file is not None:
+        caption_file = _restrict_to_split_file(
+            caption_file, content, path, Path(split_file), split_name
+        )
+    if splits is not None:
+        wanted = _as_split_set(splits)
+        caption_file.records = [r for r in caption_file.records if r.split in wanted]
+    _check_unique_ids(caption_file.records, path)
+    return caption_file
+
+
+@dataclass
+class _TextLines:
+    """A text file's decoded lines as ``(lineno, text)``, and its undecodable lines' bytes."""
+
+    lines: list[tuple[int, str]]
+    undecodable: list[tuple[int, bytes]]
+
+
+def _load(path: Path, format: str) -> tuple[str, object]:
+    """Read ``path`` once and settle its format: returns ``(format, parsed JSON or lines)``."""
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown caption format {format!r}; expected 'auto' or one of {FORMATS}")
+    raw = path.read_bytes()
+    is_json = format in JSON_FORMATS or (format == "auto" and path.suffix.lower() == ".json")
+    if is_json:
+        data = _parse_json(raw, path)
+        return (format if format != "auto" else _detect_json_format(data, path)), data
+    lines = _decode_lines(raw)
+    return (format if format != "auto" else _detect_text_format(lines)), lines
+
+
+def _parse_json(raw: bytes, path: Path) -> object:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 ({err})") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _detect_json_format(data: object, path: Path) -> str:
+    if isinstance(data, list):
+        return "karpathy_list"
+    if isinstance(data, dict):
+        images = data.get("images")
+        first_image = images[0] if isinstance(images, list) and images else None
+        if isinstance(first_image, dict) and "sentences" in first_image:
+            return "karpathy_dataset"
+        if "annotations" in data:
+            return "coco_annotations"
+    raise ValueError(f"{path}: cannot tell the caption format of this JSON; pass format=")
+
+
+def _decode_lines(raw: bytes) -> _TextLines:
+    """Split into lines and decode each as UTF-8 on its own (CRLF and a leading BOM tolerated)."""
+    chunks = raw.split(b"\n")
+    if chunks and chunks[-1] == b"":
+        chunks.pop()  # the file's final newline ends a line, it does not start one
+    decoded = _TextLines(lines=[], undecodable=[])
+    for lineno, chunk in enumerate(chunks, start=1):
+        chunk = chunk.removesuffix(b"\r")
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            decoded.undecodable.append((lineno, chunk))
+            continue
+        decoded.lines.append((lineno, text.removeprefix("\ufeff") if lineno == 1 else text))
+    return decoded
+
+
+def _detect_text_format(text: _TextLines) -> str:
+    sniffed = [line for _, line in text.lines if line.strip()][:_LINES_SNIFFED]
+    if sniffed and all(_TOKEN_LINE.match(line) for line in sniffed):
+        return "flickr8k_tokens"
+    return "plain_text"
+
+
+def _check_split_arguments(fmt: str, splits, split_file, split_name) -> None:
+    if split_name is not None and split_file is None:
+        raise ValueError("split_name= only applies together with split_file=")
+    if split_file is not None and fmt != "flickr8k_tokens":
+        raise ValueError(f"split_file= only applies to flickr8k_tokens, not {fmt}")
+    if splits is not None and fmt not in _FORMATS_WITH_SPLITS and split_file is None:
+        raise ValueError(f"splits= given but {fmt} captions carry no split")
+
+
+def _as_split_set(splits: Iterable[str] | str) -> set[str]:
+    return {splits} if isinstance(splits, str) else set(splits)
+
+
+def _check_unique_ids(records: list[Caption], path: Path) -> None:
+    seen: set[str] = set()
+    for record in records:
+        if record.caption_id in seen:
+            raise ValueError(f"{path}: caption id {record.caption_id!r} occurs more than once")
+        seen.add(record.caption_id)
+
+
+# --- one reader per format: (parsed content, path, source) -> CaptionFile --------------------
+
+
+def _read_karpathy_list(data: object, path: Path, source: str) -> CaptionFile:
+    items = _require_list(data, path, "a JSON list of images")
+    records = []
+    for index, item in enumerate(items):
+        name = _field(item, "image_name", str, path, index)
+        split = _field(item, "split", str, path, index)
+        captions = _field(item, "captions", list, path, index)
+        for k, text in enumerate(captions):
+            _require_str(text, path, index, f"captions[{k}]")
+            records.append(Caption(f"{name}#{k}", name, text, split, source))
+    return CaptionFile(records)
+
+
+def _read_karpathy_dataset(data: object, path: Path, source: str) -> CaptionFile:
+    images = _require_list(_top_level_key(data, "images", path), path, "'images' as a list")
+    records = []
+    for index, item in enumerate(images):
+        name = _field(item, "filename", str, path, index)
+        split = _field(item, "split", str, path, index)
+        sentences = _field(item, "sentences", list, path, index)
+        for k, sentence in enumerate(sentences):
+            text = _field(sentence, "raw", str, path, index, where=f"sentences[{k}]")
+            records.append(Caption(f"{name}#{k}", name, text, split, source))
+    return CaptionFile(records)
+
+
+def _read_coco_annotations(data: object, path: Path, source: str) -> CaptionFile:
+    annotations = _top_level_key(data, "annotations", path)
+    _require_list(annotations, path, "'annotations' as a list")
+    captions_so_far: dict[str, int] = defaultdict(int)
+    records = []
+    for index, annotation in enumerate(annotations):
+        group = str(_field(annotation, "image_id", (int, str), path, index))
+        text = _field(annotation, "caption", str, path, index)
+        k = captions_so_far[group]
+        captions_so_far[group] += 1
+        records.append(Caption(f"{group}#{k}", group, text, "", source))
+    return CaptionFile(records)
+
+
+def _read_flickr8k_tokens(text: _TextLines, path: Path, source: str) -> CaptionFile:
+    records = []
+    for lineno, line in text.lines:
+        if not line.strip():
+            continue
+        match = _TOKEN_LINE.match(line)
+        if match is None:
+            raise ValueError(f"{path}:{lineno}: expected 'IMAGE#k<TAB>caption', got {line[:80]!r}")
+        image = match["image"]
+        records.append(Caption(f"{image}#{match['k']}", image, match["text"] or "", "", source))
+    return CaptionFile(records, _labels(path, text.undecodable))
+
+
+def _read_plain_text(text: _TextLines, path: Path, source: str) -> CaptionFile:
+    """Every line is a caption; a blank line is an empty caption (for cleaning to drop)."""
+    records = [
+        Caption(f"line{lineno}", f"line{lineno}", line, "", source) for lineno, line in text.lines
+    ]
+    return CaptionFile(records, _labels(path, text.undecodable))
+
+
+_READERS: dict[str, Callable[[object, Path, str], CaptionFile]] = {
+    "karpathy_list": _read_karpathy_list,
+    "karpathy_dataset": _read_karpathy_dataset,
+    "coco_annotations": _read_coco_annotations,
+    "flickr8k_tokens": _read_flickr8k_tokens,
+    "plain_text": _read_plain_text,
+}
+
+
+def _labels(path: Path, undecodable: list[tuple[int, bytes]]) -> list[str]:
+    return [f"{path}:{lineno}" for lineno, _ in undecodable]
+
+
+# --- validation helpers for JSON records ------------------------------------------------------
+
+
+def _top_level_key(data: object, key: str, path: Path) -> object:
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"{path}: expected a JSON object with {key!r}")
+    return data[key]
+
+
+def _require_list(value: object, path: Path, expected: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _field(item: object, key: str, kind, path: Path, index: int, where: str = "") -> object:
+    """``item[key]``, checked to be of ``kind``; errors name the file and the item index."""
+    place = f"{path}: item {index}" + (f" {where}" if where else "")
+    if not isinstance(item, dict):
+        raise ValueError(f"{place}: expected an object, got {type(item).__name__}")
+    if key not in item:
+        raise ValueError(f"{place}: missing {key!r}")
+    value = item[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{place}: {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _require_str(value: object, path: Path, index: int, where: str) -> None:
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise ValueError(f"{path}: item {index} {where}: expected a string, got {kind}")
+
+
+# --- split files ------------------------------------------------------------------------------
+
+
+def _restrict_to_split_file(
+    caption_file: CaptionFile,
+    text: _TextLines,
+    path: Path,
+    split_file: Path,
+    split_name: str | None,
+) -> CaptionFile:
+    """Keep the captions, and the undecodable lines, of the images listed in ``split_file``.
+
+    An undecodable line whose ``IMAGE#k`` prefix cannot be read either is kept (reported).
+    """
+    images = _read_split_file(split_file)
+    kept_images = images | {None}  # None: an undecodable line with no readable image name
+    split = split_name if split_name is not None else split_name_from_file(split_file)
+    records = [
+        dataclasses.replace(r, split=split) for r in caption_file.records if r.group_id in images
+    ]
+    _check_split_images_have_captions(images, records, split_file)
+    undecodable = [(n, raw) for n, raw in text.undecodable if _raw_line_image(raw) in kept_images]
+    return CaptionFile(records, _labels(path, undecodable))
+
+
+def _raw_line_image(raw: bytes) -> str | None:
+    """The image name of an undecodable token line, if its ``IMAGE#k`` prefix is readable."""
+    match = _TOKEN_PREFIX.match(raw)
+    try:
+        return match["image"].decode("utf-8") if match else None
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_split_file(split_file: Path) -> set[str]:
+    try:
+        text = split_file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{split_file}: not valid UTF-8 ({err})") from err
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def split_name_from_file(split_file: str | Path) -> str:
+    """The split a split file names: ``Flickr_8k.trainImages.txt`` → ``"train"``.
+
+    Takes the last dot-separated part of the stem, drops a trailing ``Images`` and lowercases;
+    falls back to the whole stem (``my_split.txt`` → ``"my_split"``).
+    """
+    stem = Path(split_file).stem
+    last_part = stem.rsplit(".", 1)[-1]
+    name = re.sub(r"images$", "", last_part, flags=re.IGNORECASE).lower()
+    return name or stem
+
+
+def _check_split_images_have_captions(
+    images: set[str], records: list[Caption], split_file: Path
+) -> None:
+    missing = sorted(images - {r.group_id for r in records})
+    if missing:
+        raise ValueError(
+            f"{split_file}: {len(missing)} listed images have no captions, e.g. {missing[:3]}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Cleaning
+# --------------------------------------------------------------------------------------------
+
+_DROP_REASONS = ("empty", "too_long", "duplicate", "undecodable")
+
+
+def normalize_whitespace(text: str) -> str:
+    """Strip, and collapse every run of whitespace (spaces, tabs, newlines, any Unicode
+    whitespace) to one space."""
+    return " ".join(text.split())
+
+
+def clean_captions(
+    captions: CaptionFile | Iterable[Caption], max_words: int = 15
+) -> tuple[list[Caption], dict]:
+    """The papers' corpus filter: normalise whitespace, drop empty, over-long and repeated captions.
+
+    Each caption's text is whitespace-normalised (:func:`normalize_whitespace`), then it is
+    dropped, checking in this order, if it is empty, if it has more than ``max_words`` words
+    (split on whitespace), or if the same normalised text was already kept (exact,
+    case-sensitive match: ``"A dog."`` and ``"a dog."`` are both kept; the first occurrence
+    wins). Kept records carry the normalised text.
+
+    ``captions`` is a :class:`CaptionFile` (its undecodable lines are then reported too) or any
+    iterable of :class:`Caption`.
+
+    Returns ``(kept, report)``; ``report`` is JSON-able::
+
+        {"read": n, "kept": n,
+         "dropped": {"empty": n, "too_long": n, "duplicate": n, "undecodable": n},
+         "examples": {reason: [up to 5 caption ids, or "file:line" for undecodable]}}
+
+    ``read`` counts the records plus the undecodable lines, so
+    ``read == kept + sum(dropped.values())``.
+    """
+    if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
+        raise ValueError(f"max_words must be a positive integer, got {max_words!r}")
+    if isinstance(captions, CaptionFile):
+        records, undecodable = captions.records, captions.undecodable
+    else:
+        records, undecodable = list(captions), []
+
+    dropped: dict[str, list[str]] = {reason: [] for reason in _DROP_REASONS}
+    dropped["undecodable"] = list(undecodable)
+    kept: list[Caption] = []
+    kept_texts: set[str] = set()
+    for record in records:
+        text = normalize_whitespace(record.text)
+        reason = _drop_reason(text, max_words, kept_texts)
+        if reason:
+            dropped[reason].append(record.caption_id)
+            continue
+        kept_texts.add(text)
+        kept.append(record if text == record.text else dataclasses.replace(record, text=text))
+    return kept, _cleaning_report(len(records) + len(undecodable), len(kept), dropped)
+
+
+def _drop_reason(text: str, max_words: int, kept_texts: set[str]) -> str | None:
+    if not text:
+        return "empty"
+    if len(text.split(" ")) > max_words:
+        return "too_long"
+    if text in kept_texts:
+        return "duplicate"
+    return None
+
+
+def _cleaning_report(read: int, kept: int, dropped: dict[str, list[str]]) -> dict:
+    return {
+        "read": read,
+        "kept": kept,
+        "dropped": {reason: len(ids) for reason, ids in dropped.items()},
+        "examples": {reason: ids[:_MAX_EXAMPLES] for reason, ids in dropped.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation references and images
+# --------------------------------------------------------------------------------------------
+
+
+def read_references(
+    path: str | Path,
+    format: str = "auto",
+    split_file: str | Path | None = None,
+    splits: Iterable[str] | str | None = None,
+) -> dict[str, list[str]]:
+    """Reference captions of an evaluation set: image name → its captions, in file order.
+
+    Accepts every caption format except ``plain_text`` (which has no images: ``ValueError``);
+    ``format``, ``split_file`` and ``splits`` mean what they mean in :func:`read_captions`.
+    The key is the image's file name: ``image_name`` / ``filename`` for the Karpathy formats,
+    the image for Flickr8k tokens, and for COCO annotations the ``file_name`` of the matching
+    entry in ``images`` (``str(image_id)`` when the file has no such entry). Reference texts
+    are whitespace-normalised (:func:`normalize_whitespace`); none is dropped. Undecodable lines
+    cannot be references: they are skipped with a :class:`UserWarning` naming them.
+    """
+    path = Path(path)
+    fmt, content = _load(path, format)
+    if fmt == "plain_text":
+        raise ValueError(f"{path}: plain text has no images, so it cannot give references")
+    caption_file = _read_loaded(path, fmt, content, path.name, splits, split_file, None)
+    if caption_file.undecodable:
+        warnings.warn(
+            f"skipped undecodable reference lines: {caption_file.undecodable}", stacklevel=2
+        )
+    image_names = _coco_file_names(content) if fmt == "coco_annotations" else {}
+    references: dict[str, list[str]] = {}
+    for record in caption_file.records:
+        name = image_names.get(record.group_id, record.group_id)
+        references.setdefault(name, []).append(normalize_whitespace(record.text))
+    return references
+
+
+def _coco_file_names(data: dict) -> dict[str, str]:
+    images = data.get("images") or []
+    return {
+        str(image["id"]): image["file_name"]
+        for image in images
+        if isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str)
+    }
+
+
+def resolve_dir(spec: str | Path) -> Path:
+    """A directory from a path, or from ``"package:NAME"``: the folder of importable package NAME.
+
+    ``"package:skimage.data"`` → the folder holding ``skimage/data/__init__.py``.
+
+    Raises:
+        ValueError: NAME is not an importable package.
+        NotADirectoryError: the directory does not exist.
+    """
+    if isinstance(spec, str) and spec.startswith(PACKAGE_PREFIX):
+        directory = _package_dir(spec.removeprefix(PACKAGE_PREFIX))
+    else:
+        directory = Path(spec)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"image directory not found: {directory}")
+    return directory
+
+
+def _package_dir(name: str) -> Path:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"package {name!r} cannot be imported: {err}") from err
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{name!r} is not an importable package")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_eval_images(
+    image_dir: str | Path, references: dict[str, list[str]], max_images: int | None = None
+) -> tuple[list[dict], dict]:
+    """Load the evaluation images named by ``references`` from ``image_dir``.
+
+    Image names are taken in sorted order; ``max_images`` keeps the first N of them (skipped
+    images count towards N). ``image_dir`` is a path or ``"package:NAME"`` (:func:`resolve_dir`).
+    Every name must stay inside ``image_dir``: an absolute name or one with ``..`` raises
+    ``ValueError`` naming it, before anything is read. A missing file or one PIL cannot decode
+    (open and full load) is skipped and listed in the report, never fatal.
+
+    Returns ``(rows, report)``; each row is
+    ``{"image_id": name, "image": <the file's bytes>, "width": int, "height": int,
+    "references": [str, ...]}``, and the report is JSON-able::
+
+        {"requested": n, "loaded": n, "skipped": {"missing": [names], "corrupt": [names]}}
+    """
+    if max_images is not None and not _is_count(max_images):
+        raise ValueError(f"max_images must be None or a non-negative integer, got {max_images!r}")
+    directory = resolve_dir(image_dir)
+    for name in references:
+        _check_inside(name)
+    names = sorted(references)[:max_images]
+
+    rows: list[dict] = []
+    skipped: dict[str, list[str]] = {"missing": [], "corrupt": []}
+    for name in names:
+        file = directory / name
+        if not file.is_file():
+            skipped["missing"].append(name)
+            continue
+        data = file.read_bytes()
+        size = _decoded_size(data)
+        if size is None:
+            skipped["corrupt"].append(name)
+            continue
+        width, height = size
+        rows.append({
+            "image_id": name,
+            "image": data,
+            "width": width,
+            "height": height,
+            "references": list(references[name]),
+        })
+    return rows, {"requested": len(names), "loaded": len(rows), "skipped": skipped}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_inside(name: str) -> None:
+    """Reject an image name that is empty, absolute (POSIX or Windows) or climbs out with ``..``."""
+    as_posix = PurePosixPath(name.replace("\\", "/"))
+    if not name or as_posix.is_absolute() or PureWindowsPath(name).drive or ".." in as_posix.parts:
+        raise ValueError(f"image name {name!r} escapes the image directory")
+
+
+def _decoded_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` if PIL can fully decode ``data``, else ``None``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None

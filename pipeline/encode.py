@@ -1,0 +1,76 @@
+"""CLIP features of images (global, projected patches, CLS attention) and of texts, as Arrow tables.
+
+Image decoding and preprocessing of batch i+1 run on a background thread while CLIP encodes batch i.
+"""
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.models.clip import ClipEncoder
+from pipeline.shards import feature_array
+
+
+def _decode(clip: ClipEncoder, blobs: Sequence[bytes], ids: Sequence[str]) -> torch.Tensor:
+    pixels = []
+    for blob, item in zip(blobs, ids):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                pixels.append(clip.preprocess(im.convert("RGB")))
+        except Exception as err:
+            raise ValueError(f"image {item!r} cannot be decoded: {err}") from err
+    return torch.stack(pixels)
+
+
+def _prefetched_pixels(clip: ClipEncoder, blobs: list[bytes], ids: list[str], batch_size: int) -> Iterator[torch.Tensor]:
+    starts = list(range(0, len(blobs), batch_size))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_decode, clip, blobs[:batch_size], ids[:batch_size]) if starts else None
+        for i, start in enumerate(starts):
+            pixels = future.result()
+            if i + 1 < len(starts):
+                nxt = starts[i + 1]
+                future = pool.submit(_decode, clip, blobs[nxt:nxt + batch_size], ids[nxt:nxt + batch_size])
+            yield pixels
+
+
+def encode_image_table(images: pa.Table, clip: ClipEncoder, id_column: str, batch_size: int,
+                       dtype: str) -> pa.Table:
+    """images (id, image bytes) -> id, global [D], patches [Np*D], cls_attention [Np]."""
+    ids = images.column(id_column).to_pylist()
+    blobs = images.column("image").to_pylist()
+    parts: dict[str, list[np.ndarray]] = {"global": [], "patches": [], "cls_attention": []}
+    batches = _prefetched_pixels(clip, blobs, ids, batch_size)
+    for pixels in tqdm(batches, total=-(-len(ids) // batch_size), desc="  images", unit="batch", leave=False):
+        out = clip.encode_pixels(pixels)
+        for key in parts:
+            parts[key].append(out[key].reshape(len(pixels), -1))
+    width = clip.dim
+    empty = {"global": width, "patches": 0, "cls_attention": 0}
+    columns = {key: feature_array(np.concatenate(v) if v else np.zeros((0, empty[key]), np.float32), dtype)
+               for key, v in parts.items()}
+    return pa.table({id_column: ids, **columns})
+
+
+def encode_text_table(captions: pa.Table, clip: ClipEncoder, batch_size: int, dtype: str) -> pa.Table:
+    """captions (caption_id, text) -> caption_id, text_feature [D]."""
+    ids = captions.column("caption_id").to_pylist()
+    texts = captions.column("text").to_pylist()
+    features = [clip.encode_texts(texts[s:s + batch_size]) for s in range(0, len(texts), batch_size)]
+    values = np.concatenate(features) if features else np.zeros((0, clip.dim), np.float32)
+    return pa.table({"caption_id": ids, "text_feature": feature_array(values, dtype)})
+
+
+def patch_grid(clip: ClipEncoder) -> dict:
+    """Shape facts written beside the patch features so readers can unflatten them."""
+    visual = clip.model.visual
+    grid = visual.grid_size if hasattr(visual, "grid_size") else None
+    num_patches = int(grid[0] * grid[1]) if grid else None
+    return {"num_patches": num_patches, "dim": clip.dim}

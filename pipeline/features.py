@@ -1,0 +1,71 @@
+"""Stream aligned rows of several per-caption (or per-image) artifacts, shard by shard.
+
+Every per-caption artifact is sharded like the corpus, so shard k of each covers the same rows.
+A reader takes shard k of each artifact it needs, checks the ids agree, and hands the columns on as
+numpy; memory is one shard of each, whatever the corpus size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.shards import ShardedArtifact, feature_numpy, read_meta, require_same_model
+
+
+@dataclass(frozen=True)
+class Column:
+    """``artifact``'s column ``name``, delivered under ``as_name`` (default: name)."""
+    artifact: ShardedArtifact
+    name: str
+    as_name: str | None = None
+
+
+def _values(column: pa.ChunkedArray):
+    column = column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        return feature_numpy(column)
+    return column.to_pylist()
+
+
+def aligned_shards(id_column: str, columns: list[Column], order: list[int] | None = None) -> Iterator[dict]:
+    """Yield ``{id_column: ids, <as_name>: values, ...}`` per shard (features as float32 [n, D])."""
+    artifacts = {id(c.artifact): c.artifact for c in columns}
+    first = next(iter(artifacts.values()))
+    for art in artifacts.values():
+        if len(art.paths) != len(first.paths) or art.num_rows != first.num_rows:
+            raise ValueError(f"{art.folder} ({art.num_rows} rows, {len(art.paths)} shards) is not aligned with "
+                             f"{first.folder} ({first.num_rows} rows, {len(first.paths)} shards): rerun the pipeline")
+    for k in (order if order is not None else range(len(first.paths))):
+        tables = {key: art.read_shard(k, [id_column] + [c.name for c in columns if c.artifact is art])
+                  for key, art in artifacts.items()}
+        ids = tables[id(first)].column(id_column).to_pylist()
+        for key, table in tables.items():
+            if table.column(id_column).to_pylist() != ids:
+                raise ValueError(f"shard {k} of {artifacts[key].folder} holds other rows than shard {k} of "
+                                 f"{first.folder}: the artifacts come from different runs; rerun the pipeline")
+        row = {id_column: ids}
+        for c in columns:
+            row[c.as_name or c.name] = _values(tables[id(c.artifact)].column(c.name))
+        yield row
+
+
+def shard_order(num_shards: int, epoch: int, seed: int) -> list[int]:
+    """A per-epoch shuffled shard order (rows are shuffled within a shard by the caller)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def read_single_table(path, expected_model: dict | None = None, what: str = "table") -> pa.Table:
+    """A one-file artifact (e.g. the tag vocabulary), refusing one made by another model."""
+    if expected_model is not None:
+        require_same_model(features=expected_model, **{what: read_meta(path).get("model")})
+    return pq.read_table(path)
+
+
+def check_dim(features: np.ndarray, expected: int, what: str) -> None:
+    if features.ndim != 2 or features.shape[1] != expected:
+        raise ValueError(f"{what} have shape {features.shape} but {expected}-dimensional features were expected "
+                         f"(were they made by another CLIP model?)")

@@ -1,0 +1,105 @@
+"""Frozen CLIP through open_clip: global image features, projected patch tokens, CLS attention, text features.
+
+Per image (MacCap Eq. 10-11, PCM-Net Eq. 2 need the last two):
+- ``global``: the projected CLS token, L2-normalised (D = embed_dim).
+- ``patches``: the last layer's patch tokens mapped by CLIP's own head (``ln_post`` then ``proj``) into
+  the joint space, NOT normalised (N_p x D).
+- ``cls_attention``: the last block's attention of the CLS token over the patches, averaged over
+  heads (N_p).
+Per text: the projected EOT feature, L2-normalised.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass
+class ClipEncoder:
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    identity: dict
+    device: str = "cpu"
+
+    @property
+    def dim(self) -> int:
+        return int(self.identity["embed_dim"])
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """Preprocessed images [B,3,H,W] -> global [B,D], patches [B,Np,D], cls_attention [B,Np]."""
+        visual = self.model.visual
+        last_block = visual.transformer.resblocks[-1]
+        captured: dict[str, torch.Tensor] = {}
+        hook = last_block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
+        previous, visual.output_tokens = visual.output_tokens, True
+        try:
+            pooled, tokens = visual(pixels.to(self.device, self._dtype))
+        finally:
+            visual.output_tokens = previous
+            hook.remove()
+        x = last_block.ln_1(captured["x"])
+        _, attention = last_block.attn(x, x, x, need_weights=True, average_attn_weights=True)
+        patches = tokens @ visual.proj if visual.proj is not None else tokens  # ln_post already applied
+        return {
+            "global": _normalise(pooled).float().cpu().numpy(),
+            "patches": patches.float().cpu().numpy(),
+            "cls_attention": attention[:, 0, 1:].float().cpu().numpy(),
+        }
+
+    def encode_images(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        return self.encode_pixels(torch.stack([self.preprocess(im.convert("RGB")) for im in images]))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> L2-normalised features [B,D]."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return _normalise(self.model.encode_text(tokens)).float().cpu().numpy()
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def load_clip(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu",
+              precision: str = "fp32") -> ClipEncoder:
+    """open_clip's factory for both cases: a pretrained tag / local file, or built from config with ``seed``."""
+    if pretrained is None:
+        torch.manual_seed(seed)
+    quiet = logging.getLogger().level
+    if pretrained is None:  # open_clip warns that no weights were loaded: here that is the point
+        logging.getLogger().setLevel(logging.ERROR)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=precision, device=device)
+    except Exception as err:  # unknown name, missing file, no network: say which and how to fix
+        raise missing_model_error("clip", name, pretrained or "", err) from err
+    finally:
+        logging.getLogger().setLevel(quiet)
+    model.eval()
+    config = open_clip.get_model_config(name) or {}
+    image_size = model.visual.image_size
+    identity = {
+        "kind": "clip", "name": name, "pretrained": pretrained,
+        "seed": seed if pretrained is None else None,
+        "weights_sha256": weights_sha256(model),
+        "embed_dim": int(config.get("embed_dim") or model.text_projection.shape[-1]),
+        "image_size": list(image_size) if isinstance(image_size, tuple) else [image_size, image_size],
+        "dtype": precision,
+    }
+    return ClipEncoder(model, preprocess, open_clip.get_tokenizer(name), identity, device)

@@ -1,0 +1,84 @@
+"""Object detector through transformers: DETR ResNet-50 in the paper profile, a small DETR offline.
+
+Both go through ``DetrForObjectDetection`` + ``DetrImageProcessor.post_process_object_detection``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+
+
+@dataclass
+class Detection:
+    labels: list[str]
+    scores: list[float]
+    boxes: list[list[float]]  # [x0, y0, x1, y1] in pixels of the input image
+
+
+@dataclass
+class Detector:
+    model: torch.nn.Module
+    processor: object
+    identity: dict
+    device: str = "cpu"
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Every label the detector can emit (the tag vocabulary; 'N/A' placeholders left out)."""
+        labels = self.model.config.id2label
+        return sorted({name for name in labels.values() if name != "N/A"})
+
+    @torch.no_grad()
+    def detect(self, images: Sequence[Image.Image], threshold: float) -> list[Detection]:
+        images = [im.convert("RGB") for im in images]
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs)
+        sizes = torch.tensor([[im.height, im.width] for im in images])
+        results = self.processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
+        id2label = self.model.config.id2label
+        detections = []
+        for r in results:
+            keep = [i for i, lab in enumerate(r["labels"].tolist()) if id2label[lab] != "N/A"]
+            detections.append(Detection(
+                labels=[id2label[r["labels"][i].item()] for i in keep],
+                scores=[float(r["scores"][i]) for i in keep],
+                boxes=[[float(v) for v in r["boxes"][i]] for i in keep]))
+        return detections
+
+
+def _build_small(name: str, seed: int):
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no configuration for detector {name!r} at {path}")
+    cfg = json.loads(path.read_text())
+    id2label = {int(k): v for k, v in cfg["id2label"].items()}
+    config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
+                        backbone_config=ResNetConfig(**cfg["backbone"]), id2label=id2label,
+                        label2id={v: k for k, v in id2label.items()}, **cfg["detr"])
+    torch.manual_seed(seed)
+    return DetrForObjectDetection(config), DetrImageProcessor(**cfg["image_processor"])
+
+
+def load_detector(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu") -> Detector:
+    """DETR from a model id / local folder, or the small one built from config with ``seed``."""
+    if pretrained is None:
+        model, processor = _build_small(name, seed)
+    else:
+        from transformers import DetrForObjectDetection, DetrImageProcessor
+        try:
+            model = DetrForObjectDetection.from_pretrained(pretrained)
+            processor = DetrImageProcessor.from_pretrained(pretrained)
+        except Exception as err:
+            raise missing_model_error("detector", name, pretrained, err) from err
+    model = model.to(device).eval()
+    identity = {"kind": "detector", "name": name, "pretrained": pretrained,
+                "seed": seed if pretrained is None else None, "weights_sha256": weights_sha256(model)}
+    return Detector(model, processor, identity, device)

@@ -1,0 +1,198 @@
+"""A self-contained HTML report: a metrics table in the papers' Table-1 style and a caption gallery.
+
+The page has no external assets: styles are inline and gallery thumbnails are embedded as
+base64 JPEG data URIs. Every piece of text (method names, captions, reasons, notes) is
+HTML-escaped: captions are user data.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+# (column, scale, decimals): the COCO metrics are printed ×100 with one decimal as in the papers.
+METRIC_COLUMNS = (
+    ("BLEU-4", 100.0, 1),
+    ("METEOR", 100.0, 1),
+    ("ROUGE-L", 100.0, 1),
+    ("CIDEr", 100.0, 1),
+    ("SPICE", 100.0, 1),
+    ("CLIPScore", 1.0, 3),
+    ("RefCLIPScore", 1.0, 3),
+)
+MISSING = "\u2013"  # en dash
+THUMBNAIL_PX = 256
+THUMBNAIL_JPEG_QUALITY = 85
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table.metrics { border-collapse: collapse; margin-bottom: 0.5em; }
+table.metrics th, table.metrics td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd; }
+table.metrics td.score { text-align: right; font-variant-numeric: tabular-nums; }
+ol.footnotes, p.scale { font-size: 0.9em; color: #555; }
+div.item { display: flex; gap: 1.2em; padding: 1em 0; border-top: 1px solid #ddd; }
+div.item img { flex: none; align-self: flex-start; max-width: 256px; }
+dl.predictions dt { font-weight: 600; }
+dl.predictions dd { margin: 0 0 0.4em 1em; }
+ul.references { margin: 0.2em 0; color: #555; }
+span.tag { background: #eef; border-radius: 3px; padding: 0 0.4em; margin-right: 0.3em; }
+"""
+
+
+def write_report(
+    path: str | Path,
+    title: str,
+    metrics_table: Sequence[Mapping],
+    gallery: Sequence[Mapping],
+    notes: Iterable[str] = (),
+) -> None:
+    """Write one self-contained HTML page with a metrics table, a gallery and notes.
+
+    ``metrics_table`` rows: ``{"method", "eval_set", ["variant"], metric: value, ...,
+    ["skipped": {metric: reason}]}`` with metrics from :data:`METRIC_COLUMNS` on the scale
+    :mod:`pipeline.metrics` returns them (other keys are ignored). BLEU-4, METEOR, ROUGE-L,
+    CIDEr and SPICE are shown ×100 with one decimal, CLIPScore and RefCLIPScore as given with
+    three. A missing metric shows "–", with a footnote when the row gives a skip reason.
+
+    ``gallery`` items: ``{"image_id", "image": PNG/JPEG bytes, "predictions": {method: caption},
+    "references": [caption, ...], ["tags": [...]]}``; images are embedded as JPEG thumbnails
+    of at most 256 px on the long side.
+    """
+    for index, row in enumerate(metrics_table):
+        _check_keys(row, ("method", "eval_set"), f"metrics_table[{index}]")
+    for index, item in enumerate(gallery):
+        _check_keys(item, ("image_id", "image", "predictions", "references"), f"gallery[{index}]")
+    page = _page(title, metrics_table, gallery, list(notes))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+
+
+def _check_keys(entry: Mapping, required: Sequence[str], where: str) -> None:
+    missing = [key for key in required if key not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks required key(s) {missing}")
+
+
+def _page(title: str, metrics_table: Sequence[Mapping], gallery: Sequence[Mapping],
+          notes: list[str]) -> str:
+    sections = [f"<h1>{_text(title)}</h1>", _metrics_section(metrics_table)]
+    if gallery:
+        sections.append(_gallery_section(gallery))
+    if notes:
+        sections.append(_notes_section(notes))
+    body = "\n".join(sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{_text(title)}</title>\n<style>{STYLE}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _text(value: object) -> str:
+    """Any value as HTML-escaped text (quotes included, so it is safe in attributes too)."""
+    return html.escape(str(value), quote=True)
+
+
+# --- metrics table ------------------------------------------------------------------------------
+
+def _metrics_section(rows: Sequence[Mapping]) -> str:
+    footnotes: dict[str, int] = {}  # skip reason -> footnote number, in order of appearance
+    header = "".join(f"<th>{_text(name)}</th>" for name in ("Method", "Variant", "Eval set"))
+    header += "".join(f"<th>{_text(name)}</th>" for name, _, _ in METRIC_COLUMNS)
+    body = "\n".join(_metrics_row(row, footnotes) for row in rows)
+    parts = [
+        "<h2>Metrics</h2>",
+        f'<table class="metrics">\n<thead><tr>{header}</tr></thead>\n<tbody>\n{body}\n</tbody>\n'
+        "</table>",
+        '<p class="scale">BLEU-4, METEOR, ROUGE-L, CIDEr and SPICE ×100; CLIPScore and '
+        "RefCLIPScore as computed.</p>",
+    ]
+    if footnotes:
+        items = "".join(
+            f'<li id="skip-{number}">{_text(reason)}</li>' for reason, number in footnotes.items()
+        )
+        parts.append(f'<ol class="footnotes">{items}</ol>')
+    return "\n".join(parts)
+
+
+def _metrics_row(row: Mapping, footnotes: dict[str, int]) -> str:
+    skipped = row.get("skipped") or {}
+    labels = [_text(row["method"]), _text(row.get("variant", "")), _text(row["eval_set"])]
+    cells = "".join(f"<td>{label}</td>" for label in labels)
+    for name, scale, decimals in METRIC_COLUMNS:
+        score = _metric_cell(row.get(name), scale, decimals, skipped.get(name), footnotes)
+        cells += f'<td class="score">{score}</td>'
+    return f"<tr>{cells}</tr>"
+
+
+def _metric_cell(value: object, scale: float, decimals: int, skip_reason: str | None,
+                 footnotes: dict[str, int]) -> str:
+    """A formatted score, or "–" with a link to its skip reason's footnote."""
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return f"{value * scale:.{decimals}f}"
+    if not skip_reason:
+        return MISSING
+    number = footnotes.setdefault(str(skip_reason), len(footnotes) + 1)
+    return f'{MISSING}<sup><a href="#skip-{number}" title="{_text(skip_reason)}">{number}</a></sup>'
+
+
+# --- gallery ------------------------------------------------------------------------------------
+
+def _gallery_section(items: Sequence[Mapping]) -> str:
+    return "<h2>Gallery</h2>\n" + "\n".join(_gallery_item(item) for item in items)
+
+
+def _gallery_item(item: Mapping) -> str:
+    image_id = _text(item["image_id"])
+    try:
+        image_uri = thumbnail_data_uri(item["image"])
+    except (OSError, ValueError) as error:
+        message = f"gallery image {item['image_id']!r} could not be read: {error}"
+        raise ValueError(message) from error
+    predictions = "".join(
+        f"<dt>{_text(method)}</dt><dd>{_text(caption)}</dd>"
+        for method, caption in item["predictions"].items()
+    )
+    references = "".join(f"<li>{_text(caption)}</li>" for caption in item["references"])
+    tags = "".join(f'<span class="tag">{_text(tag)}</span>' for tag in item.get("tags", ()))
+    tag_line = f"<p>{tags}</p>\n" if tags else ""
+    return (
+        f'<div class="item">\n<img src="{image_uri}" alt="{image_id}">\n'
+        f"<div>\n<h3>{image_id}</h3>\n{tag_line}"
+        f'<dl class="predictions">{predictions}</dl>\n'
+        f'<p>References:</p>\n<ul class="references">{references}</ul>\n</div>\n</div>'
+    )
+
+
+def thumbnail_data_uri(image_bytes: bytes, max_px: int = THUMBNAIL_PX) -> str:
+    """A ``data:image/jpeg;base64,...`` thumbnail at most ``max_px`` on its long side."""
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        thumbnail = _flatten_to_rgb(ImageOps.exif_transpose(image))
+    thumbnail.thumbnail((max_px, max_px))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=THUMBNAIL_JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _flatten_to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for JPEG, with any transparency composited onto white."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, "white")
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+# --- notes --------------------------------------------------------------------------------------
+
+def _notes_section(notes: list[str]) -> str:
+    items = "".join(f"<li>{_text(note)}</li>" for note in notes)
+    return f"<h2>Notes</h2>\n<ul>{items}</ul>"

@@ -1,0 +1,69 @@
+"""Object tags per image (SynTIC Eq. 4: O = {o_1..o_m}) and the CLIP text features of the tag vocabulary."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.models.clip import ClipEncoder
+from pipeline.models.detector import Detection, Detector
+from pipeline.shards import feature_array, feature_numpy
+
+TAG_SCHEMA_FIELDS = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+                     ("boxes", pa.list_(pa.list_(pa.float32(), 4)))]
+
+
+def distinct_tags(detection: Detection, max_tags: int) -> Detection:
+    """Keep each label once, at its most confident box, most confident labels first."""
+    best: dict[str, int] = {}
+    for i, (label, score) in enumerate(zip(detection.labels, detection.scores)):
+        if label not in best or score > detection.scores[best[label]]:
+            best[label] = i
+    order = sorted(best.values(), key=lambda i: (-detection.scores[i], detection.labels[i]))[:max_tags]
+    return Detection([detection.labels[i] for i in order], [detection.scores[i] for i in order],
+                     [detection.boxes[i] for i in order])
+
+
+def tag_table(images: pa.Table, detector: Detector, id_column: str, threshold: float, max_tags: int,
+              batch_size: int) -> pa.Table:
+    """images (id, image bytes) -> id, labels, scores, boxes."""
+    ids = images.column(id_column).to_pylist()
+    blobs = images.column("image").to_pylist()
+    detections: list[Detection] = []
+    for start in tqdm(range(0, len(ids), batch_size), desc="  tags", unit="batch", leave=False):
+        batch = [Image.open(io.BytesIO(b)) for b in blobs[start:start + batch_size]]
+        detections += [distinct_tags(d, max_tags) for d in detector.detect(batch, threshold)]
+    return pa.table({id_column: ids,
+                     "labels": pa.array([d.labels for d in detections], TAG_SCHEMA_FIELDS[0][1]),
+                     "scores": pa.array([d.scores for d in detections], TAG_SCHEMA_FIELDS[1][1]),
+                     "boxes": pa.array([d.boxes for d in detections], TAG_SCHEMA_FIELDS[2][1])})
+
+
+def vocabulary_table(labels: list[str], clip: ClipEncoder, dtype: str) -> pa.Table:
+    """Every detector label with its CLIP text feature o^t = CLIP_t(o) (Eq. 4)."""
+    features = clip.encode_texts(labels) if labels else np.zeros((0, clip.dim), np.float32)
+    return pa.table({"label": labels, "text_feature": feature_array(features, dtype)})
+
+
+class TagVocabulary:
+    """label -> CLIP text feature lookup, turning per-image label lists into padded [B, M, D] arrays."""
+
+    def __init__(self, table: pa.Table):
+        self.index = {label: i for i, label in enumerate(table.column("label").to_pylist())}
+        self.features = feature_numpy(table.column("text_feature"))
+
+    def batch(self, label_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """-> tag_feats [B, M, D] (zeros where padded), tag_mask [B, M] (True = a real tag)."""
+        width = max((len(labels) for labels in label_lists), default=0)
+        feats = np.zeros((len(label_lists), width, self.features.shape[1]), np.float32)
+        mask = np.zeros((len(label_lists), width), bool)
+        for row, labels in enumerate(label_lists):
+            for col, label in enumerate(labels):
+                if label not in self.index:
+                    raise KeyError(f"tag {label!r} is not in the tag vocabulary (was it made by another detector?)")
+                feats[row, col] = self.features[self.index[label]]
+                mask[row, col] = True
+        return feats, mask

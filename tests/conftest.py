@@ -1,0 +1,22 @@
+"""Shared fixtures.
+
+Tests that read the real data in ``../shared/data`` use the ``shared_data`` fixture: on a user's
+machine without that folder they skip with a reason; under CI (``CI`` set) a missing folder is a
+failure, never a silent skip.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SYNTHCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the real-data tests but {SHARED_DATA} does not exist")
+        pytest.skip(f"real data not found at {SHARED_DATA} (set SYNTHCAP_SHARED_DATA)")
+    return SHARED_DATA
