@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The stages run `python -m stages.NAME`: put the venv first on PATH so that python is this one.
 demo: $(STAMP)
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@$(BIN)/python -m pipeline.where
 
 test: $(STAMP)

@@ -6,6 +6,7 @@ Both give the same bytes, because each shard function depends only on its task. 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -26,8 +27,9 @@ def _map_ray(fn: Callable[..., Any], tasks: Sequence[Any], desc: str, **kwargs: 
         import ray
     except ImportError as err:
         raise RuntimeError("executor 'ray' needs Ray: pip install -e '.[ray]'") from err
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    if not ray.is_initialized():  # RAY_ADDRESS joins a running cluster; without it Ray starts a local one
+        path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+        ray.init(log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     remote_fn = ray.remote(fn)
     shared = {k: ray.put(v) for k, v in kwargs.items()}
     pending = {remote_fn.remote(task, **shared): i for i, task in enumerate(tasks)}

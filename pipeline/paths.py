@@ -18,6 +18,7 @@ TAG_VOCABULARY = TAGS / "vocabulary"                   # CLIP text feature of ev
 OPTIMIZED = ARTIFACTS / "optimized"                    # SynTIC Eq. 2 features (aligned with corpus)
 SUPPORT = ARTIFACTS / "support"                        # FAISS index over the corpus text features (Eq. 3)
 METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,captions,metrics.json}
+CONCEPTS = ARTIFACTS / "concepts"                      # PCM-Net concept vocabulary + CLIP text features
 REPORT = ARTIFACTS / "report"
 
 

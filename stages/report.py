@@ -19,7 +19,7 @@ def main() -> None:
     for name, cfg in methods.items():
         folder = paths.method_dir(name)
         metrics, details = read_json(folder / "metrics.json"), read_json(folder / "evaluation.json")
-        variant = getattr(method_module(cfg["method"]), "variant", lambda c: "")(cfg)
+        variant = method_module(cfg["method"]).variant(cfg)
         for evalset, scores in metrics.items():
             rows.append({"method": name, "variant": variant, "eval_set": evalset, **scores,
                          "skipped": details[evalset]["skipped"]})

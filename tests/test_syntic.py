@@ -290,5 +290,5 @@ def test_checkpoint_round_trip(tok, tmp_path):
 def test_load_rejects_foreign_safetensors(tmp_path):
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a SynTIC checkpoint"):
+    with pytest.raises(ValueError, match=r"other.safetensors is not a synthcap.syntic.v1 checkpoint"):
         load_checkpoint(tmp_path / "other.safetensors")

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline import training
 from pipeline.models.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder,
                                             beam_decode, caption_loss, greedy_decode)
 
@@ -165,21 +166,16 @@ class SynTICCaptioner(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Training and captioning loops
 # ---------------------------------------------------------------------------------------------
-def _batch_size(batch: dict) -> int:
-    return int(batch["tokens"].shape[0])
-
-
 def train_syntic(model: SynTICCaptioner, make_batches: Callable[[int], Iterable[dict]],
                  epochs: int, lr: float, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 seed: int = 0, progress: bool = True, grad_clip: float | None = None) -> list[float]:
+                 seed: int = 0, progress: bool = True, grad_clip: float | None = 1.0) -> list[float]:
     """Train on Eq. 6. make_batches(epoch) yields the batches of one epoch (the caller streams
     shards and reshuffles per epoch). AdamW with weight decay on the >= 2-D parameters (weights
     and embeddings, as nanoGPT), none on biases, LayerNorms and the no-object vector. Learning
     rate: linear warm-up from lr/warmup_steps to lr over `warmup_steps` optimizer steps, then
     constant (a constant rate needs no total step count, so the batches can be a stream).
-    Gradient norm clipped at grad_clip when given (default off: the paper mentions none).
-    Returns the per-epoch mean loss (a mean over captions). The model is left in eval mode."""
-    from tqdm import tqdm
+    Gradient norm clipped at grad_clip (None = off). Returns the per-epoch mean loss (a mean over
+    captions). The model is left in eval mode."""
     torch.manual_seed(seed)                         # dropout
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
@@ -187,28 +183,7 @@ def train_syntic(model: SynTICCaptioner, make_batches: Callable[[int], Iterable[
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        bar = tqdm(make_batches(epoch), desc=f"SynTIC epoch {epoch + 1}/{epochs}", unit="batch",
-                   disable=not progress)
-        for batch in bar:
-            loss = model.loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            n = _batch_size(batch)
-            total, count = total + loss.item() * n, count + n
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if count == 0:
-            raise ValueError(f"make_batches({epoch}) yielded no batch")
-        history.append(total / count)
-    model.eval()
-    return history
+    return training.fit(model, make_batches, epochs, opt, sched, grad_clip=grad_clip, desc="SynTIC", progress=progress)
 
 
 def caption_batches(model: SynTICCaptioner, batches: Iterable[dict], beam_size: int = 1,
@@ -229,20 +204,13 @@ CHECKPOINT_FORMAT = "synthcap.syntic.v1"
 
 
 def save_checkpoint(model: SynTICCaptioner, config: SynTICConfig, path) -> None:
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": CHECKPOINT_FORMAT, "config": config.to_json()})
+    training.save_checkpoint(model, path, CHECKPOINT_FORMAT, asdict(config))
 
 
 def load_checkpoint(path, device: str = "cpu") -> SynTICCaptioner:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a SynTIC checkpoint (format={meta.get('format')!r})")
-    model = SynTICCaptioner(SynTICConfig.from_json(meta["config"]))
-    model.load_state_dict(load_file(str(path), device=device), strict=True)
+    state, config, _ = training.load_checkpoint(path, CHECKPOINT_FORMAT, device)
+    model = SynTICCaptioner(SynTICConfig(**config))
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 

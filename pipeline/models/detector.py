@@ -18,7 +18,7 @@ from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
 class Detection:
     labels: list[str]
     scores: list[float]
-    boxes: list[list[float]]  # [x0, y0, x1, y1] in pixels of the input image
+    boxes: list[list[float]]  # [x0, y0, x1, y1] in pixels of the input image, clipped to it
 
 
 @dataclass
@@ -43,12 +43,14 @@ class Detector:
         results = self.processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
         id2label = self.model.config.id2label
         detections = []
-        for r in results:
+        for r, (height, width) in zip(results, sizes.tolist()):
             keep = [i for i, lab in enumerate(r["labels"].tolist()) if id2label[lab] != "N/A"]
+            # DETR's boxes (centre +- half size) can overhang the image: clip them to it
+            boxes = torch.minimum(r["boxes"].clamp(min=0), torch.tensor([width, height, width, height]))
             detections.append(Detection(
                 labels=[id2label[r["labels"][i].item()] for i in keep],
                 scores=[float(r["scores"][i]) for i in keep],
-                boxes=[[float(v) for v in r["boxes"][i]] for i in keep]))
+                boxes=[[float(v) for v in boxes[i]] for i in keep]))
         return detections
 
 
