@@ -2,7 +2,8 @@
 
 ``profiles/offline.yaml`` is the full offline profile (what ``params.yaml`` holds in a fresh clone).
 Any other profile is an overlay: ``_base: offline`` plus the keys it changes, merged recursively
-(a mapping merges, anything else replaces). Select one with::
+(a mapping merges, anything else replaces; a mapping with ``_replace: true`` replaces the base's
+mapping whole, e.g. a profile's own list of methods or eval sets). Select one with::
 
     make profile NAME=paper-syntic-coco      # = python -m pipeline.params use paper-syntic-coco
 """
@@ -27,7 +28,12 @@ def load_params(path: Path | str = PARAMS) -> dict:
 def merge(base: dict, overlay: dict) -> dict:
     out = dict(base)
     for key, value in overlay.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(value, dict) and value.get("_replace"):
+            out[key] = {k: v for k, v in value.items() if k != "_replace"}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
@@ -44,7 +50,7 @@ def resolve_profile(name: str) -> dict:
 def render(params: dict, name: str) -> str:
     header = (f"# Generated from profiles/{name}.yaml by `make profile NAME={name}`; edit freely, or\n"
               f"# switch back with `make profile NAME=offline`. Every stage reads its section from here.\n")
-    return header + yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=100)
+    return header + yaml.safe_dump(params, sort_keys=False, default_flow_style=False, width=100)
 
 
 def use_profile(name: str, path: Path = PARAMS) -> dict:

@@ -17,6 +17,7 @@ EVAL_TAGS = TAGS / "eval"                              # eval/NAME
 TAG_VOCABULARY = TAGS / "vocabulary"                   # CLIP text feature of every detector label (Eq. 4)
 OPTIMIZED = ARTIFACTS / "optimized"                    # SynTIC Eq. 2 features (aligned with corpus)
 SUPPORT = ARTIFACTS / "support"                        # FAISS index over the corpus text features (Eq. 3)
+TARGET_SUPPORTS = ARTIFACTS / "supports"               # supports/NAME: the same over other caption files ("-TT")
 METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,captions,metrics.json}
 CONCEPTS = ARTIFACTS / "concepts"                      # PCM-Net concept vocabulary + CLIP text features
 REPORT = ARTIFACTS / "report"
@@ -24,3 +25,8 @@ REPORT = ARTIFACTS / "report"
 
 def method_dir(name: str) -> Path:
     return METHODS / name
+
+
+def support_dir(name: str = "corpus") -> Path:
+    """The support set called ``name``: "corpus" (the training corpus) or one of params.yaml's ``target_supports``."""
+    return SUPPORT if name == "corpus" else TARGET_SUPPORTS / name

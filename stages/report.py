@@ -39,6 +39,11 @@ def main() -> None:
              "BLEU, METEOR, ROUGE-L, CIDEr (CIDEr-D) and SPICE are pycocoevalcap's, x100. CLIPScore and "
              "RefCLIPScore (Hessel et al. 2021, w = 2.5) use the pipeline's CLIP model, so they compare methods "
              "within one profile only."]
+    for name in p.get("mixup", {}).get("models", []):
+        mixup = read_json(paths.method_dir(name) / "mixup.json")
+        curve = ", ".join(f"λ={r['lambda']:g}: {100 * r['CIDEr']:.1f}" for r in mixup["results"])
+        notes.append(f"Mix-up analysis of {name} on {mixup['evalset']} (CIDEr of caption(normalize(λ·t + (1−λ)·v)); "
+                     f"{mixup['caveat']}): {curve}. Plot: methods/{name}/mixup.png.")
     if p["models"]["clip"]["pretrained"] is None:
         notes.append("The offline profile's models are small and randomly initialised: its numbers test the "
                      "plumbing, not caption quality.")

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SYNTHCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -20,3 +21,13 @@ def shared_data() -> Path:
             pytest.fail(f"CI must run the real-data tests but {SHARED_DATA} does not exist")
         pytest.skip(f"real data not found at {SHARED_DATA} (set SYNTHCAP_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread: on a shared 2-core machine that is several times faster for
+    the tiny models of the tests (no oversubscription). Use with pytestmark = usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,4 +1,5 @@
 """Profiles: params.yaml is the offline profile; the paper profile carries METHODS.md's numbers and plans every stage."""
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ def test_params_yaml_is_the_rendered_offline_profile():
 def test_overlay_merges_mappings_and_replaces_the_rest():
     base = {"a": {"x": 1, "y": [1, 2]}, "b": 2}
     assert merge(base, {"a": {"y": [3]}, "c": None}) == {"a": {"x": 1, "y": [3]}, "b": 2, "c": None}
+    assert merge(base, {"a": {"_replace": True, "z": 3}}) == {"a": {"z": 3}, "b": 2}
 
 
 def test_unknown_profile_names_the_known_ones():
@@ -29,12 +31,18 @@ def test_unknown_profile_names_the_known_ones():
         resolve_profile("no-such-profile")
 
 
-@pytest.fixture(scope="module")
-def methods_md() -> str:
+def methods_section(title: str, next_title: str) -> str:
     if not METHODS_MD.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must check the profiles against {METHODS_MD}, which does not exist")
         pytest.skip(f"{METHODS_MD} not found")
     text = METHODS_MD.read_text(encoding="utf-8")
-    return text[text.index("## 1. SynTIC"):text.index("## 2. PCM-Net")]
+    return text[text.index(title):text.index(next_title)]
+
+
+@pytest.fixture(scope="module")
+def methods_md() -> str:
+    return methods_section("## 1. SynTIC", "## 2. PCM-Net")
 
 
 def test_paper_profile_has_the_syntic_hyper_parameters_of_methods_md(methods_md):
@@ -55,6 +63,44 @@ def test_paper_profile_has_the_syntic_hyper_parameters_of_methods_md(methods_md)
     assert p["corpus"]["max_words"] == 15
 
 
+def test_paper_coco_profile_has_pcmnet_hyper_parameters_of_methods_md():
+    md = methods_section("## 2. PCM-Net", "## 3. MacCap")
+    p = resolve_profile("paper-coco")["methods"]
+    pcm = p["pcmnet"]
+    assert pcm["salient_k"] == int(re.search(r"K = (\d+) salient concepts", md).group(1))
+    assert pcm["mix_m"] == int(re.search(r"top-M \(M = (\d+)\)", md).group(1))
+    assert pcm["encoder_layers"] == int(re.search(r"N_e = (\d+)", md).group(1))
+    decoder_layers, hidden = re.search(r"N_d = (\d+), hidden (\d+)", md).group(1, 2)
+    assert (pcm["decoder_layers"], pcm["hidden"]) == (int(decoder_layers), int(hidden))
+    assert pcm["noise_variance"] == float(re.search(r"σ² = ([\d.]+)", md).group(1))
+    assert pcm["clip_w"] == float(re.search(r"w = (\d+)", md).group(1))
+    epochs, warmup, batch, beam = re.search(
+        r"(\d+) epochs, Noam schedule with (\d+)k warm-up, batch (\d+); beam size (\d+)", md).group(1, 2, 3, 4)
+    assert (pcm["epochs"], pcm["warmup_steps"], pcm["batch_size"], pcm["beam_size"]) == (
+        int(epochs), int(warmup) * 1000, int(batch), int(beam))
+    assert {(p[n]["mixup"], p[n]["cxe"]) for n in ("pcmnet", "pcmnet-base", "pcmnet-mixup", "pcmnet-cxe")} == {
+        (True, True), (False, False), (True, False), (False, True)}, "Table 3's four rows"
+
+
+def test_paper_coco_profile_has_the_text_feature_family_of_methods_md():
+    md = methods_section("## 4. Unsupervised-ClipCap", "## 5. CMSA")
+    p = resolve_profile("paper-coco")["methods"]
+    sigma2 = float(re.search(r"Gaussian noise on the text feature \(σ² = ([\d.]+)\)", md).group(1))
+    assert p["capdec"]["noise_variance"] == sigma2 and not p["capdec"]["matched"]
+    assert p["unsupervised-clipcap"]["matched"] and p["unsupervised-clipcap"]["correction"] == "mean"
+    assert p["decap"]["correction"] == "projection" and p["decap"]["noise_variance"] == 0
+    assert p["unsupervised-clipcap"]["language_model"]["pretrained"] == "gpt2"
+    table4 = {(m["fo"], m["fp"], m["af"]) for m in p.values() if m["method"] == "syntic"}
+    assert len(table4) == 8, "Table 4: Baseline, +FO, +FP, +AF, the three pairs and SynTIC"
+
+
+def test_cross_domain_profile_projects_onto_target_captions():
+    p = resolve_profile("paper-coco-to-flickr30k")
+    assert list(p["evalsets"]) == ["flickr30k-test"] and p["support"]["tau"] == 0.0125  # 1/80 on Flickr30k
+    assert p["methods"]["syntic-tt"]["inference_support"] in p["target_supports"]
+    assert p["methods"]["syntic"]["inference_support"] == "corpus"
+
+
 def test_switching_profiles_rewrites_params_yaml(tmp_path):
     from pipeline.params import use_profile
     target = tmp_path / "params.yaml"
@@ -64,18 +110,26 @@ def test_switching_profiles_rewrites_params_yaml(tmp_path):
     assert target.read_text() == PARAMS.read_text()
 
 
-def test_paper_profile_dry_run_plans_every_stage(tmp_path):
+@pytest.mark.parametrize("profile", ["paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k"])
+def test_paper_profile_dry_run_plans_every_stage(tmp_path, profile):
     for item in ("dvc.yaml", "pipeline", "stages", "profiles", "data"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
-    (tmp_path / "params.yaml").write_text(render(resolve_profile("paper-syntic-coco"), "paper-syntic-coco"))
-    # the user's inputs the paper profile names (an empty Karpathy file stands in for dataset_coco.json)
-    (tmp_path / "data" / "coco" / "val2014").mkdir(parents=True)
-    (tmp_path / "data" / "coco" / "dataset_coco.json").write_text('{"images": []}')
+    (tmp_path / "params.yaml").write_text(render(resolve_profile(profile), profile))
+    # the user's inputs the paper profiles name (empty Karpathy files stand in for dataset_*.json)
+    for dataset in ("coco", "flickr30k"):
+        (tmp_path / "data" / dataset / "images").mkdir(parents=True)
+        (tmp_path / "data" / dataset / f"dataset_{dataset}.json").write_text('{"images": []}')
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     out = subprocess.run(dvc + ["repro", "--dry", "--force"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     planned = re.findall(r"Running stage '([^']+)'", out.stdout)
-    assert planned == ["corpus", "evalsets", "generate", "encode", "tag", "optimize", "support",
-                       "train@syntic", "caption@syntic", "evaluate@syntic", "report"]
+    methods = list(resolve_profile(profile)["methods"])
+    assert planned[:9] == ["corpus", "evalsets", "generate", "encode", "tag", "optimize", "support", "concepts",
+                           "target_supports"]
+    for stage in ("train", "caption", "evaluate"):
+        assert {s for s in planned if s.startswith(stage + "@")} == {f"{stage}@{m}" for m in methods}
+    mixup = {f"mixup@{m}" for m in resolve_profile(profile)["mixup"]["models"]}
+    assert {s for s in planned if s.startswith("mixup@")} == mixup
+    assert planned[-1] == "report"

@@ -17,7 +17,7 @@ import yaml
 from pipeline.params import merge, render, resolve_profile
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_STAGES = {"corpus", "evalsets", "generate", "encode", "tag", "optimize", "support"}
+METHODS = ["syntic", "pcmnet", "unsupervised-clipcap", "capdec", "decap"]
 
 
 def small(p: dict, shared: Path) -> dict:
@@ -32,7 +32,11 @@ def small(p: dict, shared: Path) -> dict:
                                        "max_images": 6}},
         "generate": {"steps": 2, "batch_size": 4},
         "optimize": {"steps": 3},
-        "methods": {"syntic": {"epochs": 1, "beam_size": 2, "decoder": {"width": 32, "layers": 2, "heads": 2}}},
+        "concepts": {"size": 40},
+        "methods": {"syntic": {"epochs": 1, "beam_size": 2, "decoder": {"width": 32, "layers": 2, "heads": 2}},
+                    "pcmnet": {"epochs": 1, "beam_size": 2, "hidden": 32, "heads": 2, "ffn_dim": 64},
+                    **{m: {"epochs": 1, "beam_size": 2} for m in ("unsupervised-clipcap", "capdec", "decap")}},
+        "mixup": {"evalset": "flickr8k-test", "lambdas": [0.0, 1.0]},
         "evaluate": {"gallery_size": 3},
     })
 
@@ -103,25 +107,31 @@ def test_full_pipeline_produces_every_artifact_and_finite_metrics(workdir):
     support = json.loads((art / "support/report.json").read_text())
     assert support["support_size"] == 48
     assert all(0.9 < v["mean_cosine"] <= 1.0 + 1e-6 for v in support["top_k_vs_exact_cosine"].values())
-    assert (art / "methods/syntic/model/model.safetensors").stat().st_size > 0
-    captions = json.loads((art / "methods/syntic/captions/flickr8k-test.json").read_text())
-    assert len(captions) == 6 and all(isinstance(c, str) for c in captions.values())
-    metrics = json.loads((art / "methods/syntic/metrics.json").read_text())["flickr8k-test"]
-    for name in ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore"]:
-        assert isinstance(metrics[name], float) and math.isfinite(metrics[name]), name
-    evaluation = json.loads((art / "methods/syntic/evaluation.json").read_text())["flickr8k-test"]
-    assert "SPICE" in metrics or "SPICE" in evaluation["skipped"]
+    assert (art / "concepts/concepts.parquet").stat().st_size > 0
+    for method in METHODS:
+        assert (art / f"methods/{method}/model/model.safetensors").stat().st_size > 0, method
+        captions = json.loads((art / f"methods/{method}/captions/flickr8k-test.json").read_text())
+        assert len(captions) == 6 and all(isinstance(c, str) for c in captions.values()), method
+        metrics = json.loads((art / f"methods/{method}/metrics.json").read_text())["flickr8k-test"]
+        for name in ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore"]:
+            assert isinstance(metrics[name], float) and math.isfinite(metrics[name]), (method, name)
+        evaluation = json.loads((art / f"methods/{method}/evaluation.json").read_text())["flickr8k-test"]
+        assert "SPICE" in metrics or "SPICE" in evaluation["skipped"]
+    mixup = json.loads((art / "methods/unsupervised-clipcap/mixup.json").read_text())
+    assert (art / "methods/unsupervised-clipcap/mixup.png").stat().st_size > 0
+    assert "CIDEr" in json.dumps(mixup) and "1.0" in json.dumps(mixup)
     html = (art / "report/index.html").read_text()
-    assert "syntic" in html and html.count("data:image/jpeg;base64,") == 3
+    assert all(method in html for method in METHODS) and html.count("data:image/jpeg;base64,") == 3
 
     assert repro(workdir) == [], "an unchanged pipeline must not rerun anything"
 
 
-def test_changing_a_syntic_parameter_reruns_only_its_stages(workdir):
+@pytest.mark.parametrize("method, key", [("syntic", "lr"), ("pcmnet", "lr_factor")])
+def test_changing_one_method_parameter_reruns_only_that_methods_stages(workdir, method, key):
     params_path = workdir / "params.yaml"
     p = yaml.safe_load(params_path.read_text())
-    p["methods"]["syntic"]["lr"] *= 2
+    p["methods"][method][key] *= 2
     params_path.write_text(yaml.safe_dump(p, sort_keys=False))
     ran = repro(workdir)
-    assert {"train@syntic", "caption@syntic", "report"} <= set(ran)
-    assert set(ran) <= {"train@syntic", "caption@syntic", "evaluate@syntic", "report"}
+    assert {f"train@{method}", f"caption@{method}", "report"} <= set(ran)
+    assert set(ran) <= {f"train@{method}", f"caption@{method}", f"evaluate@{method}", "report"}

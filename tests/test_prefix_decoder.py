@@ -15,13 +15,7 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine is shared: one intra-op thread avoids oversubscription (several x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +184,19 @@ def test_beam_score_is_length_normalised_and_not_worse_than_greedy(trained):
             assert sb / nb >= sg / ng - 1e-5
             differs += greedy[b] != beam[b]
     assert differs >= 1          # the comparison is not vacuous
+
+
+def test_corpus_vocabulary_round_trips_and_refuses_unknown_tokens():
+    texts = ["a dog runs on the beach", "two cats sleep on a red sofa"]
+    full = CaptionTokenizer()
+    small = CaptionTokenizer.for_corpus("corpus", texts)
+    assert small.vocab_size == len(set(full.corpus_vocabulary(texts)) | {0, full.sot_id, full.eot_id}) < 30
+    ids, lengths = small.encode(texts, max_len=12)
+    assert int(ids.max()) < small.vocab_size and ids[0, 0] == small.sot_id
+    assert [small.decode(row) for row in ids] == [full.decode(row) for row in full.encode(texts, 12)[0]]
+    torch.testing.assert_close(lengths, full.encode(texts, 12)[1])
+    with pytest.raises(KeyError, match="'horse'"):
+        small.encode(["a horse"], max_len=8)
+    assert CaptionTokenizer.for_corpus("full", texts).vocab_size == 49408
+    with pytest.raises(ValueError, match="'full' or 'corpus'"):
+        CaptionTokenizer.for_corpus("tiny", texts)

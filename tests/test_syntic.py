@@ -13,13 +13,7 @@ from pipeline.methods.syntic import (AuxiliaryFusion, SynTICCaptioner, SynTICCon
 from pipeline.models.prefix_decoder import CaptionTokenizer, DecoderConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine is shared: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs(n=12, d=8, seed=0, noise=1.0):
@@ -284,7 +278,7 @@ def test_checkpoint_round_trip(tok, tmp_path):
     assert back.generate(batch, beam_size=2) == model.generate(batch, beam_size=2)
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()["config"])["decoder"]["width"] == 32
+        assert json.loads(f.metadata()["synthcap"])["config"]["decoder"]["width"] == 32
 
 
 def test_load_rejects_foreign_safetensors(tmp_path):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline import training
 from pipeline.models.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder,
-                                            beam_decode, caption_loss, greedy_decode)
+                                            beam_decode, caption_batches, caption_loss, greedy_decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,24 +177,9 @@ def train_syntic(model: SynTICCaptioner, make_batches: Callable[[int], Iterable[
     Gradient norm clipped at grad_clip (None = off). Returns the per-epoch mean loss (a mean over
     captions). The model is left in eval mode."""
     torch.manual_seed(seed)                         # dropout
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+    opt = training.adamw(model, lr, weight_decay)
+    sched = training.warmup_then_constant(opt, warmup_steps)
     return training.fit(model, make_batches, epochs, opt, sched, grad_clip=grad_clip, desc="SynTIC", progress=progress)
-
-
-def caption_batches(model: SynTICCaptioner, batches: Iterable[dict], beam_size: int = 1,
-                    max_len: int | None = None, tokenizer: CaptionTokenizer | None = None) -> list[str]:
-    """Caption every batch (the `tokens`/`lengths` keys are not needed) -> list of strings."""
-    tokenizer = tokenizer or CaptionTokenizer()
-    model.eval()
-    out = []
-    for batch in batches:
-        out.extend(tokenizer.decode(ids) for ids in model.generate(batch, beam_size, max_len))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,15 +188,18 @@ def caption_batches(model: SynTICCaptioner, batches: Iterable[dict], beam_size: 
 CHECKPOINT_FORMAT = "synthcap.syntic.v1"
 
 
-def save_checkpoint(model: SynTICCaptioner, config: SynTICConfig, path) -> None:
-    training.save_checkpoint(model, path, CHECKPOINT_FORMAT, asdict(config))
+def save_checkpoint(model: SynTICCaptioner, config: SynTICConfig, path, clip_model: dict | None = None,
+                    vocabulary: list[int] | None = None) -> None:
+    """``vocabulary``: the BPE ids a corpus-vocabulary decoder predicts (None = all of CLIP's BPE)."""
+    training.save_checkpoint(model, path, CHECKPOINT_FORMAT, asdict(config), clip_model=clip_model,
+                             vocabulary=vocabulary)
 
 
 def load_checkpoint(path, device: str = "cpu") -> SynTICCaptioner:
-    state, config, _ = training.load_checkpoint(path, CHECKPOINT_FORMAT, device)
-    model = SynTICCaptioner(SynTICConfig(**config))
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    meta = training.checkpoint_metadata(path, CHECKPOINT_FORMAT)
+    model = training.load_weights(SynTICCaptioner(SynTICConfig(**meta["config"])), path, device)
+    model.clip_model, model.vocabulary = meta.get("clip_model"), meta.get("vocabulary")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,11 +208,13 @@ def load_checkpoint(path, device: str = "cpu") -> SynTICCaptioner:
 def variant(cfg: dict) -> str:
     """The ablation row of Table 4 this instance is: Baseline, or the switches it turns on."""
     on = [flag.upper() for flag in ("fo", "fp", "af") if cfg[flag]]
-    return "+".join(on) if on else "Baseline"
+    tt = "-TT" if cfg.get("inference_support", "corpus") != "corpus" else ""
+    return ("+".join(on) if on else "Baseline") + tt
 
 
-def _inputs(p: dict, train: bool, evalset: str | None = None) -> dict:
-    """The artifacts SynTIC reads, checked to come from one CLIP model."""
+def _inputs(p: dict, train: bool, evalset: str | None = None, support_name: str = "corpus") -> dict:
+    """The artifacts SynTIC reads, checked to come from one CLIP model. Training projects onto the
+    corpus's support set; inference onto ``support_name`` ("corpus", or a target-domain set: "-TT")."""
     from pipeline import paths
     from pipeline.features import read_single_table
     from pipeline.shards import ShardedArtifact, require_same_model
@@ -239,10 +229,10 @@ def _inputs(p: dict, train: bool, evalset: str | None = None) -> dict:
         arts = {"features": ShardedArtifact(paths.EVAL_FEATURES / evalset),
                 "tags": ShardedArtifact(paths.EVAL_TAGS / evalset)}
         model = arts["features"].model
-    support_model = json.loads((paths.SUPPORT / "report.json").read_text())["model"]
-    require_same_model(image_features=model, support_set=support_model)
+    support = paths.support_dir("corpus" if train else support_name)
+    require_same_model(image_features=model, support_set=json.loads((support / "report.json").read_text())["model"])
     vocabulary = read_single_table(paths.TAG_VOCABULARY / "vocabulary.parquet", model, "tag_vocabulary")
-    return {**arts, "model": model, "support": SupportSet.load(paths.SUPPORT), "vocabulary": TagVocabulary(vocabulary)}
+    return {**arts, "model": model, "support": SupportSet.load(support), "vocabulary": TagVocabulary(vocabulary)}
 
 
 def _columns(inputs: dict, train: bool, cfg: dict) -> list:
@@ -278,7 +268,7 @@ def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
     from pipeline.features import aligned_shards, check_dim, shard_order
 
     inputs = _inputs(p, train=True)
-    tokenizer = CaptionTokenizer()
+    tokenizer = CaptionTokenizer.for_corpus(cfg.get("vocabulary", "full"), inputs["corpus"].read_column("text").to_pylist())
     dim = int(inputs["model"]["embed_dim"])
     check_dim(inputs["support"].features, dim, "support set features")
     config = SynTICConfig(feature_dim=dim, aux_heads=cfg["aux_heads"], use_aux=cfg["af"],
@@ -299,7 +289,8 @@ def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
                            cfg["warmup_steps"], cfg["seed"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, config, out_dir / "model.safetensors")
+    save_checkpoint(model, config, out_dir / "model.safetensors", clip_model=inputs["model"],
+                    vocabulary=tokenizer.vocabulary)
     return {"method": "syntic", "variant": variant(cfg), "epoch_loss": history, "clip_model": inputs["model"],
             "training_pairs": inputs["corpus"].num_rows,
             "summary": f"{variant(cfg)}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs"}
@@ -310,12 +301,15 @@ def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str
     from pathlib import Path
     from pipeline.features import aligned_shards, check_dim
     from pipeline.runtime import evalsets
+    from pipeline.shards import require_same_model
 
     model = load_checkpoint(Path(model_dir) / "model.safetensors")
-    tokenizer = CaptionTokenizer()
+    tokenizer = CaptionTokenizer(model.vocabulary)
     out: dict[str, dict[str, str]] = {}
     for evalset in evalsets(p):
-        inputs = _inputs(p, train=False, evalset=evalset)
+        inputs = _inputs(p, train=False, evalset=evalset, support_name=cfg.get("inference_support", "corpus"))
+        if model.clip_model is not None:
+            require_same_model(trained_on=model.clip_model, **{f"eval_features_{evalset}": inputs["model"]})
         captions: dict[str, str] = {}
         for shard in aligned_shards("image_id", _columns(inputs, False, cfg)):
             check_dim(shard["global"], model.cfg.feature_dim, f"eval image features of {evalset}")

@@ -88,7 +88,9 @@ def load_text_to_image(name: str, pretrained: str | None = None, seed: int = 0, 
         except Exception as err:
             raise missing_model_error("diffusion", name, pretrained, err) from err
         default_resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pipe = pipe.to(device, DTYPES[precision])
+    if pretrained is None and precision != "fp32":  # from_pretrained already loaded the requested dtype
+        pipe = pipe.to(dtype=DTYPES[precision])
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or default_resolution
     components = torch.nn.ModuleDict({"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder})

@@ -28,13 +28,37 @@ import torch.nn.functional as F
 # Tokenizer: CLIP BPE with <start_of_text> / <end_of_text>, padding 0
 # ---------------------------------------------------------------------------------------------
 class CaptionTokenizer:
-    def __init__(self):
+    """CLIP BPE with start/end tokens and 0-padding, over the full BPE vocabulary or a corpus's.
+
+    ``vocabulary`` (BPE ids, e.g. from :meth:`corpus_vocabulary`) restricts the ids the decoder
+    predicts to those a corpus uses: ids are then positions in the sorted vocabulary. On small
+    corpora this shrinks the output layer from 49,408 rows to a few thousand, which is what makes
+    CPU training practical; the paper profiles keep the full vocabulary (``vocabulary: full``).
+    """
+
+    def __init__(self, vocabulary: list[int] | None = None):
         from open_clip.tokenizer import SimpleTokenizer
         self.bpe = SimpleTokenizer()
-        self.vocab_size = self.bpe.vocab_size        # 49408
-        self.sot_id = self.bpe.sot_token_id          # 49406
-        self.eot_id = self.bpe.eot_token_id          # 49407
-        self.pad_id = 0
+        self.pad_bpe, self.sot_bpe, self.eot_bpe = 0, self.bpe.sot_token_id, self.bpe.eot_token_id
+        self.vocabulary = sorted({int(i) for i in vocabulary} | {self.pad_bpe, self.sot_bpe, self.eot_bpe}) \
+            if vocabulary is not None else None
+        self.to_model = {b: m for m, b in enumerate(self.vocabulary)} if self.vocabulary else None
+        self.vocab_size = len(self.vocabulary) if self.vocabulary else self.bpe.vocab_size   # 49408
+        self.sot_id, self.eot_id, self.pad_id = (self._model_id(i) for i in (self.sot_bpe, self.eot_bpe, self.pad_bpe))
+        # CLIP's start/end tokens are its two largest BPE ids, so in either vocabulary they are the
+        # last two ids: the decoding functions rely on it (special_ids)
+        assert (self.sot_id, self.eot_id) == special_ids(self.vocab_size)
+
+    def corpus_vocabulary(self, texts) -> list[int]:
+        """The BPE ids the captions ``texts`` use (specials added by the constructor)."""
+        return sorted({i for text in texts for i in self.bpe.encode(text)})
+
+    def _model_id(self, bpe_id: int) -> int:
+        if self.to_model is None:
+            return bpe_id
+        if bpe_id not in self.to_model:
+            raise KeyError(f"BPE token {self.bpe.decode([bpe_id]).strip()!r} ({bpe_id}) is not in this decoder's vocabulary")
+        return self.to_model[bpe_id]
 
     def encode(self, texts: list[str] | str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids LongTensor [B, max_len], lengths LongTensor [B] (real tokens incl. sot/eot).
@@ -46,7 +70,7 @@ class CaptionTokenizer:
         ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
         lengths = torch.empty(len(texts), dtype=torch.long)
         for b, text in enumerate(texts):
-            seq = [self.sot_id] + self.bpe.encode(text)[: max_len - 2] + [self.eot_id]
+            seq = [self.sot_id] + [self._model_id(i) for i in self.bpe.encode(text)[: max_len - 2]] + [self.eot_id]
             ids[b, : len(seq)] = torch.tensor(seq)
             lengths[b] = len(seq)
         return ids, lengths
@@ -61,8 +85,17 @@ class CaptionTokenizer:
                 break
             if i == self.sot_id:
                 continue
-            out.append(int(i))
+            out.append(self.vocabulary[int(i)] if self.vocabulary else int(i))
         return " ".join(self.bpe.decode(out).split())
+
+    @classmethod
+    def for_corpus(cls, vocabulary: str, texts) -> "CaptionTokenizer":
+        """``vocabulary: full`` (all of CLIP's BPE, as the papers) or ``corpus`` (the ids ``texts`` use)."""
+        if vocabulary == "full":
+            return cls()
+        if vocabulary == "corpus":
+            return cls(cls().corpus_vocabulary(texts))
+        raise ValueError(f"vocabulary must be 'full' or 'corpus', got {vocabulary!r}")
 
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(ids) for ids in batch]
@@ -192,11 +225,16 @@ def _check_len(model: PrefixDecoder, max_len: int | None) -> int:
 
 
 @torch.no_grad()
-def greedy_decode(model: PrefixDecoder, prefix: torch.Tensor, max_len: int | None = None,
-                  sot_id: int = 49406, eot_id: int = 49407) -> list[list[int]]:
+def special_ids(vocab_size: int) -> tuple[int, int]:
+    """(<start_of_text>, <end_of_text>) of a CaptionTokenizer vocabulary of this size: the last two ids."""
+    return vocab_size - 2, vocab_size - 1
+
+
+def greedy_decode(model: PrefixDecoder, prefix: torch.Tensor, max_len: int | None = None) -> list[list[int]]:
     """prefix [B, P, width] -> B lists of ids (after sot, without eot). max_len bounds the whole
     sequence including sot and eot, so at most max_len - 1 tokens are generated."""
     max_len = _check_len(model, max_len)
+    sot_id, eot_id = special_ids(model.cfg.vocab_size)
     B = prefix.shape[0]
     seq = torch.full((B, 1), sot_id, dtype=torch.long, device=prefix.device)
     done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
@@ -215,7 +253,7 @@ def greedy_decode(model: PrefixDecoder, prefix: torch.Tensor, max_len: int | Non
 
 @torch.no_grad()
 def beam_decode(model: PrefixDecoder, prefix: torch.Tensor, beam_size: int = 3,
-                max_len: int | None = None, sot_id: int = 49406, eot_id: int = 49407) -> list[list[int]]:
+                max_len: int | None = None) -> list[list[int]]:
     """Beam search with a shrinking beam. prefix [B, P, width] -> B lists of ids (after sot,
     without eot).
 
@@ -228,6 +266,7 @@ def beam_decode(model: PrefixDecoder, prefix: torch.Tensor, beam_size: int = 3,
     max_len = _check_len(model, max_len)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    sot_id, eot_id = special_ids(model.cfg.vocab_size)
     out = []
     for b in range(prefix.shape[0]):                       # one example at a time, its beams batched
         seqs = torch.full((1, 1), sot_id, dtype=torch.long, device=prefix.device)
@@ -253,4 +292,15 @@ def beam_decode(model: PrefixDecoder, prefix: torch.Tensor, beam_size: int = 3,
             finished.append((v / steps, row[1:]))
         best = max(range(len(finished)), key=lambda i: (finished[i][0], -i))
         out.append(finished[best][1])
+    return out
+
+
+def caption_batches(model, batches, beam_size: int = 1, max_len: int | None = None,
+                    tokenizer: CaptionTokenizer | None = None) -> list[str]:
+    """Caption every batch with ``model.generate(batch, beam_size, max_len)`` (CLIP-BPE token ids) -> strings."""
+    tokenizer = tokenizer or CaptionTokenizer()
+    model.eval()
+    out = []
+    for batch in batches:
+        out.extend(tokenizer.decode(ids) for ids in model.generate(batch, beam_size, max_len))
     return out

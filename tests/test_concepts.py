@@ -1,0 +1,143 @@
+"""PCM-Net's concept vocabulary (pipeline/concepts.py) and its stage (stages/concepts.py)."""
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import paths
+from pipeline.concepts import (STOPWORDS, concept_prompt, concept_vocabulary, noun_counts, nouns,
+                               ranked_concepts)
+from pipeline.corpus import read_captions
+from pipeline.shards import ModelMismatchError, ShardedArtifact, feature_numpy, read_meta, write_sharded
+
+TINY_CLIP = {"models": {"clip": {"name": "synthcap-tiny-vit", "pretrained": None, "seed": 0, "precision": "fp32"}},
+             "device": "cpu"}
+
+
+# --- the rule, on hand-made captions ------------------------------------------------------------
+
+@pytest.mark.parametrize("caption, expected", [
+    ("A dog runs through the grass .", ["dog", "grass"]),                        # rule 4b: -s verb after a noun
+    ("Two dogs play in the snow", ["dog", "snow"]),                              # 4b: base verb after a plural
+    ("A black and white dog is running", ["dog"]),                               # 3: colours, gerund
+    ("A man in a red shirt sits on a wooden bench", ["man", "shirt", "bench"]),
+    ("A girl going into a wooden building .", ["girl", "building"]),             # 3: gerund as head
+    ("Children jump into a swimming pool", ["child", "pool"]),                   # lemma; "swimming" modifies
+    ("The boy tries to catch a ball while he stands in the water", ["boy", "ball", "water"]),  # 4a
+    ("A woman sitting in the dark", ["woman", "dark"]),                          # 3: adjective-capable head
+    ("The men are at the front of the crowd", ["man", "front", "crowd"]),
+])
+def test_noun_occurrences(caption, expected):
+    assert nouns(caption) == expected
+
+
+def test_words_outside_the_lexicon_and_function_words_never_count():
+    assert nouns("the of and is are zxqv blorf") == []
+    assert nouns("") == []
+
+
+def test_noun_counts_and_vocabulary_order():
+    texts = ["a cat and a dog", "the dog on a mat", "two cats", "a mat", "a hat"]
+    counts = noun_counts(texts)
+    assert counts == {"cat": 2, "dog": 2, "mat": 2, "hat": 1}
+    # count descending, then the word; min_count drops the singletons; size cuts
+    assert concept_vocabulary(texts, 10) == ["cat", "dog", "mat"]
+    assert concept_vocabulary(texts, 10, min_count=1) == ["cat", "dog", "mat", "hat"]
+    assert concept_vocabulary(texts, 2) == ["cat", "dog"]
+    assert concept_vocabulary(reversed(texts), 10) == ["cat", "dog", "mat"]          # order-free
+    assert ranked_concepts(counts, 1) == [("cat", 2)]
+    with pytest.raises(ValueError):
+        ranked_concepts(counts, -1)
+
+
+def test_prompt_template():
+    assert concept_prompt("dog") == "A photo of dog"
+
+
+def test_lexicon_loads_without_network():
+    """lemminflect's lexicon ships in its wheel: a process whose sockets all fail still reads it."""
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise OSError('network disabled in this test')\n"
+            "socket.socket.connect = refuse; socket.create_connection = refuse\n"
+            "from pipeline.concepts import nouns\n"
+            "print(nouns('a dog catches a ball in the water'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=paths.REPO)
+    assert out.stdout.strip() == "['dog', 'ball', 'water']"
+
+
+# --- real captions --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flickr8k_texts(shared_data):
+    return [r.text for r in read_captions(shared_data / "flickr8k" / "Flickr8k.token.txt").records]
+
+
+def test_flickr8k_vocabulary_is_its_frequent_nouns(flickr8k_texts):
+    vocab = concept_vocabulary(flickr8k_texts, 100)
+    assert len(vocab) == 100
+    assert {"dog", "man", "water"} <= set(vocab[:10])
+    assert {"boy", "girl", "woman", "ball", "grass", "snow", "beach", "street"} <= set(vocab[:30])
+    for not_a_noun in ("running", "run", "sitting", "standing", "playing", "wearing", "is", "are",
+                       "white", "black", "red", "young", "little", "small"):
+        assert not_a_noun not in vocab, not_a_noun
+    assert not set(vocab) & STOPWORDS
+
+
+def test_flickr8k_lemmas_merge_plurals(flickr8k_texts):
+    counts = noun_counts(flickr8k_texts)
+    assert "dogs" not in counts and "children" not in counts and "men" not in counts
+    assert counts["dog"] > 9000 and counts["child"] > 1000
+
+
+# --- the stage --------------------------------------------------------------------------------------
+
+def write_corpus(folder, texts, rows_per_shard=8):
+    from stages.corpus import CORPUS_SCHEMA
+    rows = [{"caption_id": f"c{i}", "group_id": f"g{i}", "text": t, "split": "", "source": "test"}
+            for i, t in enumerate(texts)]
+    write_sharded(folder, len(rows), rows_per_shard, "test-corpus",
+                  lambda task: pa.Table.from_pylist(rows[task.start:task.stop], schema=CORPUS_SCHEMA),
+                  {"model": None})
+    return ShardedArtifact(folder)
+
+
+def test_stage_writes_concepts_with_clip_features(tmp_path, monkeypatch, flickr8k_texts):
+    from pipeline.features import read_single_table
+    from pipeline.runtime import clip_model
+    from stages import concepts as stage
+
+    monkeypatch.setattr(paths, "CORPUS", tmp_path / "corpus")
+    monkeypatch.setattr(paths, "CONCEPTS", tmp_path / "concepts")
+    write_corpus(paths.CORPUS, flickr8k_texts[:200])
+    p = {**TINY_CLIP, "feature_dtype": "float16", "encode": {"batch_size": 16},
+         "concepts": {"size": 20, "min_count": 2}}
+    table = stage.build(p)
+
+    path = tmp_path / "concepts" / "concepts.parquet"
+    assert path.is_file()
+    assert table.schema.field("concept").type == pa.string()
+    assert table.schema.field("count").type == pa.int64()
+    assert pa.types.is_fixed_size_list(table.schema.field("text_feature").type)
+    words = table.column("concept").to_pylist()
+    assert words == concept_vocabulary(flickr8k_texts[:200], 20, 2)
+    assert table.column("count").to_pylist() == [noun_counts(flickr8k_texts[:200])[w] for w in words]
+
+    clip = clip_model(p)
+    feats = feature_numpy(read_single_table(path, clip.identity, "concepts").column("text_feature"))
+    expected = clip.encode_texts([f"A photo of {w}" for w in words])
+    np.testing.assert_allclose(feats, expected, atol=2e-3)                 # stored as float16
+    assert read_meta(path)["model"] == clip.identity
+    with pytest.raises(ModelMismatchError):
+        read_single_table(path, {**clip.identity, "seed": 1}, "concepts")
+
+
+def test_stage_refuses_an_empty_vocabulary(tmp_path, monkeypatch):
+    from stages import concepts as stage
+    monkeypatch.setattr(paths, "CORPUS", tmp_path / "corpus")
+    monkeypatch.setattr(paths, "CONCEPTS", tmp_path / "concepts")
+    write_corpus(paths.CORPUS, ["a dog", "a cat"])
+    with pytest.raises(ValueError, match="empty"):
+        stage.build({**TINY_CLIP, "feature_dtype": "float16", "concepts": {"size": 10, "min_count": 2}})
