@@ -6,7 +6,6 @@ Writes a synthetic float16 feature artifact to a temp folder, then measures each
 in a fresh process and prints the ratio (whole / streaming).
 """
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 
-from pipeline.shards import ShardedArtifact, feature_array, feature_numpy, write_sharded
+from pipeline.shards import feature_array, write_sharded
 
 READERS = {
     "stream": "sum(float(feature_numpy(b.column(0)).sum()) for b in art.iter_batches(['global'], batch_size=1024))",

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.mixup import mix_features, run_mixup
 from test_clipcap import TINY, VARIANTS, build_artifacts, pipeline_params, read_all, use_artifacts

@@ -1,5 +1,4 @@
 """Model loaders: seeded small models, the real loading paths through local checkpoints, CLIP's extra outputs."""
-import io
 
 import numpy as np
 import pytest

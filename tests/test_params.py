@@ -8,7 +8,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.params import PARAMS, load_params, merge, render, resolve_profile
 

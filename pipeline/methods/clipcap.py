@@ -235,13 +235,6 @@ class ClipCapConfig:
     label_smoothing: float = 0.0
     language_model: dict = field(default_factory=lambda: dict(DEFAULTS["language_model"]))
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "ClipCapConfig":
-        return cls(**json.loads(s))
-
 
 class ClipCapCaptioner(nn.Module):
     """Prefix MLP + causal LM. ``self.lm`` is the transformers model (a registered submodule, so

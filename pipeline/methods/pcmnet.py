@@ -66,7 +66,6 @@ beam_size: 3
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
@@ -199,13 +198,6 @@ class PCMNetConfig:
     mix_m: int = 5                  # M
     tau: float = 0.01
     noise_variance: float = 0.016
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "PCMNetConfig":
-        return cls(**json.loads(s))
 
 
 class VisualSemanticEncoder(nn.Module):

@@ -124,13 +124,6 @@ class SynTICConfig:
         decoder = DecoderConfig(**self.decoder) if isinstance(self.decoder, dict) else self.decoder
         self.decoder = replace(decoder, prefix_len=2 if self.use_aux else 1)   # a copy: [v, u] or [v]
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "SynTICConfig":
-        return cls(**json.loads(s))
-
 
 class SynTICCaptioner(nn.Module):
     def __init__(self, cfg: SynTICConfig):
