@@ -63,9 +63,7 @@ def encode_text_table(captions: pa.Table, clip: ClipEncoder, batch_size: int, dt
     """captions (caption_id, text) -> caption_id, text_feature [D]."""
     ids = captions.column("caption_id").to_pylist()
     texts = captions.column("text").to_pylist()
-    features = [clip.encode_texts(texts[s:s + batch_size]) for s in range(0, len(texts), batch_size)]
-    values = np.concatenate(features) if features else np.zeros((0, clip.dim), np.float32)
-    return pa.table({"caption_id": ids, "text_feature": feature_array(values, dtype)})
+    return pa.table({"caption_id": ids, "text_feature": feature_array(clip.encode_texts(texts, batch_size), dtype)})
 
 
 def patch_grid(clip: ClipEncoder) -> dict:

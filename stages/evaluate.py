@@ -25,7 +25,9 @@ def evaluate_evalset(p: dict, predictions: dict[str, str], evalset: str) -> tupl
     image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])
     check_dim(image_features, clip.dim, f"eval image features of {evalset}")
     caption_features = clip.encode_texts([CLIPSCORE_PROMPT + predictions[i] for i in ids])
-    reference_features = [clip.encode_texts([CLIPSCORE_PROMPT + r for r in references[i]]) for i in ids]
+    flat = clip.encode_texts([CLIPSCORE_PROMPT + r for i in ids for r in references[i]])   # one batched pass
+    bounds = np.cumsum([0] + [len(references[i]) for i in ids])
+    reference_features = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     w = p["evaluate"]["clipscore_w"]
     clip_s, clip_per_image = clip_score(image_features, caption_features, w=w)
     ref_s, ref_per_image = ref_clip_score(image_features, caption_features, reference_features, w=w)

@@ -7,8 +7,6 @@ the corpus, encoded with the pipeline's CLIP, and indexed like the corpus suppor
 """
 import shutil
 
-import numpy as np
-
 from pipeline import paths
 from pipeline.corpus import clean_captions, read_captions
 from pipeline.runtime import clip_model, params, say, write_json
@@ -29,9 +27,7 @@ def main() -> None:
                              split_file=cfg.get("split_file"))
         kept, report = clean_captions(read, max_words=p["corpus"]["max_words"])
         texts = [c.text for c in kept][:cfg.get("max_captions")]
-        batch = p["encode"]["batch_size"]
-        features = np.concatenate([clip.encode_texts(texts[i:i + batch]) for i in range(0, len(texts), batch)])
-        support = SupportSet.build(features, index=p["support"]["index"])
+        support = SupportSet.build(clip.encode_texts(texts, p["encode"]["batch_size"]), index=p["support"]["index"])
         support.save(paths.support_dir(name))
         write_json(paths.support_dir(name) / "report.json",
                    {"model": clip.identity, "support_size": support.n, "source": str(cfg["path"]), "cleaning": report})

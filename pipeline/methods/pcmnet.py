@@ -76,7 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import training
-from pipeline.models.prefix_decoder import CaptionTokenizer, beam_decode, caption_batches, greedy_decode
+from pipeline.models.prefix_decoder import CaptionTokenizer, caption_batches, decode
 
 GLOBAL, VISUAL, TEXTUAL = 0, 1, 2          # token types
 
@@ -314,9 +314,7 @@ class PCMNet(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None) -> list[list[int]]:
         memory = self.encode(batch)
-        if beam_size == 1:
-            return greedy_decode(self.decoder, memory, max_len)
-        return beam_decode(self.decoder, memory, beam_size, max_len)
+        return decode(self.decoder, memory, beam_size, max_len)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import training
-from pipeline.models.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder,
-                                            beam_decode, caption_batches, caption_loss, greedy_decode)
+from pipeline.models.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder, caption_batches,
+                                            caption_loss, decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,9 +151,7 @@ class SynTICCaptioner(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, beam_size: int = 1, max_len: int | None = None) -> list[list[int]]:
         prefix = self.prefix(batch)
-        if beam_size == 1:
-            return greedy_decode(self.decoder, prefix, max_len)
-        return beam_decode(self.decoder, prefix, beam_size, max_len)
+        return decode(self.decoder, prefix, beam_size, max_len)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,10 +62,13 @@ class ClipEncoder:
         return self.encode_pixels(torch.stack([self.preprocess(im.convert("RGB")) for im in images]))
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> L2-normalised features [B,D]."""
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return _normalise(self.model.encode_text(tokens)).float().cpu().numpy()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Texts -> L2-normalised features [N,D], encoded ``batch_size`` at a time."""
+        parts = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            parts.append(_normalise(self.model.encode_text(tokens)).float().cpu().numpy())
+        return np.concatenate(parts)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -295,6 +295,13 @@ def beam_decode(model: PrefixDecoder, prefix: torch.Tensor, beam_size: int = 3,
     return out
 
 
+def decode(model, prefix: torch.Tensor, beam_size: int = 1, max_len: int | None = None) -> list[list[int]]:
+    """Greedy (batched) for beam_size 1, else beam search: the one decoding entry point of every decoder here."""
+    if beam_size == 1:
+        return greedy_decode(model, prefix, max_len)
+    return beam_decode(model, prefix, beam_size, max_len)
+
+
 def caption_batches(model, batches, beam_size: int = 1, max_len: int | None = None,
                     tokenizer: CaptionTokenizer | None = None) -> list[str]:
     """Caption every batch with ``model.generate(batch, beam_size, max_len)`` (CLIP-BPE token ids) -> strings."""
