@@ -72,7 +72,7 @@ def test_paper_coco_profile_has_pcmnet_hyper_parameters_of_methods_md():
     decoder_layers, hidden = re.search(r"N_d = (\d+), hidden (\d+)", md).group(1, 2)
     assert (pcm["decoder_layers"], pcm["hidden"]) == (int(decoder_layers), int(hidden))
     assert pcm["noise_variance"] == float(re.search(r"σ² = ([\d.]+)", md).group(1))
-    assert pcm["clip_w"] == float(re.search(r"w = (\d+)", md).group(1))
+    assert pcm["clip_w"] == float(re.search(r"w = ([\d.]+) for ViT-B/32", md).group(1))
     epochs, warmup, batch, beam = re.search(
         r"(\d+) epochs, Noam schedule with (\d+)k warm-up, batch (\d+); beam size (\d+)", md).group(1, 2, 3, 4)
     assert (pcm["epochs"], pcm["warmup_steps"], pcm["batch_size"], pcm["beam_size"]) == (
