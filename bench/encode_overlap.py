@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipeline.encode import _decode, encode_image_table
+from pipeline.extract.encode import _decode, encode_image_table
 from pipeline.models.clip import load_clip
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "images"

@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 
-from pipeline.shards import feature_array, write_sharded
+from pipeline.data.shards import feature_array, write_sharded
 
 READERS = {
     "stream": "sum(float(feature_numpy(b.column(0)).sum()) for b in art.iter_batches(['global'], batch_size=1024))",
@@ -22,7 +22,7 @@ READERS = {
 
 
 def measure(folder: str, reader: str) -> float:
-    code = ("import resource, sys\nfrom pipeline.shards import ShardedArtifact, feature_numpy\n"
+    code = ("import resource, sys\nfrom pipeline.data.shards import ShardedArtifact, feature_numpy\n"
             f"art = ShardedArtifact({folder!r})\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"total = {READERS[reader]}\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")

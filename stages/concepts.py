@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.concepts import PROMPT_TEMPLATE, concept_prompt, noun_counts, ranked_concepts
+from pipeline.extract.concepts import PROMPT_TEMPLATE, concept_prompt, noun_counts, ranked_concepts
 from pipeline.runtime import clip_model, params, say
-from pipeline.shards import ShardedArtifact, feature_array, write_table_atomic
+from pipeline.data.shards import ShardedArtifact, feature_array, write_table_atomic
 
 OUTPUT = "concepts.parquet"
 

@@ -2,9 +2,9 @@
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.corpus import clean_captions, read_captions
+from pipeline.data.captions import clean_captions, read_captions
 from pipeline.runtime import params, say, write_json
-from pipeline.shards import fingerprint, write_sharded
+from pipeline.data.shards import fingerprint, write_sharded
 
 CORPUS_SCHEMA = pa.schema([("caption_id", pa.string()), ("group_id", pa.string()), ("text", pa.string()),
                            ("split", pa.string()), ("source", pa.string())])

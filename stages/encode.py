@@ -1,8 +1,8 @@
 """Stage encode: CLIP features of the corpus texts, the synthetic images and every eval set's images."""
 from pipeline import paths
-from pipeline.encode import encode_image_table, encode_text_table, patch_grid
+from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
 from pipeline.runtime import clip_model, evalsets, params, say
-from pipeline.shards import ShardedArtifact, fingerprint, write_sharded
+from pipeline.data.shards import ShardedArtifact, fingerprint, write_sharded
 
 
 def encode_images(p: dict, source: ShardedArtifact, out, id_column: str, desc: str) -> dict:

@@ -5,9 +5,9 @@ import shutil
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.corpus import load_eval_images, read_references, resolve_dir
+from pipeline.data.evalsets import load_eval_images, read_references, resolve_dir
 from pipeline.runtime import evalsets, params, say, write_json
-from pipeline.shards import fingerprint, write_sharded
+from pipeline.data.shards import fingerprint, write_sharded
 
 EVAL_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
                          ("height", pa.int32()), ("references", pa.list_(pa.string()))])

@@ -5,10 +5,10 @@ import sys
 import numpy as np
 
 from pipeline import paths
-from pipeline.features import check_dim
-from pipeline.metrics import caption_metrics, clip_score, ref_clip_score
+from pipeline.data.aligned import check_dim
+from pipeline.evaluation.metrics import caption_metrics, clip_score, ref_clip_score
 from pipeline.runtime import clip_model, evalsets, params, say, write_json
-from pipeline.shards import ShardedArtifact, feature_numpy, require_same_model
+from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
 
 CLIPSCORE_PROMPT = "A photo depicts "  # Hessel et al. 2021 prefix every caption with it
 

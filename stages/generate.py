@@ -1,8 +1,8 @@
 """Stage generate: one synthetic image per corpus caption (text-to-image), in shards aligned with the corpus."""
 from pipeline import paths
-from pipeline.generate import generate_table
+from pipeline.extract.generate import generate_table
 from pipeline.runtime import diffusion_model, params, say
-from pipeline.shards import ShardedArtifact, fingerprint, write_sharded
+from pipeline.data.shards import ShardedArtifact, fingerprint, write_sharded
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ and text features, lambda * t + (1 - lambda) * v, with the trained captioner NAM
 artifacts/methods/NAME/mixup.json and mixup.png."""
 import sys
 
-from pipeline.mixup import run_mixup
+from pipeline.analysis.modality_gap import run_mixup
 from pipeline.runtime import params, say
 
 

@@ -2,10 +2,10 @@
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.features import Column, aligned_shards
+from pipeline.data.aligned import Column, aligned_shards
 from pipeline.methods.syntic import optimize_features
 from pipeline.runtime import params, say
-from pipeline.shards import ShardedArtifact, feature_array, fingerprint, require_same_model, write_sharded
+from pipeline.data.shards import ShardedArtifact, feature_array, fingerprint, require_same_model, write_sharded
 
 
 def main() -> None:

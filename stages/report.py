@@ -3,9 +3,9 @@ import json
 
 from pipeline import paths
 from pipeline.methods import method_module
-from pipeline.report import write_report
+from pipeline.evaluation.report import write_report
 from pipeline.runtime import evalsets, params, say
-from pipeline.shards import ShardedArtifact
+from pipeline.data.shards import ShardedArtifact
 
 
 def read_json(path):

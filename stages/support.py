@@ -3,7 +3,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.runtime import evalsets, params, say, write_json
-from pipeline.shards import ShardedArtifact, feature_numpy, require_same_model
+from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
 from pipeline.support import SupportSet
 
 

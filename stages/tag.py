@@ -1,8 +1,8 @@
 """Stage tag: detector labels per synthetic and eval image, and CLIP text features of the tag vocabulary."""
 from pipeline import paths
 from pipeline.runtime import clip_model, detector_model, evalsets, params, say
-from pipeline.shards import ShardedArtifact, fingerprint, write_sharded, write_table_atomic
-from pipeline.tag import tag_table, vocabulary_table
+from pipeline.data.shards import ShardedArtifact, fingerprint, write_sharded, write_table_atomic
+from pipeline.extract.tag import tag_table, vocabulary_table
 
 
 def tag_images(p: dict, source: ShardedArtifact, out, id_column: str, desc: str) -> dict:

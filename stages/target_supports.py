@@ -8,7 +8,7 @@ the corpus, encoded with the pipeline's CLIP, and indexed like the corpus suppor
 import shutil
 
 from pipeline import paths
-from pipeline.corpus import clean_captions, read_captions
+from pipeline.data.captions import clean_captions, read_captions
 from pipeline.runtime import clip_model, params, say, write_json
 from pipeline.support import SupportSet
 

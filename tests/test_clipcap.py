@@ -14,7 +14,7 @@ from pipeline import paths
 from pipeline.methods import clipcap
 from pipeline.methods.clipcap import (PrefixMLP, artifact_mean, caption_features, correction_for, inject_noise,
                                       load_checkpoint, matched_partners, mean_shift, settings, variant)
-from pipeline.shards import ShardedArtifact, feature_array, feature_numpy, fingerprint, write_sharded
+from pipeline.data.shards import ShardedArtifact, feature_array, feature_numpy, fingerprint, write_sharded
 from pipeline.support import SupportSet, l2_normalize
 
 ROWS_PER_SHARD = 16
@@ -41,8 +41,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def build_artifacts(root: Path, shared: Path, n_captions: int = N_CAPTIONS, n_images: int = N_IMAGES) -> dict:
     """corpus, text / synthetic / eval features, an eval set and the support set under root, as
     the pipeline's stages write them (Parquet shards + manifests, the CLIP identity in the meta)."""
-    from pipeline.corpus import load_eval_images, read_captions, read_references
-    from pipeline.encode import encode_image_table, encode_text_table
+    from pipeline.data.captions import read_captions
+    from pipeline.data.evalsets import load_eval_images, read_references
+    from pipeline.extract.encode import encode_image_table, encode_text_table
     from pipeline.models.clip import load_clip
 
     flickr = shared / "flickr8k"
@@ -225,7 +226,7 @@ def test_decap_projection_path_equals_support_set_project(art):
 
 
 def test_corrections_refuse_features_of_another_clip_model(art):
-    from pipeline.shards import ModelMismatchError
+    from pipeline.data.shards import ModelMismatchError
     other = {**art["clip"], "weights_sha256": "0" * 64}
     for correction in ("mean", "projection"):
         with pytest.raises(ModelMismatchError):
@@ -279,7 +280,7 @@ def test_each_variant_trains_its_loss_goes_down_and_captions_the_eval_images(art
 
 
 def test_checkpoint_round_trip_same_weights_logits_captions_and_another_clip_is_refused(art, tmp_path, monkeypatch):
-    from pipeline.shards import ModelMismatchError
+    from pipeline.data.shards import ModelMismatchError
     cfg = {**VARIANTS["capdec"], **TINY, "epochs": 1}
     p = pipeline_params({"capdec": cfg})
     clipcap.train("capdec", cfg, p, tmp_path)

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pytest
 
 from pipeline import paths
-from pipeline.concepts import (STOPWORDS, concept_prompt, concept_vocabulary, noun_counts, nouns,
+from pipeline.extract.concepts import (STOPWORDS, concept_prompt, concept_vocabulary, noun_counts, nouns,
                                ranked_concepts)
-from pipeline.corpus import read_captions
-from pipeline.shards import ModelMismatchError, ShardedArtifact, feature_numpy, read_meta, write_sharded
+from pipeline.data.captions import read_captions
+from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, read_meta, write_sharded
 
 TINY_CLIP = {"models": {"clip": {"name": "synthcap-tiny-vit", "pretrained": None, "seed": 0, "precision": "fp32"}},
              "device": "cpu"}
@@ -61,7 +61,7 @@ def test_lexicon_loads_without_network():
     code = ("import socket\n"
             "def refuse(*a, **k): raise OSError('network disabled in this test')\n"
             "socket.socket.connect = refuse; socket.create_connection = refuse\n"
-            "from pipeline.concepts import nouns\n"
+            "from pipeline.extract.concepts import nouns\n"
             "print(nouns('a dog catches a ball in the water'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=paths.REPO)
@@ -105,7 +105,7 @@ def write_corpus(folder, texts, rows_per_shard=8):
 
 
 def test_stage_writes_concepts_with_clip_features(tmp_path, monkeypatch, flickr8k_texts):
-    from pipeline.features import read_single_table
+    from pipeline.data.aligned import read_single_table
     from pipeline.runtime import clip_model
     from stages import concepts as stage
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.corpus: caption readers, the cleaning filter, references and eval images.
+"""Tests for pipeline.data.captions: caption readers, the cleaning filter, references and eval images.
 
 Real-file tests use the ``shared_data`` fixture; the exact counts below were checked
 independently of this code (``wc``/``awk``/``json`` on the files).
@@ -10,17 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.corpus import (
+from pipeline.data.captions import (
     Caption,
     CaptionFile,
     clean_captions,
-    load_eval_images,
     normalize_whitespace,
     read_captions,
-    read_references,
-    resolve_dir,
     split_name_from_file,
 )
+from pipeline.data.evalsets import load_eval_images, read_references, resolve_dir
 
 TOKENS = "flickr8k/Flickr8k.token.txt"
 TRAIN_SPLIT = "flickr8k/Flickr_8k.trainImages.txt"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.executors import map_tasks
-from pipeline.shards import write_sharded
+from pipeline.data.executors import map_tasks
+from pipeline.data.shards import write_sharded
 
 from test_shards import MODEL_A, N, make_features
 

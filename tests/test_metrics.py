@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
-from pipeline.metrics import caption_metrics, clip_score, missing_spice_jars, ref_clip_score
+from pipeline.evaluation import metrics
+from pipeline.evaluation.metrics import caption_metrics, clip_score, missing_spice_jars, ref_clip_score
 
 COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.mixup import mix_features, run_mixup
+from pipeline.analysis.modality_gap import mix_features, run_mixup
 from test_clipcap import TINY, VARIANTS, build_artifacts, pipeline_params, read_all, use_artifacts
 
 

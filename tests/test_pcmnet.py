@@ -15,7 +15,7 @@ from pipeline.methods.pcmnet import (GLOBAL, TEXTUAL, VISUAL, PCMNet, PCMNetConf
                                      mix_up_train, no_mix, noam_lr, noam_scheduler, patch_affinity, pcm,
                                      related_patches, salient_concepts, save_checkpoint, textual_feature_map,
                                      train_pcmnet, variant, weighted_caption_loss)
-from pipeline.models.prefix_decoder import CaptionTokenizer
+from pipeline.nn.prefix_decoder import CaptionTokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -296,8 +296,8 @@ def real_slice(shared_data):
     The image side is the CLIP features of the captions' real photos: stand-ins for their
     synthetic images (no diffusion model runs in tests), so every pair is a true image-caption pair.
     Plus 4 photos outside the train split as an eval set, and a 40-concept vocabulary from all captions."""
-    from pipeline.concepts import concept_prompt, concept_vocabulary
-    from pipeline.corpus import read_captions
+    from pipeline.extract.concepts import concept_prompt, concept_vocabulary
+    from pipeline.data.captions import read_captions
     from pipeline.runtime import clip_model
 
     folder = shared_data / "flickr8k"
@@ -382,8 +382,8 @@ def test_load_rejects_foreign_safetensors(tmp_path):
 
 def write_artifacts(root: Path, s: dict, monkeypatch) -> dict:
     """corpus, features/{text,synthetic,eval/tiny} and concepts as the stages write them (16 rows a shard)."""
-    from pipeline.encode import encode_image_table, encode_text_table, patch_grid
-    from pipeline.shards import feature_array, write_sharded, write_table_atomic
+    from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
+    from pipeline.data.shards import feature_array, write_sharded, write_table_atomic
     from stages.corpus import CORPUS_SCHEMA
 
     for name, rel in (("CORPUS", "corpus"), ("TEXT_FEATURES", "features/text"),
@@ -422,7 +422,7 @@ PIPELINE_CFG = {"method": "pcmnet", "mixup": True, "cxe": True, "salient_k": 5, 
 
 
 def test_pipeline_train_and_caption(real_slice, tmp_path, monkeypatch):
-    from pipeline.shards import ModelMismatchError
+    from pipeline.data.shards import ModelMismatchError
     p = write_artifacts(tmp_path / "artifacts", real_slice, monkeypatch)
     module = method_module("pcmnet")
     report = module.train("pcmnet", PIPELINE_CFG, p, tmp_path / "model")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder,
+from pipeline.nn.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder,
                                             beam_decode, caption_loss, greedy_decode)
 
 CAPTIONS = [

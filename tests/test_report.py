@@ -9,7 +9,7 @@ import re
 import pytest
 from PIL import Image
 
-from pipeline.report import write_report
+from pipeline.evaluation.report import write_report
 
 SPICE_REASON = "SPICE needs the Stanford CoreNLP jars <missing>"
 HOSTILE_CAPTION = "a dog <script>alert('x')</script> & a cat"

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shards import (MANIFEST, IncompleteArtifactError, ModelMismatchError, ShardedArtifact,
+from pipeline.data.shards import (MANIFEST, IncompleteArtifactError, ModelMismatchError, ShardedArtifact,
                              feature_array, feature_numpy, read_meta, require_same_model, write_sharded,
                              write_table_atomic)
 
@@ -101,7 +101,7 @@ KILLABLE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from test_shards import make_features, MODEL_A
-    from pipeline.shards import write_sharded
+    from pipeline.data.shards import write_sharded
     def slow(task):
         time.sleep(0.4)
         return make_features(task)

@@ -11,7 +11,7 @@ from pipeline.methods.syntic import (AuxiliaryFusion, SynTICCaptioner, SynTICCon
                                      caption_batches, contrastive_loss, load_checkpoint,
                                      minibatches, optimize_features, optimize_minibatch,
                                      save_checkpoint, train_syntic)
-from pipeline.models.prefix_decoder import CaptionTokenizer, DecoderConfig
+from pipeline.nn.prefix_decoder import CaptionTokenizer, DecoderConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline import training
+from pipeline.nn import training
 from pipeline.models.language_model import CausalLM, load_from_config
 from pipeline.support import l2_normalize
 
@@ -187,7 +187,7 @@ def feature_mean(batches: Iterable[np.ndarray]) -> np.ndarray:
 
 def artifact_mean(artifact, column: str) -> np.ndarray:
     """``feature_mean`` of one feature column of a sharded artifact, streamed shard by shard."""
-    from pipeline.shards import feature_numpy
+    from pipeline.data.shards import feature_numpy
     return feature_mean(feature_numpy(b.column(0)) for b in artifact.iter_batches([column]))
 
 
@@ -371,7 +371,7 @@ def _epoch_batches(s: dict, lm: CausalLM, text_features, corpus_columns: dict, e
     Memory: the corpus's caption_id/group_id/text columns are held whole (strings, small next to
     the features), so a group's other captions are found wherever they sit, even across shard
     borders; the features are streamed one shard at a time."""
-    from pipeline.features import Column, aligned_shards, check_dim, shard_order
+    from pipeline.data.aligned import Column, aligned_shards, check_dim, shard_order
 
     caption_ids, texts = corpus_columns["caption_id"], corpus_columns["text"]
     n = len(caption_ids)
@@ -399,7 +399,7 @@ def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
     """Fit on the corpus text features alone; write model.safetensors to out_dir."""
     from pathlib import Path
     from pipeline import paths
-    from pipeline.shards import ShardedArtifact
+    from pipeline.data.shards import ShardedArtifact
 
     s = settings(cfg)
     device = p.get("device", "cpu")
@@ -439,7 +439,7 @@ def feature_captioner(name: str, cfg: dict, p: dict, model_dir) -> Callable[[np.
     directly. ``.clip_model`` on the returned function names the CLIP model the features must come
     from."""
     from pathlib import Path
-    from pipeline.features import check_dim
+    from pipeline.data.aligned import check_dim
 
     s = settings(cfg)
     model = load_checkpoint(Path(model_dir) / "model.safetensors", device=p.get("device", "cpu"))
@@ -455,7 +455,7 @@ def feature_captioner(name: str, cfg: dict, p: dict, model_dir) -> Callable[[np.
 def correction_for(cfg: dict, p: dict, clip_identity: dict, evalset: str) -> Callable[[np.ndarray], np.ndarray]:
     """The instance's inference-time correction of eval image features (section 4)."""
     from pipeline import paths
-    from pipeline.shards import ShardedArtifact, require_same_model
+    from pipeline.data.shards import ShardedArtifact, require_same_model
 
     s = settings(cfg)
     if s["correction"] == "none":
@@ -479,9 +479,9 @@ def correction_for(cfg: dict, p: dict, clip_identity: dict, evalset: str) -> Cal
 def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str]]:
     """Real eval image -> cached CLIP feature -> correction (none / mean / projection) -> decode."""
     from pipeline import paths
-    from pipeline.features import Column, aligned_shards
+    from pipeline.data.aligned import Column, aligned_shards
     from pipeline.runtime import evalsets
-    from pipeline.shards import ShardedArtifact, require_same_model
+    from pipeline.data.shards import ShardedArtifact, require_same_model
 
     decode = feature_captioner(name, cfg, p, model_dir)
     out: dict[str, dict[str, str]] = {}

@@ -75,8 +75,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import training
-from pipeline.models.prefix_decoder import CaptionTokenizer, caption_batches, decode
+from pipeline.nn import training
+from pipeline.nn.prefix_decoder import CaptionTokenizer, caption_batches, decode
 
 GLOBAL, VISUAL, TEXTUAL = 0, 1, 2          # token types
 
@@ -402,8 +402,8 @@ def patch_shape(artifact, dim: int, what: str) -> int:
 
 def read_concepts(path, clip_model: dict) -> tuple[list[str], np.ndarray]:
     """The concept vocabulary (stages/concepts.py), refusing one encoded by another CLIP model."""
-    from pipeline.features import check_dim, read_single_table
-    from pipeline.shards import feature_numpy
+    from pipeline.data.aligned import check_dim, read_single_table
+    from pipeline.data.shards import feature_numpy
     table = read_single_table(path, clip_model, "concepts")
     feats = feature_numpy(table.column("text_feature"))
     check_dim(feats, int(clip_model["embed_dim"]), "concept text features")
@@ -426,8 +426,8 @@ def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
     """Fit PCM-Net on the synthetic pairs: shards in a fresh order each epoch, rows shuffled within."""
     from pathlib import Path
     from pipeline import paths
-    from pipeline.features import Column, aligned_shards, check_dim, shard_order
-    from pipeline.shards import ShardedArtifact, require_same_model
+    from pipeline.data.aligned import Column, aligned_shards, check_dim, shard_order
+    from pipeline.data.shards import ShardedArtifact, require_same_model
 
     corpus = ShardedArtifact(paths.CORPUS)
     texts = ShardedArtifact(paths.TEXT_FEATURES)
@@ -476,9 +476,9 @@ def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str
     """Real eval image -> global feature + patch map -> PCM at inference (v^t appended) -> beam search."""
     from pathlib import Path
     from pipeline import paths
-    from pipeline.features import Column, aligned_shards, check_dim
+    from pipeline.data.aligned import Column, aligned_shards, check_dim
     from pipeline.runtime import evalsets
-    from pipeline.shards import ShardedArtifact, require_same_model
+    from pipeline.data.shards import ShardedArtifact, require_same_model
 
     path = Path(model_dir) / "model.safetensors"
     meta = checkpoint_meta(path)

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import training
-from pipeline.models.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder, caption_batches,
+from pipeline.nn import training
+from pipeline.nn.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder, caption_batches,
                                             caption_loss, decode)
 
 
@@ -207,10 +207,10 @@ def _inputs(p: dict, train: bool, evalset: str | None = None, support_name: str 
     """The artifacts SynTIC reads, checked to come from one CLIP model. Training projects onto the
     corpus's support set; inference onto ``support_name`` ("corpus", or a target-domain set: "-TT")."""
     from pipeline import paths
-    from pipeline.features import read_single_table
-    from pipeline.shards import ShardedArtifact, require_same_model
+    from pipeline.data.aligned import read_single_table
+    from pipeline.data.shards import ShardedArtifact, require_same_model
     from pipeline.support import SupportSet
-    from pipeline.tag import TagVocabulary
+    from pipeline.extract.tag import TagVocabulary
 
     if train:
         arts = {"corpus": ShardedArtifact(paths.CORPUS), "features": ShardedArtifact(paths.SYNTHETIC_FEATURES),
@@ -227,7 +227,7 @@ def _inputs(p: dict, train: bool, evalset: str | None = None, support_name: str 
 
 
 def _columns(inputs: dict, train: bool, cfg: dict) -> list:
-    from pipeline.features import Column
+    from pipeline.data.aligned import Column
     cols = [Column(inputs["features"], "global"), Column(inputs["tags"], "labels")]
     if train:
         cols.append(Column(inputs["corpus"], "text"))
@@ -256,7 +256,7 @@ def _shard_batches(shard: dict, cfg: dict, p: dict, inputs: dict, tokenizer, bat
 def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
     """Fit SynTIC on the synthetic pairs: shards in a fresh order each epoch, rows shuffled within."""
     from pathlib import Path
-    from pipeline.features import aligned_shards, check_dim, shard_order
+    from pipeline.data.aligned import aligned_shards, check_dim, shard_order
 
     inputs = _inputs(p, train=True)
     tokenizer = CaptionTokenizer.for_corpus(cfg.get("vocabulary", "full"), inputs["corpus"].read_column("text").to_pylist())
@@ -290,9 +290,9 @@ def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
 def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str]]:
     """Real eval image -> CLIP feature -> the same projection (Eq. 3) and tags (Eq. 4-5) -> decode."""
     from pathlib import Path
-    from pipeline.features import aligned_shards, check_dim
+    from pipeline.data.aligned import aligned_shards, check_dim
     from pipeline.runtime import evalsets
-    from pipeline.shards import require_same_model
+    from pipeline.data.shards import require_same_model
 
     model = load_checkpoint(Path(model_dir) / "model.safetensors")
     tokenizer = CaptionTokenizer(model.vocabulary)

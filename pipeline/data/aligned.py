@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shards import ShardedArtifact, feature_numpy, read_meta, require_same_model
+from pipeline.data.shards import ShardedArtifact, feature_numpy, read_meta, require_same_model
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ lambda = 0 is the image alone, lambda = 1 the text alone. Choices the paper leav
   so without it the curve would also measure a norm shift the paper does not discuss.
 - no correction is applied (no mean shift, no projection): the model's own inference path
   (``feature_captioner`` of its method module) on m(lambda) directly.
-Scores: ``pipeline.metrics.caption_metrics`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when its
+Scores: ``pipeline.evaluation.metrics.caption_metrics`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when its
 jars exist) per lambda.
 """
 from __future__ import annotations
@@ -50,11 +50,11 @@ def run_mixup(name: str, p: dict, out_dir: Path | None = None, progress: bool = 
     from tqdm import tqdm
 
     from pipeline import paths
-    from pipeline.features import Column, aligned_shards, check_dim
+    from pipeline.data.aligned import Column, aligned_shards, check_dim
     from pipeline.methods import method_module
-    from pipeline.metrics import caption_metrics
+    from pipeline.evaluation.metrics import caption_metrics
     from pipeline.runtime import clip_model, write_json
-    from pipeline.shards import ShardedArtifact, require_same_model
+    from pipeline.data.shards import ShardedArtifact, require_same_model
 
     cfg = p["methods"][name]
     module = method_module(cfg["method"])

@@ -1,4 +1,4 @@
-"""Caption corpora and evaluation sets: read, clean, and pair with images.
+"""Caption corpora: read the caption formats users bring, and clean them.
 
 Readers turn the caption formats users bring into one record type, :class:`Caption`
 (``group_id`` in brackets):
@@ -25,24 +25,16 @@ Typical use::
 
     corpus = read_captions("Flickr8k.token.txt", split_file="Flickr_8k.trainImages.txt")
     kept, report = clean_captions(corpus, max_words=15)
-
-    references = read_references("Flickr8k.token.txt", split_file="Flickr_8k.testImages.txt")
-    rows, report = load_eval_images("Flickr8k_Dataset/", references, max_images=100)
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import io
 import json
 import re
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
-
-from PIL import Image
+from pathlib import Path
 
 __all__ = [
     "FORMATS",
@@ -52,9 +44,6 @@ __all__ = [
     "clean_captions",
     "normalize_whitespace",
     "split_name_from_file",
-    "read_references",
-    "load_eval_images",
-    "resolve_dir",
 ]
 
 JSON_FORMATS = ("karpathy_list", "karpathy_dataset", "coco_annotations")
@@ -67,7 +56,6 @@ _TOKEN_LINE = re.compile(r"^(?P<image>[^\s#]+)#(?P<k>\d+)(?:[ \t]+(?P<text>.*))?
 _TOKEN_PREFIX = re.compile(rb"^(?P<image>[^\s#]+)#\d+")
 _LINES_SNIFFED = 5
 _MAX_EXAMPLES = 5
-PACKAGE_PREFIX = "package:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,146 +495,3 @@ def _cleaning_report(read: int, kept: int, dropped: dict[str, list[str]]) -> dic
         "dropped": {reason: len(ids) for reason, ids in dropped.items()},
         "examples": {reason: ids[:_MAX_EXAMPLES] for reason, ids in dropped.items()},
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation references and images
-# --------------------------------------------------------------------------------------------
-
-
-def read_references(
-    path: str | Path,
-    format: str = "auto",
-    split_file: str | Path | None = None,
-    splits: Iterable[str] | str | None = None,
-) -> dict[str, list[str]]:
-    """Reference captions of an evaluation set: image name → its captions, in file order.
-
-    Accepts every caption format except ``plain_text`` (which has no images: ``ValueError``);
-    ``format``, ``split_file`` and ``splits`` mean what they mean in :func:`read_captions`.
-    The key is the image's file name: ``image_name`` / ``filename`` for the Karpathy formats,
-    the image for Flickr8k tokens, and for COCO annotations the ``file_name`` of the matching
-    entry in ``images`` (``str(image_id)`` when the file has no such entry). Reference texts
-    are whitespace-normalised (:func:`normalize_whitespace`); none is dropped. Undecodable lines
-    cannot be references: they are skipped with a :class:`UserWarning` naming them.
-    """
-    path = Path(path)
-    fmt, content = _load(path, format)
-    if fmt == "plain_text":
-        raise ValueError(f"{path}: plain text has no images, so it cannot give references")
-    caption_file = _read_loaded(path, fmt, content, path.name, splits, split_file, None)
-    if caption_file.undecodable:
-        warnings.warn(
-            f"skipped undecodable reference lines: {caption_file.undecodable}", stacklevel=2
-        )
-    image_names = _coco_file_names(content) if fmt == "coco_annotations" else {}
-    references: dict[str, list[str]] = {}
-    for record in caption_file.records:
-        name = image_names.get(record.group_id, record.group_id)
-        references.setdefault(name, []).append(normalize_whitespace(record.text))
-    return references
-
-
-def _coco_file_names(data: dict) -> dict[str, str]:
-    images = data.get("images") or []
-    return {
-        str(image["id"]): image["file_name"]
-        for image in images
-        if isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str)
-    }
-
-
-def resolve_dir(spec: str | Path) -> Path:
-    """A directory from a path, or from ``"package:NAME"``: the folder of importable package NAME.
-
-    ``"package:skimage.data"`` → the folder holding ``skimage/data/__init__.py``.
-
-    Raises:
-        ValueError: NAME is not an importable package.
-        NotADirectoryError: the directory does not exist.
-    """
-    if isinstance(spec, str) and spec.startswith(PACKAGE_PREFIX):
-        directory = _package_dir(spec.removeprefix(PACKAGE_PREFIX))
-    else:
-        directory = Path(spec)
-    if not directory.is_dir():
-        raise NotADirectoryError(f"image directory not found: {directory}")
-    return directory
-
-
-def _package_dir(name: str) -> Path:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError) as err:
-        raise ValueError(f"package {name!r} cannot be imported: {err}") from err
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{name!r} is not an importable package")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def load_eval_images(
-    image_dir: str | Path, references: dict[str, list[str]], max_images: int | None = None
-) -> tuple[list[dict], dict]:
-    """Load the evaluation images named by ``references`` from ``image_dir``.
-
-    Image names are taken in sorted order; ``max_images`` keeps the first N of them (skipped
-    images count towards N). ``image_dir`` is a path or ``"package:NAME"`` (:func:`resolve_dir`).
-    Every name must stay inside ``image_dir``: an absolute name or one with ``..`` raises
-    ``ValueError`` naming it, before anything is read. A missing file or one PIL cannot decode
-    (open and full load) is skipped and listed in the report, never fatal.
-
-    Returns ``(rows, report)``; each row is
-    ``{"image_id": name, "image": <the file's bytes>, "width": int, "height": int,
-    "references": [str, ...]}``, and the report is JSON-able::
-
-        {"requested": n, "loaded": n, "skipped": {"missing": [names], "corrupt": [names]}}
-    """
-    if max_images is not None and not _is_count(max_images):
-        raise ValueError(f"max_images must be None or a non-negative integer, got {max_images!r}")
-    directory = resolve_dir(image_dir)
-    for name in references:
-        _check_inside(name)
-    names = sorted(references)[:max_images]
-
-    rows: list[dict] = []
-    skipped: dict[str, list[str]] = {"missing": [], "corrupt": []}
-    for name in names:
-        file = directory / name
-        if not file.is_file():
-            skipped["missing"].append(name)
-            continue
-        data = file.read_bytes()
-        size = _decoded_size(data)
-        if size is None:
-            skipped["corrupt"].append(name)
-            continue
-        width, height = size
-        rows.append({
-            "image_id": name,
-            "image": data,
-            "width": width,
-            "height": height,
-            "references": list(references[name]),
-        })
-    return rows, {"requested": len(names), "loaded": len(rows), "skipped": skipped}
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_inside(name: str) -> None:
-    """Reject an image name that is empty, absolute (POSIX or Windows) or climbs out with ``..``."""
-    as_posix = PurePosixPath(name.replace("\\", "/"))
-    if not name or as_posix.is_absolute() or PureWindowsPath(name).drive or ".." in as_posix.parts:
-        raise ValueError(f"image name {name!r} escapes the image directory")
-
-
-def _decoded_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` if PIL can fully decode ``data``, else ``None``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None

@@ -143,7 +143,7 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
     ``make_table(task)`` must be a pure function of the task (its rows of the aligned inputs):
     that is what makes the result independent of crashes, reruns and of the executor.
     """
-    from pipeline.executors import map_tasks
+    from pipeline.data.executors import map_tasks
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def write_report(
 
     ``metrics_table`` rows: ``{"method", "eval_set", ["variant"], metric: value, ...,
     ["skipped": {metric: reason}]}`` with metrics from :data:`METRIC_COLUMNS` on the scale
-    :mod:`pipeline.metrics` returns them (other keys are ignored). BLEU-4, METEOR, ROUGE-L,
+    :mod:`pipeline.evaluation.metrics` returns them (other keys are ignored). BLEU-4, METEOR, ROUGE-L,
     CIDEr and SPICE are shown ×100 with one decimal, CLIPScore and RefCLIPScore as given with
     three. A missing metric shows "–", with a footnote when the row gives a skip reason.
 

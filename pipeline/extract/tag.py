@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from pipeline.models.clip import ClipEncoder
 from pipeline.models.detector import Detection, Detector
-from pipeline.shards import feature_array, feature_numpy
+from pipeline.data.shards import feature_array, feature_numpy
 
 TAG_SCHEMA_FIELDS = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
                      ("boxes", pa.list_(pa.list_(pa.float32(), 4)))]

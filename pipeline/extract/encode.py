@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.models.clip import ClipEncoder
-from pipeline.shards import feature_array
+from pipeline.data.shards import feature_array
 
 
 def _decode(clip: ClipEncoder, blobs: Sequence[bytes], ids: Sequence[str]) -> torch.Tensor:
