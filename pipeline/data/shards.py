@@ -1,22 +1,34 @@
-"""Numbered Parquet shards with their producer's identity beside the data.
+"""Numbered Parquet shards with their producer's identity and content hash beside the data.
 
 An artifact is a folder of ``part-00000.parquet``, ``part-00001.parquet``, ... plus a
 ``_manifest.json`` written last. Every shard is a pure function of its inputs and is written to a
 temporary name and renamed when complete, so a stage killed half-way keeps its finished shards:
-rerun, it redoes only the missing or stale ones and the folder ends byte-identical to an
+rerun, it redoes only the missing, stale or damaged ones and the folder ends byte-identical to an
 uninterrupted run. A shard is reused only if its footer carries the same *fingerprint* (a hash of
-everything that went into it: inputs, parameters, model identity).
+everything that went into it: inputs, parameters, model identity and, when the stage adds
+``provenance.code_version``, code) AND its bytes still have the sha256 recorded when it was written.
+
+Integrity: the manifest lists each shard's sha256 and size. While a run is in progress (the manifest
+is deleted at its start) the hashes live in ``_journal.jsonl``: rewritten from the previous manifest
+and journal at the start, one fsynced line appended per finished shard, removed once the new manifest
+is written. The final folder is shards + manifest only, whatever the history. Readers check sizes on
+open and each shard's sha256 when they read it (``CorruptShardError`` names the file and the stage to
+rerun).
+
+One writer per folder: ``write_sharded`` holds ``locks.exclusive_writer`` (an flock on
+``<folder>/.lock``, removed at the end) for its whole run.
 
 The producing model's identity (name, pretrained tag or weights hash, image size, dtype) is in each
 shard's Parquet metadata; readers refuse to mix features of two models and say which.
 
-Readers stream record batches shard by shard: memory is bounded by shard and batch size.
+Readers stream record batches shard by shard: memory is bounded by one shard.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,8 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.locks import ArtifactLockedError, exclusive_writer, remove_stale_temp_files  # noqa: F401
+
 SHARD_PATTERN = "part-{:05d}.parquet"
 MANIFEST = "_manifest.json"
+JOURNAL = "_journal.jsonl"
 META_KEY = b"synthcap"
 
 
@@ -36,6 +51,10 @@ class ModelMismatchError(ValueError):
 
 class IncompleteArtifactError(FileNotFoundError):
     """An artifact folder has no manifest: its stage has not finished."""
+
+
+class CorruptShardError(ValueError):
+    """A shard's bytes are missing, truncated or differ from the sha256 recorded when it was written."""
 
 
 def fingerprint(*parts: Any) -> str:
@@ -78,21 +97,52 @@ def _footer(meta: dict) -> dict[bytes, bytes]:
     return {META_KEY: json.dumps(meta, sort_keys=True).encode()}
 
 
-def write_table_atomic(path: Path, table: pa.Table, meta: dict) -> None:
-    """Write ``table`` with ``meta`` in its footer: temp name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **_footer(meta)})
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomic(path: Path, data) -> None:
+    """``data`` (bytes-like) to ``.<name>.tmp-<pid>``, fsynced, then renamed to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_table_atomic(path: Path, table: pa.Table, meta: dict) -> dict:
+    """Write ``table`` with ``meta`` in its footer: temp name in the same folder, then rename.
+
+    The Parquet bytes are made in memory (one shard), hashed, written and fsynced; returns
+    ``{"sha256": ..., "size": ...}`` of the file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **_footer(meta)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "size": data.size}
+    _write_file_atomic(path, data)
+    return record
 
 
 def read_meta(path: Path) -> dict:
-    """The synthcap metadata of one Parquet file (footer only, no data read)."""
+    """The synthcap metadata of one Parquet file (footer only, no data read, no verification)."""
     schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
@@ -100,11 +150,17 @@ def read_meta(path: Path) -> dict:
     return json.loads(raw)
 
 
-def _is_current(path: Path, expected: str) -> bool:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _footer_fingerprint(path: Path) -> str | None:
     try:
-        return read_meta(path).get("fingerprint") == expected
+        return read_meta(path).get("fingerprint")
     except (OSError, ValueError, pa.ArrowException):
-        return False  # unreadable or truncated: redo it
+        return None  # unreadable or truncated
 
 
 @dataclass(frozen=True)
@@ -125,52 +181,160 @@ def plan_shards(out_dir: Path, num_rows: int, rows_per_shard: int, base_fingerpr
     ]
 
 
-def run_shard(task: ShardTask, make_table: Callable[[ShardTask], pa.Table], meta: dict) -> int:
-    """Produce one shard unless a current one is already there. Returns the rows written (0 if kept)."""
-    if _is_current(task.path, task.fingerprint):
-        return 0
+# --- the journal: each finished shard's hash, durable before the manifest exists ----------------
+
+def _append_journal(journal: Path, record: dict) -> None:
+    """Append one record as one line (one write, O_APPEND), fsynced."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_records(out_dir: Path) -> dict[str, dict]:
+    """{file: {sha256, size, fingerprint}} from the previous manifest, overridden by the journal.
+
+    The journal is always at least as recent as the manifest (a run rewrites it before deleting
+    the manifest, and deletes it only after writing the new manifest). A torn last line (a crash
+    mid-append) is ignored: its shard is then simply redone.
+    """
+    records: dict[str, dict] = {}
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        for shard in manifest.get("shards", []):
+            if "sha256" in shard and "size" in shard:
+                records[shard["file"]] = {k: shard[k] for k in ("file", "sha256", "size", "fingerprint")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        lines = (out_dir / JOURNAL).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            records[rec["file"]] = {k: rec[k] for k in ("file", "sha256", "size", "fingerprint")}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+def _rewrite_journal(out_dir: Path, records: dict[str, dict]) -> None:
+    """The records of the shards present, as a fresh journal (atomically)."""
+    present = {name: rec for name, rec in sorted(records.items()) if (out_dir / name).is_file()}
+    data = "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in present.values()).encode()
+    _write_file_atomic(out_dir / JOURNAL, data)
+
+
+def run_shard(task: ShardTask, make_table: Callable[[ShardTask], pa.Table], meta: dict,
+              journal: str | Path | None = None) -> dict:
+    """Produce one shard (always: the caller decided it is needed) and record its hash in ``journal``.
+
+    Returns its record ``{"file", "sha256", "size", "fingerprint", "rows"}``.
+    """
     table = make_table(task)
-    write_table_atomic(task.path, table, {**meta, "fingerprint": task.fingerprint,
-                                          "shard": task.index, "rows": [task.start, task.stop]})
-    return table.num_rows
+    written = write_table_atomic(task.path, table, {**meta, "fingerprint": task.fingerprint,
+                                                    "shard": task.index, "rows": [task.start, task.stop]})
+    record = {"file": task.path.name, "fingerprint": task.fingerprint, **written}
+    if journal is not None:
+        _append_journal(Path(journal), record)
+    return {**record, "rows": table.num_rows}
+
+
+def _shard_state(task: ShardTask, record: dict | None) -> str:
+    """'kept', 'new' (missing), 'stale' (other fingerprint, or no recorded hash) or 'corrupt'."""
+    path = task.path
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "new"
+    if record is None or record.get("fingerprint") != task.fingerprint:
+        return "stale"
+    if size != record.get("size") or _footer_fingerprint(path) != task.fingerprint:
+        return "corrupt"
+    try:
+        actual = file_sha256(path)
+    except OSError:
+        return "corrupt"
+    return "kept" if actual == record.get("sha256") else "corrupt"
 
 
 def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_fingerprint: str,
                   make_table: Callable[[ShardTask], pa.Table], meta: dict,
-                  executor: str = "local", desc: str = "shards") -> dict:
+                  executor: str = "local", desc: str = "shards", stage: str | None = None) -> dict:
     """Produce every shard of an artifact (resuming), drop stale extra shards, write the manifest.
 
     ``make_table(task)`` must be a pure function of the task (its rows of the aligned inputs):
     that is what makes the result independent of crashes, reruns and of the executor.
+
+    A shard is kept only if its footer fingerprint is the task's AND its bytes match the sha256
+    recorded when it was written (manifest or journal); otherwise it is redone. ``stage`` (the DVC
+    stage that writes ``out_dir``) goes into the manifest, so readers can say what to rerun.
+    The folder is locked for the whole run (``exclusive_writer``): a second writer fails at once.
+
+    Returns the manifest plus, not in the file (it must not depend on history):
+    ``kept_from_previous_run``, ``written_new``, ``redone_stale``, ``redone_corrupt``, ``corrupt_files``.
     """
     from pipeline.data.executors import map_tasks
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # the artifact is incomplete until the end
-    tasks = plan_shards(out_dir, num_rows, rows_per_shard, base_fingerprint)
-    todo = [t for t in tasks if not _is_current(t.path, t.fingerprint)]
-    kept = len(tasks) - len(todo)
-    map_tasks(run_shard, todo, executor=executor, desc=desc, make_table=make_table, meta=meta)
-    wanted = {t.path.name for t in tasks}
-    for stale in out_dir.glob("part-*.parquet"):
-        if stale.name not in wanted:
-            stale.unlink()
-    for tmp in out_dir.glob(".part-*.tmp-*"):
-        tmp.unlink()
-    manifest = {"meta": meta, "num_rows": num_rows, "fingerprint": base_fingerprint,
-                "shards": [{"file": t.path.name, "rows": t.stop - t.start, "fingerprint": t.fingerprint}
-                           for t in tasks]}
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / MANIFEST)
-    return {**manifest, "kept_from_previous_run": kept}  # not in the file: it must not depend on history
+    with exclusive_writer(out_dir):
+        remove_stale_temp_files(out_dir)  # leftovers of dead writers
+        (out_dir / f".{MANIFEST}.tmp").unlink(missing_ok=True)  # left by older versions
+        records = _read_records(out_dir)
+        _rewrite_journal(out_dir, records)  # durable before the manifest goes
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # the artifact is incomplete until the end
+        _fsync_dir(out_dir)
+        tasks = plan_shards(out_dir, num_rows, rows_per_shard, base_fingerprint)
+        states = {t.index: _shard_state(t, records.get(t.path.name)) for t in tasks}
+        todo = [t for t in tasks if states[t.index] != "kept"]
+        corrupt = [t.path.name for t in tasks if states[t.index] == "corrupt"]
+        if corrupt:
+            print(f"{out_dir}: {len(corrupt)} shard(s) do not match the sha256 recorded when they were written "
+                  f"and are redone: {', '.join(corrupt)}", file=sys.stderr, flush=True)
+        try:
+            results = map_tasks(run_shard, todo, executor=executor, desc=desc, make_table=make_table,
+                                meta=meta, journal=str(out_dir / JOURNAL))
+        finally:
+            remove_stale_temp_files(out_dir)  # ours (a crash mid-shard) and dead ones; never a live writer's
+        for rec in results:
+            records[rec["file"]] = {k: rec[k] for k in ("file", "sha256", "size", "fingerprint")}
+        wanted = {t.path.name for t in tasks}
+        for extra in out_dir.glob("part-*.parquet"):
+            if extra.name not in wanted:
+                extra.unlink()
+        manifest = {"meta": meta, "num_rows": num_rows, "fingerprint": base_fingerprint, "stage": stage,
+                    "shards": [{"file": t.path.name, "rows": t.stop - t.start, "fingerprint": t.fingerprint,
+                                "sha256": records[t.path.name]["sha256"], "size": records[t.path.name]["size"]}
+                               for t in tasks]}
+        _write_file_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        (out_dir / JOURNAL).unlink(missing_ok=True)
+        _fsync_dir(out_dir)
+    counts = {state: sum(1 for s in states.values() if s == state) for state in ("kept", "new", "stale", "corrupt")}
+    return {**manifest, "kept_from_previous_run": counts["kept"], "written_new": counts["new"],
+            "redone_stale": counts["stale"], "redone_corrupt": counts["corrupt"], "corrupt_files": corrupt}
 
 
 # --- reading ------------------------------------------------------------------------------------
 
+def _rerun_hint(folder: Path, stage: str | None) -> str:
+    if stage:
+        return (f"run `dvc repro {stage}`: it redoes the damaged shard (if DVC says the stage is up to date, "
+                f"`dvc repro -s -f {stage}`)")
+    return f"rerun the stage that writes {folder}: it redoes the damaged shard"
+
+
 class ShardedArtifact:
-    """A finished sharded artifact: its manifest, its model identity, and streaming readers."""
+    """A finished sharded artifact: its manifest, its model identity, and verifying streaming readers.
+
+    Opening checks that every listed shard exists with its recorded size (and the producing model
+    in its footer); ``read_shard`` / ``iter_batches`` read a shard's file into memory once, check
+    its sha256 against the manifest and parse Parquet from that buffer. Any mismatch raises
+    CorruptShardError naming the file and what to rerun.
+    """
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
@@ -183,13 +347,34 @@ class ShardedArtifact:
         self.meta: dict = self.manifest["meta"]
         self.num_rows: int = self.manifest["num_rows"]
         self.fingerprint: str = self.manifest["fingerprint"]
-        self.paths = [self.folder / s["file"] for s in self.manifest["shards"]]
-        for path in self.paths:
-            shard_meta = read_meta(path)
+        self.stage: str | None = self.manifest.get("stage")
+        self.records: list[dict] = self.manifest["shards"]
+        self.paths = [self.folder / s["file"] for s in self.records]
+        for path, record in zip(self.paths, self.records):
+            if "sha256" not in record or "size" not in record:
+                raise CorruptShardError(
+                    f"{path} has no recorded sha256 in {manifest_path} (written before shards carried content "
+                    f"hashes), so it cannot be verified; {self._hint()}")
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptShardError(f"{path} is listed in {manifest_path} but missing; {self._hint()}") from None
+            try:
+                shard_meta = read_meta(path)
+            except (OSError, ValueError, pa.ArrowException) as err:
+                raise CorruptShardError(f"{path} is damaged: its Parquet footer cannot be read ({err}); "
+                                        f"{self._hint()}") from err
             if shard_meta.get("model") != self.meta.get("model"):
                 raise ModelMismatchError(
                     f"{path} was produced by {describe_model(shard_meta.get('model'))} but "
                     f"{self.folder} by {describe_model(self.meta.get('model'))}; rerun its stage")
+            if size != record["size"]:
+                raise CorruptShardError(
+                    f"{path} is damaged: {size} bytes but {record['size']} were recorded in {manifest_path} "
+                    f"(truncated or overwritten); {self._hint()}")
+
+    def _hint(self) -> str:
+        return _rerun_hint(self.folder, self.stage)
 
     @property
     def model(self) -> dict | None:
@@ -198,19 +383,54 @@ class ShardedArtifact:
     def __len__(self) -> int:
         return self.num_rows
 
+    def _verified_bytes(self, index: int) -> pa.Buffer:
+        """Shard ``index``'s file, read once into memory and checked against its recorded size and sha256."""
+        path, record = self.paths[index], self.records[index]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptShardError(f"{path} is listed in {self.folder / MANIFEST} but missing; "
+                                    f"{self._hint()}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != record["sha256"] or len(data) != record["size"]:
+            raise CorruptShardError(
+                f"{path} is damaged: its sha256 is {actual} ({len(data)} bytes) but {record['sha256']} "
+                f"({record['size']} bytes) was recorded when it was written; {self._hint()}")
+        return pa.py_buffer(data)
+
+    def _parse_error(self, index: int, err: Exception) -> ValueError:
+        return ValueError(f"{self.paths[index]}: {err}")
+
     def read_shard(self, index: int, columns: Sequence[str] | None = None) -> pa.Table:
-        return pq.read_table(self.paths[index], columns=list(columns) if columns else None)
+        """Shard ``index`` (verified) as a table, optionally only ``columns``."""
+        data = self._verified_bytes(index)
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+        except pa.ArrowException as err:  # the bytes are the recorded ones: a wrong column name, say
+            raise self._parse_error(index, err) from err
 
     def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
-        """Stream record batches in row order, one shard open at a time."""
-        for path in self.paths:
-            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size,
-                                                         columns=list(columns) if columns else None)
+        """Stream record batches in row order, one (verified) shard in memory at a time."""
+        for index in range(len(self.paths)):
+            data = self._verified_bytes(index)
+            try:
+                batches = pq.ParquetFile(pa.BufferReader(data)).iter_batches(
+                    batch_size=batch_size, columns=list(columns) if columns else None)
+                for batch in batches:
+                    yield batch
+            except pa.ArrowException as err:
+                raise self._parse_error(index, err) from err
+            del data, batches
 
     def read_column(self, name: str) -> pa.ChunkedArray:
         """One whole column (for small ones: ids, texts). Features should be streamed instead."""
         return pa.chunked_array([self.read_shard(k, [name]).column(name).combine_chunks()
                                  for k in range(len(self.paths))] or [pa.array([])])
+
+    def verify(self) -> None:
+        """Check every shard's bytes against the manifest (reads the whole artifact, one shard at a time)."""
+        for index in range(len(self.paths)):
+            self._verified_bytes(index)
 
 
 def describe_model(model: dict | None) -> str:
