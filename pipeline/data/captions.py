@@ -9,9 +9,17 @@ Readers turn the caption formats users bring into one record type, :class:`Capti
   ``{"images": [{filename, split, sentences: [{raw}, ...]}, ...]}`` (``filename``).
 - ``coco_annotations``: COCO captions JSON, ``{"annotations": [{image_id, caption}, ...],
   "images": [{id, file_name}, ...]}`` (``str(image_id)``).
-- ``flickr8k_tokens``: ``IMAGE.jpg#k<TAB>caption`` a line; a space in place of the tab is
-  accepted (``IMAGE.jpg``).
-- ``plain_text``: one caption a line (``line{lineno}``).
+- ``flickr8k``: the Flickr8k *text folder*, a directory holding ``Flickr8k.token.txt`` and any of
+  the split files ``Flickr_8k.trainImages.txt``, ``Flickr_8k.devImages.txt``,
+  ``Flickr_8k.testImages.txt`` (one image name a line); each caption's ``split`` is that of the
+  split file listing its image (``train``/``dev``/``test``), or ``""`` if none does. Other files
+  and subfolders (e.g. ``images/``) are ignored. This is the format the pipeline uses for
+  Flickr8k (``IMAGE.jpg``).
+- ``flickr8k_tokens``: the token file alone, ``IMAGE.jpg#k<TAB>caption`` a line; a space in place
+  of the tab is accepted (``IMAGE.jpg``). A split can be attached with ``split_file=``.
+- ``plain_text``: one caption a line (``line{lineno}``). A file whose whole content parses as a
+  JSON list or object is refused ("looks like JSON"): read as text it would give captions
+  such as ``'{'``.
 
 ``caption_id`` is ``f"{group_id}#{k}"`` with ``k`` the caption's index within its group (for
 Flickr8k, the ``k`` written in the file; for plain text, ``line{lineno}`` like ``group_id``).
@@ -21,9 +29,14 @@ Text files are decoded line by line as UTF-8: a line that is not valid UTF-8 is 
 reported as ``"file:line"`` in :attr:`CaptionFile.undecodable`, never fatal and never mangled.
 JSON files must be valid UTF-8 JSON as a whole.
 
+Cleaning (:func:`clean_captions`) normalises whitespace and drops empty captions and captions
+with no letter or digit (``"..."``, a lone zero-width space); the length cap and the
+de-duplication are options. Of the corpora in the papers, only SynTIC's SS1M corpus is filtered
+to captions of at most 15 words; the paper profiles use no cap and keep repeated captions.
+
 Typical use::
 
-    corpus = read_captions("Flickr8k.token.txt", split_file="Flickr_8k.trainImages.txt")
+    corpus = read_captions("Flickr8k_text/", splits=["train"])
     kept, report = clean_captions(corpus, max_words=15)
 """
 from __future__ import annotations
@@ -48,8 +61,17 @@ __all__ = [
 
 JSON_FORMATS = ("karpathy_list", "karpathy_dataset", "coco_annotations")
 TEXT_FORMATS = ("flickr8k_tokens", "plain_text")
-FORMATS = JSON_FORMATS + TEXT_FORMATS
-_FORMATS_WITH_SPLITS = ("karpathy_list", "karpathy_dataset")
+FOLDER_FORMATS = ("flickr8k",)
+FORMATS = JSON_FORMATS + TEXT_FORMATS + FOLDER_FORMATS
+_FORMATS_WITH_SPLITS = ("karpathy_list", "karpathy_dataset", "flickr8k")
+
+# The Flickr8k text folder: the token file and the standard split files.
+FLICKR8K_TOKEN_FILE = "Flickr8k.token.txt"
+FLICKR8K_SPLIT_FILES = (
+    "Flickr_8k.trainImages.txt",
+    "Flickr_8k.devImages.txt",
+    "Flickr_8k.testImages.txt",
+)
 
 # ``IMAGE#k``, then a tab or space(s), then the caption (possibly empty).
 _TOKEN_LINE = re.compile(r"^(?P<image>[^\s#]+)#(?P<k>\d+)(?:[ \t]+(?P<text>.*))?$")
@@ -102,55 +124,82 @@ def read_captions(
     splits: Iterable[str] | str | None = None,
     split_file: str | Path | None = None,
     split_name: str | None = None,
+    exclude_splits: Iterable[str] | str | None = None,
 ) -> CaptionFile:
-    """Read a caption file into :class:`Caption` records.
+    """Read a caption file (or the Flickr8k text folder) into :class:`Caption` records.
 
     Args:
-        path: the caption file.
-        format: one of :data:`FORMATS`, or ``"auto"``: a ``.json`` file is told apart by its
-            structure (list → ``karpathy_list``; ``images`` with ``sentences`` →
-            ``karpathy_dataset``; ``annotations`` → ``coco_annotations``), any other file is
-            ``flickr8k_tokens`` if its first non-blank lines all look like ``IMAGE#k caption``,
-            else ``plain_text``.
-        source: the name stored in each record's ``source``; defaults to the file's name.
+        path: the caption file, or for ``flickr8k`` the folder.
+        format: one of :data:`FORMATS`, or ``"auto"``: a directory holding
+            ``Flickr8k.token.txt`` is ``flickr8k``; a ``.json`` file, or any file whose whole
+            content parses as a JSON list or object, is told apart by its structure (list →
+            ``karpathy_list``; ``images`` with ``sentences`` → ``karpathy_dataset``;
+            ``annotations`` → ``coco_annotations``); any other file is ``flickr8k_tokens`` if
+            its first non-blank lines all look like ``IMAGE#k caption``, else ``plain_text``.
+        source: the name stored in each record's ``source``; defaults to the file's (folder's)
+            name.
         splits: keep only records whose split is one of these (a single string is one split).
-            Only for formats that carry splits (Karpathy formats, or Flickr8k tokens with a
-            ``split_file``); otherwise ``ValueError``, since nothing could match.
+            Only for formats that carry splits (Karpathy formats, the ``flickr8k`` folder, or
+            Flickr8k tokens with a ``split_file``); otherwise ``ValueError``, since nothing
+            could match.
         split_file: ``flickr8k_tokens`` only: a file listing one image name a line; only those
             images' captions are kept, with ``split`` set to ``split_name`` or else the name
             derived from the file name (``Flickr_8k.trainImages.txt`` → ``"train"``). Every
-            listed image must have captions (``ValueError`` otherwise).
+            listed image must have captions (``ValueError`` otherwise). Kept for single token
+            files; the pipeline reads Flickr8k as the ``flickr8k`` folder, whose split files
+            need no parameter of their own (DVC cannot take optional files as dependencies).
         split_name: the split to record for ``split_file``'s captions.
+        exclude_splits: drop records whose split is one of these (same formats as ``splits``);
+            e.g. ``["train"]`` on the ``flickr8k`` folder keeps the images outside the train
+            split, those of no split file included.
 
     Returns:
         a :class:`CaptionFile`: records in file order, plus the undecodable text lines (only
-        those belonging to ``split_file``'s images when it is given and the line's image name
-        can still be read).
+        those that may belong to the selected images: with ``split_file``, ``splits`` or
+        ``exclude_splits``, a line whose image name can still be read is kept only if that
+        image is selected).
 
     Raises:
         FileNotFoundError: ``path`` or ``split_file`` does not exist.
-        ValueError: unknown format, invalid UTF-8 or JSON in a JSON file, a malformed record
-            (the message names the file and the item index or line), repeated caption ids,
-            or an argument that does not apply to the format.
+        ValueError: unknown format, invalid UTF-8 or JSON in a JSON file, JSON content given as
+            ``plain_text``, a malformed record (the message names the file and the item index
+            or line), repeated caption ids, an image in two split files, or an argument that
+            does not apply to the format.
     """
     path = Path(path)
     fmt, content = _load(path, format)
-    return _read_loaded(path, fmt, content, source or path.name, splits, split_file, split_name)
+    return _read_loaded(
+        path, fmt, content, source or path.name, splits, split_file, split_name, exclude_splits
+    )
 
 
 def _read_loaded(
-    path: Path, fmt: str, content, source: str, splits, split_file, split_name
+    path: Path,
+    fmt: str,
+    content,
+    source: str,
+    splits,
+    split_file,
+    split_name,
+    exclude_splits=None,
 ) -> CaptionFile:
     """:func:`read_captions` once the file is loaded and its format known."""
-    _check_split_arguments(fmt, splits, split_file, split_name)
+    _check_split_arguments(fmt, splits, split_file, split_name, exclude_splits)
     caption_file = _READERS[fmt](content, path, source)
     if split_file is not None:
         caption_file = _restrict_to_split_file(
             caption_file, content, path, Path(split_file), split_name
         )
-    if splits is not None:
-        wanted = _as_split_set(splits)
-        caption_file.records = [r for r in caption_file.records if r.split in wanted]
+    if splits is not None or exclude_splits is not None:
+        wanted = _as_split_set(splits) if splits is not None else None
+        unwanted = _as_split_set(exclude_splits) if exclude_splits is not None else set()
+
+        def selected(split: str) -> bool:
+            return (wanted is None or split in wanted) and split not in unwanted
+
+        caption_file.records = [r for r in caption_file.records if selected(r.split)]
+        if isinstance(content, _Flickr8kFolder):
+            caption_file.undecodable = _undecodable_of_splits(content, selected)
     _check_unique_ids(caption_file.records, path)
     return caption_file
 
@@ -163,17 +212,62 @@ class _TextLines:
     undecodable: list[tuple[int, bytes]]
 
 
+@dataclass
+class _Flickr8kFolder:
+    """The Flickr8k text folder, loaded: the token file's lines and each listed image's split."""
+
+    token_file: Path
+    tokens: _TextLines
+    split_of: dict[str, str]
+
+
 def _load(path: Path, format: str) -> tuple[str, object]:
-    """Read ``path`` once and settle its format: returns ``(format, parsed JSON or lines)``."""
+    """Read ``path`` once and settle its format: returns ``(format, parsed content)``."""
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown caption format {format!r}; expected 'auto' or one of {FORMATS}")
+    if path.is_dir():
+        if format == "auto" and not (path / FLICKR8K_TOKEN_FILE).is_file():
+            raise ValueError(
+                f"{path} is a directory without {FLICKR8K_TOKEN_FILE}: the only folder format "
+                "is flickr8k (the Flickr8k text folder); give a caption file instead"
+            )
+        if format not in ("auto", *FOLDER_FORMATS):
+            raise ValueError(f"{path} is a directory, but format {format!r} reads a file")
+        return "flickr8k", _load_flickr8k_folder(path)
+    if format in FOLDER_FORMATS:
+        if not path.exists():
+            raise FileNotFoundError(f"Flickr8k text folder not found: {path}")
+        raise ValueError(f"{path}: format {format!r} reads a folder (holding "
+                         f"{FLICKR8K_TOKEN_FILE} and split files), not a file")
     raw = path.read_bytes()
     is_json = format in JSON_FORMATS or (format == "auto" and path.suffix.lower() == ".json")
     if is_json:
         data = _parse_json(raw, path)
         return (format if format != "auto" else _detect_json_format(data, path)), data
+    whole_json = _whole_json(raw)
+    if whole_json is not None:
+        if format == "auto":
+            return _detect_json_format(whole_json, path), whole_json
+        if format == "plain_text":
+            kind = "list" if isinstance(whole_json, list) else "object"
+            raise ValueError(
+                f"{path}: the whole file parses as a JSON {kind}, so it looks like JSON, not "
+                f"plain text (one caption a line); read it with format 'auto' or one of "
+                f"{', '.join(JSON_FORMATS)} (the pipeline setting is corpus.format)"
+            )
     lines = _decode_lines(raw)
     return (format if format != "auto" else _detect_text_format(lines)), lines
+
+
+def _whole_json(raw: bytes) -> list | dict | None:
+    """The parsed content if the whole file is one JSON list or object, else ``None``."""
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] not in (b"[", b"{"):
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, (list, dict)) else None
 
 
 def _parse_json(raw: bytes, path: Path) -> object:
@@ -224,13 +318,16 @@ def _detect_text_format(text: _TextLines) -> str:
     return "plain_text"
 
 
-def _check_split_arguments(fmt: str, splits, split_file, split_name) -> None:
+def _check_split_arguments(fmt: str, splits, split_file, split_name, exclude_splits) -> None:
     if split_name is not None and split_file is None:
         raise ValueError("split_name= only applies together with split_file=")
     if split_file is not None and fmt != "flickr8k_tokens":
-        raise ValueError(f"split_file= only applies to flickr8k_tokens, not {fmt}")
-    if splits is not None and fmt not in _FORMATS_WITH_SPLITS and split_file is None:
-        raise ValueError(f"splits= given but {fmt} captions carry no split")
+        hint = " (the flickr8k folder reads its own split files)" if fmt == "flickr8k" else ""
+        raise ValueError(f"split_file= only applies to flickr8k_tokens, not {fmt}{hint}")
+    carries_splits = fmt in _FORMATS_WITH_SPLITS or split_file is not None
+    for name, value in (("splits", splits), ("exclude_splits", exclude_splits)):
+        if value is not None and not carries_splits:
+            raise ValueError(f"{name}= given but {fmt} captions carry no split")
 
 
 def _as_split_set(splits: Iterable[str] | str) -> set[str]:
@@ -309,12 +406,23 @@ def _read_plain_text(text: _TextLines, path: Path, source: str) -> CaptionFile:
     return CaptionFile(records, _labels(path, text.undecodable))
 
 
+def _read_flickr8k_folder(folder: _Flickr8kFolder, path: Path, source: str) -> CaptionFile:
+    """The token file's captions, each with the split of the split file listing its image."""
+    caption_file = _read_flickr8k_tokens(folder.tokens, folder.token_file, source)
+    caption_file.records = [
+        dataclasses.replace(r, split=folder.split_of.get(r.group_id, ""))
+        for r in caption_file.records
+    ]
+    return caption_file
+
+
 _READERS: dict[str, Callable[[object, Path, str], CaptionFile]] = {
     "karpathy_list": _read_karpathy_list,
     "karpathy_dataset": _read_karpathy_dataset,
     "coco_annotations": _read_coco_annotations,
     "flickr8k_tokens": _read_flickr8k_tokens,
     "plain_text": _read_plain_text,
+    "flickr8k": _read_flickr8k_folder,
 }
 
 
@@ -381,6 +489,56 @@ def _restrict_to_split_file(
     return CaptionFile(records, _labels(path, undecodable))
 
 
+def _load_flickr8k_folder(folder: Path) -> _Flickr8kFolder:
+    """Read the token file and whichever standard split files the folder holds.
+
+    Raises ``ValueError`` if an image is listed by two split files (naming both) or a split
+    file lists an image that has no captions.
+    """
+    token_file = folder / FLICKR8K_TOKEN_FILE
+    if not token_file.is_file():
+        raise FileNotFoundError(f"{folder}: no {FLICKR8K_TOKEN_FILE} in this Flickr8k folder")
+    tokens = _decode_lines(token_file.read_bytes())
+    split_of: dict[str, str] = {}
+    listed_by: dict[str, Path] = {}
+    for name in FLICKR8K_SPLIT_FILES:
+        split_file = folder / name
+        if not split_file.is_file():
+            continue
+        split = split_name_from_file(split_file)
+        for image in sorted(_read_split_file(split_file)):
+            if image in listed_by:
+                raise ValueError(
+                    f"{folder}: image {image!r} is listed by two split files, "
+                    f"{listed_by[image].name} and {split_file.name}"
+                )
+            listed_by[image] = split_file
+            split_of[image] = split
+    captioned = {
+        match["image"] for _, line in tokens.lines if (match := _TOKEN_LINE.match(line))
+    }
+    for name in FLICKR8K_SPLIT_FILES:
+        listed = {image for image, file in listed_by.items() if file.name == name}
+        missing = sorted(listed - captioned)
+        if missing:
+            raise ValueError(
+                f"{folder / name}: {len(missing)} listed images have no captions in "
+                f"{FLICKR8K_TOKEN_FILE}, e.g. {missing[:3]}"
+            )
+    return _Flickr8kFolder(token_file, tokens, split_of)
+
+
+def _undecodable_of_splits(folder: _Flickr8kFolder, selected: Callable[[str], bool]) -> list[str]:
+    """The folder's undecodable token lines that may belong to a selected image: those whose
+    image name is readable and selected by its split, and those whose image name is not."""
+    kept = []
+    for lineno, raw in folder.tokens.undecodable:
+        image = _raw_line_image(raw)
+        if image is None or selected(folder.split_of.get(image, "")):
+            kept.append((lineno, raw))
+    return _labels(folder.token_file, kept)
+
+
 def _raw_line_image(raw: bytes) -> str | None:
     """The image name of an undecodable token line, if its ``IMAGE#k`` prefix is readable."""
     match = _TOKEN_PREFIX.match(raw)
@@ -424,7 +582,7 @@ def _check_split_images_have_captions(
 # Cleaning
 # --------------------------------------------------------------------------------------------
 
-_DROP_REASONS = ("empty", "too_long", "duplicate", "undecodable")
+_DROP_REASONS = ("empty", "no_letter_or_digit", "too_long", "duplicate", "undecodable")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -434,30 +592,49 @@ def normalize_whitespace(text: str) -> str:
 
 
 def clean_captions(
-    captions: CaptionFile | Iterable[Caption], max_words: int = 15
+    captions: CaptionFile | Iterable[Caption],
+    max_words: int | None = 15,
+    deduplicate: bool = True,
 ) -> tuple[list[Caption], dict]:
-    """The papers' corpus filter: normalise whitespace, drop empty, over-long and repeated captions.
+    """Clean a corpus: normalise whitespace; drop empty captions, captions with no letter or
+    digit, and optionally over-long and repeated ones.
 
     Each caption's text is whitespace-normalised (:func:`normalize_whitespace`), then it is
-    dropped, checking in this order, if it is empty, if it has more than ``max_words`` words
-    (split on whitespace), or if the same normalised text was already kept (exact,
-    case-sensitive match: ``"A dog."`` and ``"a dog."`` are both kept; the first occurrence
-    wins). Kept records carry the normalised text.
+    dropped, checking in this order, if it is
+
+    - ``empty``;
+    - ``no_letter_or_digit``: not one character is a letter or digit (``str.isalnum``, any
+      script): punctuation only (``"..."``, ``"!!! ???"``), or invisible format characters
+      such as a zero-width space U+200B (not whitespace, so not removed by normalisation);
+    - ``too_long``: more than ``max_words`` words (split on whitespace); ``max_words=None``
+      sets no cap. (The default 15 is SynTIC's filter of its SS1M corpus; the papers' other
+      corpora are not length-filtered.)
+    - ``duplicate``: with ``deduplicate``, the same normalised text was already kept (exact,
+      case-sensitive match: ``"A dog."`` and ``"a dog."`` are both kept; the first occurrence
+      wins). ``deduplicate=False`` keeps repeated captions.
+
+    Kept records carry the normalised text.
 
     ``captions`` is a :class:`CaptionFile` (its undecodable lines are then reported too) or any
     iterable of :class:`Caption`.
 
-    Returns ``(kept, report)``; ``report`` is JSON-able::
+    Returns ``(kept, report)``; ``report`` is JSON-able and has every reason, a reason that is
+    switched off counting 0::
 
         {"read": n, "kept": n,
-         "dropped": {"empty": n, "too_long": n, "duplicate": n, "undecodable": n},
+         "dropped": {"empty": n, "no_letter_or_digit": n, "too_long": n, "duplicate": n,
+                     "undecodable": n},
          "examples": {reason: [up to 5 caption ids, or "file:line" for undecodable]}}
 
     ``read`` counts the records plus the undecodable lines, so
     ``read == kept + sum(dropped.values())``.
     """
-    if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
-        raise ValueError(f"max_words must be a positive integer, got {max_words!r}")
+    if max_words is not None and (
+        isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1
+    ):
+        raise ValueError(f"max_words must be None or a positive integer, got {max_words!r}")
+    if not isinstance(deduplicate, bool):
+        raise ValueError(f"deduplicate must be True or False, got {deduplicate!r}")
     if isinstance(captions, CaptionFile):
         records, undecodable = captions.records, captions.undecodable
     else:
@@ -466,24 +643,27 @@ def clean_captions(
     dropped: dict[str, list[str]] = {reason: [] for reason in _DROP_REASONS}
     dropped["undecodable"] = list(undecodable)
     kept: list[Caption] = []
-    kept_texts: set[str] = set()
+    kept_texts: set[str] | None = set() if deduplicate else None
     for record in records:
         text = normalize_whitespace(record.text)
         reason = _drop_reason(text, max_words, kept_texts)
         if reason:
             dropped[reason].append(record.caption_id)
             continue
-        kept_texts.add(text)
+        if kept_texts is not None:
+            kept_texts.add(text)
         kept.append(record if text == record.text else dataclasses.replace(record, text=text))
     return kept, _cleaning_report(len(records) + len(undecodable), len(kept), dropped)
 
 
-def _drop_reason(text: str, max_words: int, kept_texts: set[str]) -> str | None:
+def _drop_reason(text: str, max_words: int | None, kept_texts: set[str] | None) -> str | None:
     if not text:
         return "empty"
-    if len(text.split(" ")) > max_words:
+    if not any(character.isalnum() for character in text):
+        return "no_letter_or_digit"
+    if max_words is not None and len(text.split(" ")) > max_words:
         return "too_long"
-    if text in kept_texts:
+    if kept_texts is not None and text in kept_texts:
         return "duplicate"
     return None
 

@@ -1,22 +1,20 @@
 """Evaluation sets: reference captions (any caption format of :mod:`pipeline.data.captions`) paired
 with the real images they describe.
 
-Typical use::
+Typical use (the Flickr8k photos outside the train split)::
 
-    references = read_references("Flickr8k.token.txt", split_file="Flickr_8k.testImages.txt")
+    references = read_references("Flickr8k_text/", exclude_splits=["train"])
     rows, report = load_eval_images("Flickr8k_Dataset/", references, max_images=100)
 """
 from __future__ import annotations
 
 import importlib.util
-import io
 import warnings
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from PIL import Image
-
 from pipeline.data.captions import _load, _read_loaded, normalize_whitespace
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, skip_reason
 
 PACKAGE_PREFIX = "package:"
 
@@ -30,13 +28,17 @@ def read_references(
     format: str = "auto",
     split_file: str | Path | None = None,
     splits: Iterable[str] | str | None = None,
+    exclude_splits: Iterable[str] | str | None = None,
 ) -> dict[str, list[str]]:
     """Reference captions of an evaluation set: image name → its captions, in file order.
 
     Accepts every caption format except ``plain_text`` (which has no images: ``ValueError``);
-    ``format``, ``split_file`` and ``splits`` mean what they mean in :func:`read_captions`.
+    ``format``, ``split_file``, ``splits`` and ``exclude_splits`` mean what they mean in
+    :func:`read_captions`: e.g. the Flickr8k photos outside the train split are
+    ``read_references("Flickr8k_text/", exclude_splits=["train"])`` (images of the dev and test
+    split files, and of no split file).
     The key is the image's file name: ``image_name`` / ``filename`` for the Karpathy formats,
-    the image for Flickr8k tokens, and for COCO annotations the ``file_name`` of the matching
+    the image for Flickr8k, and for COCO annotations the ``file_name`` of the matching
     entry in ``images`` (``str(image_id)`` when the file has no such entry). Reference texts
     are whitespace-normalised (:func:`normalize_whitespace`); none is dropped. Undecodable lines
     cannot be references: they are skipped with a :class:`UserWarning` naming them.
@@ -45,7 +47,9 @@ def read_references(
     fmt, content = _load(path, format)
     if fmt == "plain_text":
         raise ValueError(f"{path}: plain text has no images, so it cannot give references")
-    caption_file = _read_loaded(path, fmt, content, path.name, splits, split_file, None)
+    caption_file = _read_loaded(
+        path, fmt, content, path.name, splits, split_file, None, exclude_splits
+    )
     if caption_file.undecodable:
         warnings.warn(
             f"skipped undecodable reference lines: {caption_file.undecodable}", stacklevel=2
@@ -95,22 +99,37 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+SKIP_KINDS = ("missing", "corrupt", "too_large")
+
+
 def load_eval_images(
-    image_dir: str | Path, references: dict[str, list[str]], max_images: int | None = None
+    image_dir: str | Path,
+    references: dict[str, list[str]],
+    max_images: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[dict], dict]:
     """Load the evaluation images named by ``references`` from ``image_dir``.
 
     Image names are taken in sorted order; ``max_images`` keeps the first N of them (skipped
     images count towards N). ``image_dir`` is a path or ``"package:NAME"`` (:func:`resolve_dir`).
     Every name must stay inside ``image_dir``: an absolute name or one with ``..`` raises
-    ``ValueError`` naming it, before anything is read. A missing file or one PIL cannot decode
-    (open and full load) is skipped and listed in the report, never fatal.
+    ``ValueError`` naming it, before anything is read. Each image is decoded by
+    :func:`pipeline.data.images.decode_image` (the decoder the encode and tag stages use), so
+    an image loaded here decodes there too. A missing file, one that cannot be decoded, or one
+    of more than ``max_pixels`` pixels (refused from its header, never decoded) is skipped
+    with its reason, never fatal.
 
     Returns ``(rows, report)``; each row is
     ``{"image_id": name, "image": <the file's bytes>, "width": int, "height": int,
-    "references": [str, ...]}``, and the report is JSON-able::
+    "references": [str, ...]}`` with the size of the decoded image (upright, after the EXIF
+    orientation), and the report is JSON-able::
 
-        {"requested": n, "loaded": n, "skipped": {"missing": [names], "corrupt": [names]}}
+        {"requested": n, "loaded": n,
+         "skipped": {image_name: reason, ...},          # in sorted name order
+         "skipped_counts": {"missing": n, "corrupt": n, "too_large": n}}
+
+    with reasons such as ``"missing"``, ``"corrupt: cannot identify image file"``,
+    ``"too large (20000×20000 = 400000000 pixels > limit 89478485)"``.
     """
     if max_images is not None and not _is_count(max_images):
         raise ValueError(f"max_images must be None or a non-negative integer, got {max_images!r}")
@@ -120,18 +139,21 @@ def load_eval_images(
     names = sorted(references)[:max_images]
 
     rows: list[dict] = []
-    skipped: dict[str, list[str]] = {"missing": [], "corrupt": []}
+    skipped: dict[str, str] = {}
+    counts = dict.fromkeys(SKIP_KINDS, 0)
     for name in names:
         file = directory / name
         if not file.is_file():
-            skipped["missing"].append(name)
+            skipped[name] = "missing"
+            counts["missing"] += 1
             continue
         data = file.read_bytes()
-        size = _decoded_size(data)
-        if size is None:
-            skipped["corrupt"].append(name)
+        try:
+            width, height = decode_image(data, max_pixels=max_pixels).size
+        except ImageError as err:
+            skipped[name] = skip_reason(err)
+            counts[err.kind] += 1
             continue
-        width, height = size
         rows.append({
             "image_id": name,
             "image": data,
@@ -139,7 +161,9 @@ def load_eval_images(
             "height": height,
             "references": list(references[name]),
         })
-    return rows, {"requested": len(names), "loaded": len(rows), "skipped": skipped}
+    report = {"requested": len(names), "loaded": len(rows), "skipped": skipped,
+              "skipped_counts": counts}
+    return rows, report
 
 
 def _is_count(value: object) -> bool:
@@ -151,13 +175,3 @@ def _check_inside(name: str) -> None:
     as_posix = PurePosixPath(name.replace("\\", "/"))
     if not name or as_posix.is_absolute() or PureWindowsPath(name).drive or ".." in as_posix.parts:
         raise ValueError(f"image name {name!r} escapes the image directory")
-
-
-def _decoded_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` if PIL can fully decode ``data``, else ``None``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None

@@ -4,28 +4,30 @@ Image decoding and preprocessing of batch i+1 run on a background thread while C
 """
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.models.clip import ClipEncoder
+from pipeline.data.images import ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array
 
 
 def _decode(clip: ClipEncoder, blobs: Sequence[bytes], ids: Sequence[str]) -> torch.Tensor:
+    """CLIP pixels of each image, decoded by the one decoder every stage uses (8-bit RGB,
+    alpha on white, EXIF orientation). These images come from our own stages, so one that
+    cannot be decoded is an error naming it, never a skip."""
     pixels = []
     for blob, item in zip(blobs, ids):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
-                pixels.append(clip.preprocess(im.convert("RGB")))
-        except Exception as err:
-            raise ValueError(f"image {item!r} cannot be decoded: {err}") from err
+            image = decode_image(blob)
+        except ImageError as err:
+            raise ValueError(f"image {item!r} cannot be decoded: {skip_reason(err)}") from err
+        pixels.append(clip.preprocess(image))
     return torch.stack(pixels)
 
 

@@ -1,8 +1,6 @@
 """Object tags per image (SynTIC Eq. 4: O = {o_1..o_m}) and the CLIP text features of the tag vocabulary."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -10,6 +8,7 @@ from tqdm.auto import tqdm
 
 from pipeline.models.clip import ClipEncoder
 from pipeline.models.detector import Detection, Detector
+from pipeline.data.images import FULL_SIZE_KEY, ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array, feature_numpy
 
 TAG_SCHEMA_FIELDS = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
@@ -27,15 +26,42 @@ def distinct_tags(detection: Detection, max_tags: int) -> Detection:
                      [detection.boxes[i] for i in order])
 
 
+def _decode_for_detector(blob: bytes, item: str, draft_size: tuple[int, int] | None) -> Image.Image:
+    """The one decoder every stage uses; an image of our own stages that cannot be decoded is an
+    error naming it, never a skip."""
+    try:
+        return decode_image(blob, draft_size=draft_size)
+    except ImageError as err:
+        raise ValueError(f"image {item!r} cannot be decoded: {skip_reason(err)}") from err
+
+
+def _to_full_scale(detection: Detection, image: Image.Image) -> Detection:
+    """Boxes measured on a JPEG decoded at reduced scale, in pixels of the full-size image."""
+    full_width, full_height = image.info.get(FULL_SIZE_KEY, image.size)
+    if (full_width, full_height) == image.size:
+        return detection
+    sx, sy = full_width / image.width, full_height / image.height
+    boxes = [[min(x0 * sx, full_width), min(y0 * sy, full_height),
+              min(x1 * sx, full_width), min(y1 * sy, full_height)] for x0, y0, x1, y1 in detection.boxes]
+    return Detection(detection.labels, detection.scores, boxes)
+
+
 def tag_table(images: pa.Table, detector: Detector, id_column: str, threshold: float, max_tags: int,
-              batch_size: int) -> pa.Table:
-    """images (id, image bytes) -> id, labels, scores, boxes."""
+              batch_size: int, draft_size: tuple[int, int] | None = None) -> pa.Table:
+    """images (id, image bytes) -> id, labels, scores, boxes (pixels of the full-size, upright image).
+
+    ``draft_size``: decode JPEGs at the smallest DCT scale (1/1..1/8) still covering this
+    ``(width, height)`` (see :func:`pipeline.data.images.decode_image`), e.g. the detector's
+    shortest input edge on both sides, so a huge photo is never decoded at full size; the boxes
+    are mapped back to full-size pixels. ``None``: decode at full size."""
     ids = images.column(id_column).to_pylist()
     blobs = images.column("image").to_pylist()
     detections: list[Detection] = []
     for start in tqdm(range(0, len(ids), batch_size), desc="  tags", unit="batch", leave=False):
-        batch = [Image.open(io.BytesIO(b)) for b in blobs[start:start + batch_size]]
-        detections += [distinct_tags(d, max_tags) for d in detector.detect(batch, threshold)]
+        batch = [_decode_for_detector(b, item, draft_size)
+                 for b, item in zip(blobs[start:start + batch_size], ids[start:start + batch_size])]
+        detections += [distinct_tags(_to_full_scale(d, im), max_tags)
+                       for d, im in zip(detector.detect(batch, threshold), batch)]
     return pa.table({id_column: ids,
                      "labels": pa.array([d.labels for d in detections], TAG_SCHEMA_FIELDS[0][1]),
                      "scores": pa.array([d.scores for d in detections], TAG_SCHEMA_FIELDS[1][1]),

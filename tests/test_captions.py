@@ -1,14 +1,12 @@
-"""Tests for pipeline.data.captions: caption readers, the cleaning filter, references and eval images.
+"""Tests for pipeline.data.captions: caption readers (files and the Flickr8k folder) and cleaning.
 
 Real-file tests use the ``shared_data`` fixture; the exact counts below were checked
-independently of this code (``wc``/``awk``/``json`` on the files).
+independently of this code (``wc``/``awk``/``comm``/``json`` on the files).
 """
-import io
 import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from pipeline.data.captions import (
     Caption,
@@ -18,17 +16,10 @@ from pipeline.data.captions import (
     read_captions,
     split_name_from_file,
 )
-from pipeline.data.evalsets import load_eval_images, read_references, resolve_dir
 
+FLICKR8K = "flickr8k"
 TOKENS = "flickr8k/Flickr8k.token.txt"
 TRAIN_SPLIT = "flickr8k/Flickr_8k.trainImages.txt"
-# The first sorted Flickr8k photos in shared_data that are outside the train split, with sizes.
-EVAL_PHOTOS = {
-    "1022454332_6af2c1449a.jpg": (500, 375),
-    "103106960_e8a41d64f8.jpg": (500, 375),
-    "1032122270_ea6f0beedb.jpg": (500, 375),
-    "1034276567_49bb87c51c.jpg": (500, 332),
-}
 
 
 def caption(text, caption_id="g#0", split=""):
@@ -38,12 +29,6 @@ def caption(text, caption_id="g#0", split=""):
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
-
-
-def png_bytes(size=(7, 5)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -316,8 +301,9 @@ def test_clean_counts_each_reason_and_normalises():
     ]
     assert report == {
         "read": 7, "kept": 3,
-        "dropped": {"empty": 2, "too_long": 1, "duplicate": 1, "undecodable": 0},
-        "examples": {"empty": ["a#1", "d#0"], "too_long": ["b#1"], "duplicate": ["c#0"], "undecodable": []},
+        "dropped": {"empty": 2, "no_letter_or_digit": 0, "too_long": 1, "duplicate": 1, "undecodable": 0},
+        "examples": {"empty": ["a#1", "d#0"], "no_letter_or_digit": [], "too_long": ["b#1"], "duplicate": ["c#0"],
+                     "undecodable": []},
     }
     json.dumps(report)  # JSON-able
 
@@ -337,120 +323,10 @@ def test_clean_flickr8k_train_matches_the_reference_filter(shared_data):
     kept, report = clean_captions(corpus)
     # Checked with an independent awk implementation of the same filter.
     assert report["read"] == 30000 and report["kept"] == len(kept) == 25174
-    assert report["dropped"] == {"empty": 0, "too_long": 4663, "duplicate": 163, "undecodable": 0}
+    assert report["dropped"] == {"empty": 0, "no_letter_or_digit": 0, "too_long": 4663, "duplicate": 163,
+                                 "undecodable": 0}
 
 
-# --------------------------------------------------------------------------------------------
-# References
-# --------------------------------------------------------------------------------------------
-
-
-def test_references_from_flickr8k_tokens(shared_data):
-    references = read_references(shared_data / TOKENS, split_file=shared_data / TRAIN_SPLIT)
-    assert len(references) == 6000
-    assert all(len(texts) == 5 for texts in references.values())
-    assert "1022454332_6af2c1449a.jpg" not in references  # not a train image
-    assert references["1000268201_693b08cb0e.jpg"][1] == "A girl going into a wooden building ."
-
-
-def test_references_from_karpathy_list(shared_data):
-    references = read_references(shared_data / "flickr30k-karpathy/test.json", splits=["test"])
-    assert len(references) == 1000 and sum(map(len, references.values())) == 5000
-
-
-def test_references_from_coco_use_file_names(coco_file):
-    assert read_references(coco_file) == {
-        "COCO_val_42.jpg": ["A red bus.", "A bus on a street."], "COCO_val_7.jpg": ["A plate of food."],
-    }
-
-
-def test_references_from_karpathy_dataset(karpathy_dataset_file):
-    assert read_references(karpathy_dataset_file, splits="test") == {"c.jpg": ["A bird.", "Birds."]}
-
-
-def test_references_from_plain_text_is_an_error(tmp_path):
-    path = tmp_path / "c.txt"
-    path.write_text("A dog.\n")
-    with pytest.raises(ValueError, match="plain text"):
-        read_references(path)
-
-
-def test_references_warn_about_undecodable_lines(tmp_path):
-    path = tmp_path / "tokens.txt"
-    path.write_bytes(b"a.jpg#0\tA cat.\na.jpg#1\t\xff\n")
-    with pytest.warns(UserWarning, match=r"tokens\.txt:2"):
-        references = read_references(path)
-    assert references == {"a.jpg": ["A cat."]}
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation images
-# --------------------------------------------------------------------------------------------
-
-
-def test_load_eval_images_on_real_photos(shared_data):
-    all_references = read_references(shared_data / TOKENS)
-    references = {name: all_references[name] for name in EVAL_PHOTOS}
-    references["9999999999_notthere.jpg"] = ["A missing photo."]
-    image_dir = shared_data / "flickr8k/images"
-
-    rows, report = load_eval_images(image_dir, references)
-
-    assert [row["image_id"] for row in rows] == sorted(EVAL_PHOTOS)
-    for row in rows:
-        assert (row["width"], row["height"]) == EVAL_PHOTOS[row["image_id"]]
-        assert row["image"] == (image_dir / row["image_id"]).read_bytes()
-        assert len(row["references"]) == 5
-    assert rows[0]["references"][0] == "A child and a woman are at waters edge in a big city ."
-    assert report == {"requested": 5, "loaded": 4, "skipped": {"missing": ["9999999999_notthere.jpg"], "corrupt": []}}
-
-
-def test_load_eval_images_max_images_keeps_first_sorted(shared_data):
-    references = {name: ["r"] for name in EVAL_PHOTOS}
-    rows, report = load_eval_images(shared_data / "flickr8k/images", references, max_images=2)
-    assert [row["image_id"] for row in rows] == sorted(EVAL_PHOTOS)[:2]
-    assert report["requested"] == 2 and report["loaded"] == 2
-
-
-def test_corrupt_and_missing_images_are_skipped(tmp_path):
-    (tmp_path / "x.jpg").write_bytes(b"this is not a jpeg at all")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "good.png").write_bytes(png_bytes((7, 5)))
-    truncated = png_bytes((64, 64))
-    (tmp_path / "cut.png").write_bytes(truncated[: len(truncated) // 2])
-    references = {"x.jpg": ["a"], "gone.jpg": ["b"], "sub/good.png": ["c"], "cut.png": ["d"]}
-
-    rows, report = load_eval_images(str(tmp_path), references)
-
-    assert [(r["image_id"], r["width"], r["height"], r["references"]) for r in rows] == [("sub/good.png", 7, 5, ["c"])]
-    assert report == {"requested": 4, "loaded": 1, "skipped": {"missing": ["gone.jpg"], "corrupt": ["cut.png", "x.jpg"]}}
-    json.dumps(report)
-
-
-@pytest.mark.parametrize("name", ["../secret.jpg", "/etc/passwd", "sub/../../x.jpg", "..\\x.jpg", "C:\\x.jpg", ""])
-def test_names_escaping_the_image_dir_are_rejected(tmp_path, name):
-    (tmp_path / "ok.png").write_bytes(png_bytes())
-    with pytest.raises(ValueError, match="escapes the image directory") as error:
-        load_eval_images(tmp_path, {"ok.png": ["a"], name: ["b"]})
-    assert repr(name) in str(error.value)
-
-
-def test_resolve_dir_package_spec():
-    import skimage.data
-
-    expected = Path(skimage.data.__file__).parent
-    assert resolve_dir("package:skimage.data") == expected
-    rows, report = load_eval_images("package:skimage.data", {"camera.png": ["a camera man"]})
-    assert (rows[0]["width"], rows[0]["height"]) == (512, 512)
-    assert rows[0]["image"] == (expected / "camera.png").read_bytes()
-
-
-def test_resolve_dir_errors(tmp_path):
-    assert resolve_dir(tmp_path) == tmp_path
-    with pytest.raises(ValueError, match="no_such_package_xyz"):
-        resolve_dir("package:no_such_package_xyz")
-    with pytest.raises(NotADirectoryError):
-        resolve_dir(tmp_path / "missing")
 
 
 def test_caption_file_combines_and_records_serialise():
@@ -461,3 +337,219 @@ def test_caption_file_combines_and_records_serialise():
     assert [r.caption_id for r in kept] == ["a#0"]
     assert report["dropped"]["duplicate"] == 1 and report["dropped"]["undecodable"] == 1
     assert kept[0].to_dict() == {"caption_id": "a#0", "group_id": "a", "text": "A.", "split": "", "source": "t"}
+
+
+# --------------------------------------------------------------------------------------------
+# Cleaning: captions with no letter or digit; no length cap; no de-duplication
+# --------------------------------------------------------------------------------------------
+
+
+def test_captions_without_letter_or_digit_are_dropped_and_counted():
+    records = [
+        caption("...", "a#0"),
+        caption("!!! ???", "a#1"),
+        caption("\u200b", "a#2"),                 # zero-width space: not whitespace to str.split
+        caption(" \u2060\u200d\ufeff ", "a#3"),   # word joiner, zero-width joiner, BOM
+        caption("¿¡ — «»", "a#4"),
+        caption("A dog.", "b#0"),
+        caption("42", "b#1"),                     # a digit is enough
+        caption("写真", "b#2"),                    # letters of any script
+        caption("\u200bA cat\u200b", "b#3"),      # invisible characters around letters: kept
+    ]
+    kept, report = clean_captions(records)
+    assert [r.caption_id for r in kept] == ["b#0", "b#1", "b#2", "b#3"]
+    assert report["dropped"]["no_letter_or_digit"] == 5
+    assert report["examples"]["no_letter_or_digit"] == ["a#0", "a#1", "a#2", "a#3", "a#4"]
+    assert report["read"] == report["kept"] + sum(report["dropped"].values())
+
+
+def test_clean_without_length_cap_or_deduplication():
+    long = " ".join(["word"] * 40)
+    records = [caption(long, "a#0"), caption("A dog.", "b#0"), caption("A  dog.", "b#1"), caption("", "c#0")]
+
+    kept, report = clean_captions(records, max_words=None, deduplicate=False)
+    assert [(r.caption_id, r.text) for r in kept] == [("a#0", long), ("b#0", "A dog."), ("b#1", "A dog.")]
+    assert report["dropped"] == {"empty": 1, "no_letter_or_digit": 0, "too_long": 0, "duplicate": 0,
+                                 "undecodable": 0}
+    assert report["examples"]["too_long"] == [] and report["examples"]["duplicate"] == []
+
+    kept, report = clean_captions(records, max_words=None)  # de-duplicated, no cap
+    assert [r.caption_id for r in kept] == ["a#0", "b#0"] and report["dropped"]["duplicate"] == 1
+    kept, report = clean_captions(records, deduplicate=False)  # default cap of 15, repeats kept
+    assert [r.caption_id for r in kept] == ["b#0", "b#1"] and report["dropped"]["too_long"] == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"max_words": 0}, {"max_words": True}, {"max_words": 2.5},
+                                    {"deduplicate": "no"}, {"deduplicate": None}])
+def test_clean_rejects_bad_options(kwargs):
+    with pytest.raises(ValueError):
+        clean_captions([caption("A dog.")], **kwargs)
+
+
+def test_clean_flickr8k_train_without_cap_and_without_dedup(shared_data):
+    corpus = read_captions(shared_data / FLICKR8K, splits=["train"])
+    # Checked with awk: no train caption is empty; 163 whitespace-normalised texts repeat an
+    # earlier one (all of them 15 words or fewer, hence the same 163 as with the cap).
+    kept, report = clean_captions(corpus, max_words=None)
+    assert report["kept"] == len(kept) == 29837
+    assert report["dropped"] == {"empty": 0, "no_letter_or_digit": 0, "too_long": 0, "duplicate": 163,
+                                 "undecodable": 0}
+    kept, report = clean_captions(corpus, max_words=None, deduplicate=False)
+    assert report["read"] == report["kept"] == len(kept) == 30000
+
+
+# --------------------------------------------------------------------------------------------
+# JSON given as plain text
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filename, content", [
+    ("captions.txt", [{"split": "val", "image_name": "x.jpg", "captions": ["A.", "B."]}]),
+    ("captions.json", {"annotations": [{"image_id": 3, "caption": "C."}]}),
+    ("captions.txt", "\ufeff  \n" + json.dumps({"images": [{"filename": "y.jpg", "split": "val",
+                                                            "sentences": [{"raw": "B."}]}]}, indent=2)),
+])
+def test_json_read_as_plain_text_is_refused(tmp_path, filename, content):
+    path = tmp_path / filename
+    path.write_text(content if isinstance(content, str) else json.dumps(content, indent=1), encoding="utf-8")
+    with pytest.raises(ValueError, match="looks like JSON") as error:
+        read_captions(path, "plain_text")
+    message = str(error.value)
+    assert str(path) in message
+    assert "karpathy_list" in message and "coco_annotations" in message and "corpus.format" in message
+
+
+def test_auto_reads_json_content_of_a_text_file_as_json(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text(json.dumps([{"split": "val", "image_name": "x.jpg", "captions": ["A.", "B."]}]))
+    assert [r.caption_id for r in read_captions(path).records] == ["x.jpg#0", "x.jpg#1"]
+
+
+@pytest.mark.parametrize("content", ["[A photo] of a dog.\nTwo cats.\n", "{braces} in a caption\n",
+                                     '"A quoted caption."\n', "42\n"])
+def test_plain_text_that_is_not_a_json_list_or_object_stays_plain_text(tmp_path, content):
+    path = tmp_path / "captions.txt"
+    path.write_text(content)
+    records = read_captions(path, "plain_text").records
+    assert [r.text for r in records] == content.splitlines()
+    assert read_captions(path).records == records  # auto agrees
+
+
+# --------------------------------------------------------------------------------------------
+# The Flickr8k text folder
+# --------------------------------------------------------------------------------------------
+
+
+def test_flickr8k_folder_on_real_data(shared_data):
+    folder = shared_data / FLICKR8K  # token file, the train split file only, and images/
+    result = read_captions(folder)   # auto: a directory holding Flickr8k.token.txt
+    records = result.records
+    # Checked with wc/awk/comm: 40,460 captions of 8,092 images; the train split file lists
+    # 6,000 of them (30,000 captions); the other 2,092 images (10,460 captions) are in no
+    # split file of this folder.
+    assert len(records) == 40460 and len({r.group_id for r in records}) == 8092
+    by_split = {}
+    for record in records:
+        by_split.setdefault(record.split, set()).add(record.group_id)
+    assert {split: len(images) for split, images in by_split.items()} == {"train": 6000, "": 2092}
+    assert sum(r.split == "train" for r in records) == 30000
+    assert by_split["train"] == set((folder / "Flickr_8k.trainImages.txt").read_text().split())
+    assert {r.source for r in records} == {"flickr8k"} and result.undecodable == []
+    assert records[0] == Caption("1000268201_693b08cb0e.jpg#0", "1000268201_693b08cb0e.jpg",
+                                 "A child in a pink dress is climbing up a set of stairs in an entry way .",
+                                 "train", "flickr8k")
+    assert read_captions(folder, format="flickr8k").records == records
+
+
+def test_flickr8k_folder_splits_match_the_split_file_reader(shared_data):
+    folder = shared_data / FLICKR8K
+    train = read_captions(folder, splits=["train"]).records
+    via_split_file = read_captions(shared_data / TOKENS, split_file=shared_data / TRAIN_SPLIT).records
+    assert [(r.caption_id, r.text, r.split) for r in train] == [
+        (r.caption_id, r.text, r.split) for r in via_split_file]
+    outside = read_captions(folder, exclude_splits=["train"]).records
+    assert len(outside) == 10460 and {r.split for r in outside} == {""}
+    assert "1022454332_6af2c1449a.jpg#0" in {r.caption_id for r in outside}
+    assert read_captions(folder, splits=["dev", "test"]).records == []
+
+
+@pytest.fixture
+def flickr8k_folder(tmp_path):
+    folder = tmp_path / "Flickr8k_text"
+    folder.mkdir()
+    (folder / "Flickr8k.token.txt").write_bytes(
+        b"a.jpg#0\tA cat.\na.jpg#1\tA cat sleeps.\nb.jpg#0\tA dog.\nc.jpg#0\tA bird.\n"
+        b"d.jpg#0\tA fish.\nd.jpg#1\tA f\xefsh.\ne.jpg#0 A horse.\n")
+    (folder / "Flickr_8k.trainImages.txt").write_text("a.jpg\nb.jpg\n")
+    (folder / "Flickr_8k.devImages.txt").write_text("c.jpg\n")
+    (folder / "Flickr_8k.testImages.txt").write_text("d.jpg\n")
+    (folder / "Flickr8k.lemma.token.txt").write_text("not read\n")
+    (folder / "images").mkdir()  # subfolders are ignored
+    (folder / "images" / "Flickr_8k.trainImages.txt").write_text("e.jpg\n")
+    return folder
+
+
+def test_flickr8k_folder_format(flickr8k_folder):
+    result = read_captions(flickr8k_folder, source="f8k")
+    assert [(r.caption_id, r.split, r.source) for r in result.records] == [
+        ("a.jpg#0", "train", "f8k"), ("a.jpg#1", "train", "f8k"), ("b.jpg#0", "train", "f8k"),
+        ("c.jpg#0", "dev", "f8k"), ("d.jpg#0", "test", "f8k"), ("e.jpg#0", "", "f8k"),
+    ]
+    token_file = flickr8k_folder / "Flickr8k.token.txt"
+    assert result.undecodable == [f"{token_file}:6"]
+    assert [r.caption_id for r in read_captions(flickr8k_folder, splits="dev").records] == ["c.jpg#0"]
+    assert [r.caption_id for r in read_captions(flickr8k_folder, splits=["dev", ""]).records] == [
+        "c.jpg#0", "e.jpg#0"]
+
+
+def test_flickr8k_folder_undecodable_lines_follow_the_splits(flickr8k_folder):
+    token_file = flickr8k_folder / "Flickr8k.token.txt"
+    assert read_captions(flickr8k_folder, splits=["test"]).undecodable == [f"{token_file}:6"]  # d.jpg's
+    assert read_captions(flickr8k_folder, splits=["train"]).undecodable == []
+    assert read_captions(flickr8k_folder, exclude_splits="train").undecodable == [f"{token_file}:6"]
+    assert read_captions(flickr8k_folder, exclude_splits=["test"]).undecodable == []
+
+
+def test_flickr8k_folder_exclude_splits(flickr8k_folder):
+    records = read_captions(flickr8k_folder, exclude_splits=["train"]).records
+    assert [(r.caption_id, r.split) for r in records] == [("c.jpg#0", "dev"), ("d.jpg#0", "test"), ("e.jpg#0", "")]
+    both = read_captions(flickr8k_folder, splits=["train", "dev"], exclude_splits=["train"]).records
+    assert [r.caption_id for r in both] == ["c.jpg#0"]
+
+
+def test_flickr8k_folder_with_only_some_split_files(flickr8k_folder):
+    (flickr8k_folder / "Flickr_8k.devImages.txt").unlink()
+    (flickr8k_folder / "Flickr_8k.testImages.txt").unlink()
+    records = read_captions(flickr8k_folder).records
+    assert [(r.group_id, r.split) for r in records if r.caption_id.endswith("#0")] == [
+        ("a.jpg", "train"), ("b.jpg", "train"), ("c.jpg", ""), ("d.jpg", ""), ("e.jpg", "")]
+
+
+def test_flickr8k_folder_image_in_two_split_files_is_an_error(flickr8k_folder):
+    (flickr8k_folder / "Flickr_8k.testImages.txt").write_text("d.jpg\nb.jpg\n")
+    with pytest.raises(ValueError, match="b.jpg") as error:
+        read_captions(flickr8k_folder)
+    assert "Flickr_8k.trainImages.txt" in str(error.value) and "Flickr_8k.testImages.txt" in str(error.value)
+
+
+def test_flickr8k_folder_split_file_listing_an_image_without_captions(flickr8k_folder):
+    (flickr8k_folder / "Flickr_8k.devImages.txt").write_text("c.jpg\nnope.jpg\n")
+    with pytest.raises(ValueError, match=r"Flickr_8k\.devImages\.txt.*nope\.jpg"):
+        read_captions(flickr8k_folder)
+
+
+def test_flickr8k_folder_errors(flickr8k_folder, tmp_path, coco_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="Flickr8k.token.txt"):
+        read_captions(empty)  # auto on a folder without the token file
+    with pytest.raises(FileNotFoundError, match="Flickr8k.token.txt"):
+        read_captions(empty, format="flickr8k")
+    with pytest.raises(ValueError, match="reads a folder"):
+        read_captions(flickr8k_folder / "Flickr8k.token.txt", format="flickr8k")
+    with pytest.raises(ValueError, match="is a directory"):
+        read_captions(flickr8k_folder, format="flickr8k_tokens")
+    with pytest.raises(ValueError, match="split_file"):
+        read_captions(flickr8k_folder, split_file=flickr8k_folder / "Flickr_8k.devImages.txt")
+    with pytest.raises(ValueError, match="exclude_splits.*carry no split"):
+        read_captions(coco_file, exclude_splits=["train"])
