@@ -1,10 +1,12 @@
-"""Where every artifact lives (all under artifacts/, each one a DVC output)."""
+"""Where every artifact lives (all under artifacts/, each one a DVC output). Only the stages and the
+runner use these paths: method modules are handed their inputs and never look anything up."""
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 
 CORPUS = ARTIFACTS / "corpus"                          # captions: caption_id, group_id, text, split, source
+DEMO_PHOTOS = ARTIFACTS / "demo_photos"                # the offline profile's eval photos (scikit-image samples)
 EVALSETS = ARTIFACTS / "evalsets"                      # evalsets/NAME: image_id, image bytes, references
 SYNTHETIC_IMAGES = ARTIFACTS / "synthetic"             # one generated image per caption (aligned with corpus)
 FEATURES = ARTIFACTS / "features"
@@ -14,19 +16,46 @@ EVAL_FEATURES = FEATURES / "eval"                      # eval/NAME: the same for
 TAGS = ARTIFACTS / "tags"
 SYNTHETIC_TAGS = TAGS / "synthetic"                    # detector labels/scores/boxes per synthetic image
 EVAL_TAGS = TAGS / "eval"                              # eval/NAME
-TAG_VOCABULARY = TAGS / "vocabulary"                   # CLIP text feature of every detector label (Eq. 4)
+TAG_VOCABULARY = TAGS / "vocabulary" / "vocabulary.parquet"   # CLIP text feature of every detector label
 OPTIMIZED = ARTIFACTS / "optimized"                    # SynTIC Eq. 2 features (aligned with corpus)
-SUPPORT = ARTIFACTS / "support"                        # FAISS index over the corpus text features (Eq. 3)
-TARGET_SUPPORTS = ARTIFACTS / "supports"               # supports/NAME: the same over other caption files ("-TT")
-METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,captions,metrics.json}
-CONCEPTS = ARTIFACTS / "concepts"                      # PCM-Net concept vocabulary + CLIP text features
+SUPPORTS = ARTIFACTS / "supports"                      # supports/corpus and supports/NAME: Eq. 3 support sets
+CONCEPTS = ARTIFACTS / "concepts" / "concepts.parquet"  # PCM-Net concept vocabulary + CLIP text features
+METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,captions,metrics,evaluation}
 REPORT = ARTIFACTS / "report"
 
 
-def method_dir(name: str) -> Path:
+def evalset(name: str) -> Path:
+    return EVALSETS / name
+
+
+def eval_features(name: str) -> Path:
+    return EVAL_FEATURES / name
+
+
+def eval_tags(name: str) -> Path:
+    return EVAL_TAGS / name
+
+
+def support(name: str = "corpus") -> Path:
+    """The support set ``name``: "corpus" (the training corpus) or one of params.yaml's ``target_supports``."""
+    return SUPPORTS / name
+
+
+def method(name: str) -> Path:
     return METHODS / name
 
 
-def support_dir(name: str = "corpus") -> Path:
-    """The support set called ``name``: "corpus" (the training corpus) or one of params.yaml's ``target_supports``."""
-    return SUPPORT if name == "corpus" else TARGET_SUPPORTS / name
+def model(name: str) -> Path:
+    return METHODS / name / "model"
+
+
+def captions(name: str, evalset: str) -> Path:
+    return METHODS / name / "captions" / f"{evalset}.json"
+
+
+def metrics(name: str, evalset: str) -> Path:
+    return METHODS / name / "metrics" / f"{evalset}.json"
+
+
+def evaluation(name: str, evalset: str) -> Path:
+    return METHODS / name / "evaluation" / f"{evalset}.json"

@@ -11,6 +11,10 @@ over the CLIP text features t_j of every corpus caption. Two ways to compute it:
   are concentrated on the nearest features, so this is a close approximation;
   `SupportSet.projection_agreement` measures how close (cosine to the exact projection).
 
+A support set carries the tau and top-k of its dataset (tau belongs to the captions it holds:
+1/100 for COCO, 1/80 for Flickr30k) and the identity of the CLIP model that encoded them, all saved
+beside the index; ``project(queries)`` uses its own tau and top-k.
+
 Arrays are numpy float32 in and out; the softmax is accumulated in float64.
 """
 from __future__ import annotations
@@ -21,16 +25,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pipeline.vectors import l2_normalize
+
 INDEX_FILE = "index.faiss"
 FEATURES_FILE = "features.npy"
 META_FILE = "support.json"
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float64 -> float32 (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
 def _check_2d(name: str, x: np.ndarray) -> np.ndarray:
@@ -98,7 +97,7 @@ class SupportSet:
     """L2-normalised support features [N, D] float32 + a FAISS inner-product index over them."""
 
     def __init__(self, features: np.ndarray, index: "faiss.Index", index_factory: str = "Flat",
-                 nprobe: int | None = None):
+                 nprobe: int | None = None, tau: float = 0.01, top_k: int | None = None, model: dict | None = None):
         features = _check_2d("features", features)
         if features.dtype != np.float32 or not features.flags.c_contiguous:
             features = np.ascontiguousarray(features, dtype=np.float32)
@@ -107,17 +106,22 @@ class SupportSet:
         if index.ntotal != features.shape[0]:
             raise ValueError(f"index holds {index.ntotal} vectors but there are "
                              f"{features.shape[0]} features")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
         self.features = features
         self.index = index
         self.index_factory = index_factory
         self.nprobe = nprobe
+        self.tau, self.top_k, self.model = float(tau), top_k, model
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def build(cls, features: np.ndarray, index: str = "Flat", nprobe: int | None = None) -> "SupportSet":
+    def build(cls, features: np.ndarray, index: str = "Flat", nprobe: int | None = None, tau: float = 0.01,
+              top_k: int | None = None, model: dict | None = None) -> "SupportSet":
         """Normalise `features` [N, D] and index them. `index` is a faiss.index_factory string:
         "Flat" (exact inner product, default), "IVF256,Flat", "HNSW32", ... The index is trained
-        on the features when it needs training. `nprobe` only applies to IVF indexes."""
+        on the features when it needs training. `nprobe` only applies to IVF indexes. `tau` and
+        `top_k` are this set's Eq. 3 settings, `model` the identity of the CLIP that encoded it."""
         feats = l2_normalize(_check_2d("features", features))
         if feats.shape[0] == 0:
             raise ValueError("cannot build a support set from zero features")
@@ -125,8 +129,8 @@ class SupportSet:
         if not idx.is_trained:
             idx.train(feats)
         idx.add(feats)
-        out = cls(feats, idx, index_factory=index)
-        if nprobe is not None:
+        out = cls(feats, idx, index_factory=index, tau=tau, top_k=top_k, model=model)
+        if nprobe is not None and "IVF" in index:
             out.set_nprobe(nprobe)
         return out
 
@@ -148,12 +152,15 @@ class SupportSet:
         return self.features.shape[1]
 
     # ---- Eq. 3 --------------------------------------------------------------------------------
-    def project(self, queries: np.ndarray, tau: float, top_k: int | None = None,
+    def project(self, queries: np.ndarray, tau: float | None = None, top_k: int | None | str = "own",
                 chunk_size: int = 65536, query_chunk_size: int = 256) -> np.ndarray:
-        """Eq. 3. top_k=None: exact over all N features (project_exact). top_k=k: softmax over the
-        k nearest support features found by the index (cosines recomputed exactly)."""
+        """Eq. 3 with this set's own tau and top_k unless given. top_k=None: exact over all N features
+        (project_exact). top_k=k: softmax over the k nearest support features found by the index
+        (cosines recomputed exactly)."""
         queries = _check_2d("queries", queries)
         _check_dims(queries, self.dim)
+        tau = self.tau if tau is None else tau
+        top_k = self.top_k if top_k == "own" else top_k
         if top_k is None:
             return project_exact(queries, self.features, tau, chunk_size=chunk_size)
         if tau <= 0:
@@ -184,8 +191,9 @@ class SupportSet:
         d.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(d / INDEX_FILE))
         np.save(d / FEATURES_FILE, self.features, allow_pickle=False)
-        meta = {"n": self.n, "dim": self.dim, "index": self.index_factory, "nprobe": self.nprobe}
-        (d / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        meta = {"n": self.n, "dim": self.dim, "index": self.index_factory, "nprobe": self.nprobe,
+                "tau": self.tau, "top_k": self.top_k, "model": self.model}
+        (d / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return d
 
     @classmethod
@@ -203,7 +211,8 @@ class SupportSet:
         if index.ntotal != meta["n"] or index.d != meta["dim"]:
             raise ValueError(f"support set at {d}: {INDEX_FILE} holds {index.ntotal} vectors of dim "
                              f"{index.d}, {META_FILE} says n={meta['n']}, dim={meta['dim']}")
-        out = cls(feats, index, index_factory=meta["index"])
+        out = cls(feats, index, index_factory=meta["index"], tau=meta.get("tau", 0.01), top_k=meta.get("top_k"),
+                  model=meta.get("model"))
         if meta.get("nprobe") is not None:
             out.set_nprobe(meta["nprobe"])
         return out

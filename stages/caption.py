@@ -1,20 +1,19 @@
-"""Stage caption@NAME: caption every eval set's real images with the trained captioner NAME."""
+"""Stage caption@NAME-EVALSET: caption eval set EVALSET's real images with the trained instance NAME."""
 import sys
 
-from pipeline import paths
-from pipeline.methods import method_module
-from pipeline.runtime import params, say, write_json
+from pipeline import paths, runner
+from pipeline.stage import say, start, write_json
 
 
-def main(name: str) -> None:
-    p = params()
-    cfg = p["methods"][name]
-    folder = paths.method_dir(name)
-    captions = method_module(cfg["method"]).caption(name, cfg, p, folder / "model")
-    for evalset, by_image in captions.items():
-        write_json(folder / "captions" / f"{evalset}.json", by_image)
-        say(f"caption@{name}: {len(by_image)} captions for {evalset}")
+def main(name: str, evalset: str) -> None:
+    config = start("caption")
+    for key, known in (("methods", config.methods), ("evalsets", config.evalsets)):
+        if (name if key == "methods" else evalset) not in known:
+            raise SystemExit(f"caption: params.yaml `{key}` has no {name if key == 'methods' else evalset!r}")
+    captions = runner.caption(name, config.methods[name], evalset, config.device)
+    write_json(paths.captions(name, evalset), captions)
+    say(f"caption@{name}-{evalset}: {len(captions)} captions -> {paths.captions(name, evalset)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -1,46 +1,48 @@
-"""Stage encode: CLIP features of the corpus texts, the synthetic images and every eval set's images."""
+"""Stages encode_text, encode_synthetic and encode_eval@NAME: CLIP features of the corpus captions,
+of their synthetic images, and of eval set NAME's real images.
+
+    python -m stages.encode text | synthetic | eval NAME
+"""
+import sys
+
 from pipeline import paths
+from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
-from pipeline.runtime import clip_model, evalsets, params, say
-from pipeline.data.shards import ShardedArtifact, fingerprint, write_sharded
+from pipeline.models.clip import clip_for
+from pipeline.stage import base_fingerprint, say, start
 
 
-def encode_images(p: dict, source: ShardedArtifact, out, id_column: str, desc: str) -> dict:
-    clip = clip_model(p)
-    dtype, batch = p["feature_dtype"], p["encode"]["batch_size"]
+def main(kind: str, name: str | None = None) -> None:
+    stage = {"text": "encode_text", "synthetic": "encode_synthetic", "eval": "encode_eval"}[kind]
+    config = start(stage)
+    c, batch, dtype = config.models.clip, config.encode.batch_size, config.feature_dtype
 
-    def make_table(task):
-        from pipeline.runtime import clip_model
-        images = source.read_shard(task.index, [id_column, "image"])
-        return encode_image_table(images, clip_model(p), id_column, batch, dtype)
+    def clip():  # resolved in the process that runs the shard (a Ray worker loads it once)
+        return clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
 
-    return write_sharded(out, source.num_rows, p["rows_per_shard"],
-                         fingerprint("encode-images", source.fingerprint, clip.identity, dtype),
-                         make_table, {"model": clip.identity, "dtype": dtype, **patch_grid(clip)},
-                         executor=p["executor"], desc=desc)
+    if kind == "text":
+        source, out, meta = ShardedArtifact(paths.CORPUS), paths.TEXT_FEATURES, {}
 
+        def make_table(task):
+            return encode_text_table(source.read_shard(task.index, ["caption_id", "text"]), clip(), batch, dtype)
+    else:
+        id_column = "caption_id" if kind == "synthetic" else "image_id"
+        source = ShardedArtifact(paths.SYNTHETIC_IMAGES if kind == "synthetic" else paths.evalset(name))
+        out = paths.SYNTHETIC_FEATURES if kind == "synthetic" else paths.eval_features(name)
+        meta = patch_grid(clip())
 
-def main() -> None:
-    p = params()
-    clip = clip_model(p)
-    dtype, batch = p["feature_dtype"], p["encode"]["batch_size"]
-    corpus = ShardedArtifact(paths.CORPUS)
+        def make_table(task):
+            return encode_image_table(source.read_shard(task.index, [id_column, "image"]), clip(), id_column,
+                                      batch, dtype)
 
-    def text_table(task):
-        from pipeline.runtime import clip_model
-        return encode_text_table(corpus.read_shard(task.index, ["caption_id", "text"]), clip_model(p), batch, dtype)
-
-    write_sharded(paths.TEXT_FEATURES, corpus.num_rows, p["rows_per_shard"],
-                  fingerprint("encode-text", corpus.fingerprint, clip.identity, dtype),
-                  text_table, {"model": clip.identity, "dtype": dtype}, executor=p["executor"], desc="encode texts")
-    encode_images(p, ShardedArtifact(paths.SYNTHETIC_IMAGES), paths.SYNTHETIC_FEATURES, "caption_id",
-                  "encode synthetic images")
-    for name in evalsets(p):
-        encode_images(p, ShardedArtifact(paths.EVALSETS / name), paths.EVAL_FEATURES / name, "image_id",
-                      f"encode eval images ({name})")
-    say(f"encode: features of {corpus.num_rows} captions, their synthetic images and "
-        f"{len(evalsets(p))} eval set(s) with {clip.identity['name']} -> {paths.FEATURES}")
+    identity = clip().identity
+    dvc_stage = stage if name is None else f"{stage}@{name}"
+    write_sharded(out, source.num_rows, config.rows_per_shard,
+                  base_fingerprint(stage, config, name, source.fingerprint, identity, module="stages.encode"),
+                  make_table, {"model": identity, "dtype": dtype, **meta}, executor=config.executor,
+                  stage=dvc_stage, desc=dvc_stage)
+    say(f"{dvc_stage}: {source.num_rows} rows with {identity['name']} -> {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

@@ -1,29 +1,30 @@
 """Stage generate: one synthetic image per corpus caption (text-to-image), in shards aligned with the corpus."""
 from pipeline import paths
+from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.generate import generate_table
-from pipeline.runtime import diffusion_model, params, say
-from pipeline.data.shards import ShardedArtifact, fingerprint, write_sharded
+from pipeline.models.diffusion import text_to_image_for
+from pipeline.stage import base_fingerprint, say, start
 
 
 def main() -> None:
-    p = params()
-    g = p["generate"]
+    config = start("generate")
+    g, m = config.generate, config.models.diffusion
     corpus = ShardedArtifact(paths.CORPUS)
-    model = diffusion_model(p)
-    recipe = {k: g[k] for k in ("steps", "guidance_scale", "seed", "image_format")}  # batch size changes no pixel
+
+    def model():  # resolved in the process that runs the shard (a Ray worker loads it once)
+        return text_to_image_for(m.name, m.pretrained, m.seed, m.precision, config.device, g.resolution)
 
     def make_table(task):
-        from pipeline.runtime import diffusion_model  # resolved in the worker process (Ray)
         captions = corpus.read_shard(task.index, ["caption_id", "text"])
-        return generate_table(captions, diffusion_model(p), g["steps"], g["guidance_scale"], g["batch_size"],
-                              g["seed"], g["image_format"])
+        return generate_table(captions, model(), g.steps, g.guidance_scale, g.batch_size, g.seed, g.image_format)
 
-    manifest = write_sharded(paths.SYNTHETIC_IMAGES, corpus.num_rows, p["rows_per_shard"],
-                             fingerprint("generate", corpus.fingerprint, model.identity, recipe),
-                             make_table, {"model": model.identity, "recipe": recipe},
-                             executor=p["executor"], desc="generate")
+    identity = model().identity
+    manifest = write_sharded(paths.SYNTHETIC_IMAGES, corpus.num_rows, config.rows_per_shard,
+                             base_fingerprint("generate", config, None, corpus.fingerprint, identity),
+                             make_table, {"model": identity}, executor=config.executor, stage="generate",
+                             desc="generate")
     say(f"generate: {manifest['num_rows']} images in {len(manifest['shards'])} shards "
-        f"({manifest['kept_from_previous_run']} shards kept from a previous run) -> {paths.SYNTHETIC_IMAGES}")
+        f"({manifest['kept_from_previous_run']} kept from a previous run) -> {paths.SYNTHETIC_IMAGES}")
 
 
 if __name__ == "__main__":

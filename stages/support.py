@@ -1,14 +1,23 @@
-"""Stage support: FAISS index over the corpus text features (SynTIC Eq. 3) and how close top-k stays to exact."""
+"""Stages support and target_support@NAME: Eq. 3 support sets (FAISS) over the corpus's text features,
+and over another caption file's captions for cross-domain "-TT" captioning; each carries its own tau
+and top-k, and its report states how close the top-k projection stays to the exact one.
+
+    python -m stages.support corpus | target NAME
+"""
+import sys
+
 import numpy as np
 
 from pipeline import paths
-from pipeline.runtime import evalsets, params, say, write_json
+from pipeline.data.captions import clean_captions, read_captions
 from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
+from pipeline.models.clip import clip_for
+from pipeline.stage import say, start, write_json
 from pipeline.support import SupportSet
 
 
 def sample_features(artifact: ShardedArtifact, column: str, n: int) -> np.ndarray:
-    """The first ``n`` rows' features (shards are already in corpus order: no need to read them all)."""
+    """The first ``n`` rows' features (shards are in corpus order: no need to read them all)."""
     parts, have = [], 0
     for batch in artifact.iter_batches([column], batch_size=max(n, 1)):
         parts.append(feature_numpy(batch.column(0)))
@@ -18,28 +27,46 @@ def sample_features(artifact: ShardedArtifact, column: str, n: int) -> np.ndarra
     return np.concatenate(parts)[:n]
 
 
-def main() -> None:
-    p = params()
-    s = p["support"]
-    texts = ShardedArtifact(paths.TEXT_FEATURES)
-    model = require_same_model(corpus_texts=texts, optimized=ShardedArtifact(paths.OPTIMIZED))
-    features = np.concatenate([feature_numpy(b.column(0)) for b in texts.iter_batches(["text_feature"])])
-    support = SupportSet.build(features, index=s["index"], nprobe=s["nprobe"] if "IVF" in s["index"] else None)
-    support.save(paths.SUPPORT)
+def agreement(support: SupportSet, queries: dict[str, np.ndarray]) -> dict:
+    if support.top_k is None:
+        return {name: "exact projection" for name in queries}
+    return {name: support.projection_agreement(q, support.tau, support.top_k) for name, q in queries.items()}
 
-    queries = {"synthetic (optimised)": sample_features(ShardedArtifact(paths.OPTIMIZED), "global", s["agreement_sample"])}
-    for name in evalsets(p):
-        queries[f"eval {name}"] = sample_features(ShardedArtifact(paths.EVAL_FEATURES / name), "global",
-                                                  s["agreement_sample"])
-    agreement = {name: (support.projection_agreement(q, s["tau"], s["top_k"]) if s["top_k"] else "exact projection")
-                 for name, q in queries.items()}
-    write_json(paths.SUPPORT / "report.json", {"model": model, "support_size": support.n, "index": s["index"],
-                                               "tau": s["tau"], "top_k": s["top_k"],
-                                               "top_k_vs_exact_cosine": agreement})
-    say(f"support: {support.n} text features in a FAISS {s['index']} index; top-{s['top_k']} vs exact Eq. 3 "
-        f"projection: " + ", ".join(f"{k}: mean cos {v['mean_cosine']:.4f}" if isinstance(v, dict) else f"{k}: {v}"
-                                    for k, v in agreement.items()))
+
+def corpus_support() -> None:
+    config = start("support")
+    s = config.support
+    texts, images = ShardedArtifact(paths.TEXT_FEATURES), ShardedArtifact(paths.SYNTHETIC_FEATURES)
+    model = require_same_model(corpus_texts=texts, synthetic_images=images)
+    features = np.concatenate([feature_numpy(b.column(0)) for b in texts.iter_batches(["text_feature"])])
+    support = SupportSet.build(features, index=s.index, nprobe=s.nprobe, tau=s.tau, top_k=s.top_k, model=model)
+    out = paths.support("corpus")
+    support.save(out)
+    queries = {"synthetic images": sample_features(images, "global", s.agreement_sample)}
+    report = {"support_size": support.n, "index": s.index, "tau": s.tau, "top_k": s.top_k,
+              "top_k_vs_exact_cosine": agreement(support, queries)}
+    write_json(out / "report.json", report)
+    say(f"support: {support.n} corpus text features in a FAISS {s.index} index (tau {s.tau}, top-k {s.top_k}); "
+        f"top-k vs exact: {report['top_k_vs_exact_cosine']}")
+
+
+def target_support(name: str) -> None:
+    config = start("target_support")
+    if name not in config.target_supports:
+        raise SystemExit(f"target_support: params.yaml has no target support set {name!r}")
+    t, c = config.target_supports[name], config.models.clip
+    read = read_captions(t.path, t.format, splits=t.splits)
+    kept, cleaning = clean_captions(read, max_words=t.max_words, deduplicate=t.deduplicate)
+    texts = [k.text for k in kept][:t.max_captions]
+    clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
+    support = SupportSet.build(clip.encode_texts(texts, config.encode.batch_size), index=t.index, nprobe=t.nprobe,
+                               tau=t.tau, top_k=t.top_k, model=clip.identity)
+    out = paths.support(name)
+    support.save(out)
+    write_json(out / "report.json", {"support_size": support.n, "source": str(t.path), "cleaning": cleaning,
+                                     "tau": t.tau, "top_k": t.top_k, "index": t.index})
+    say(f"target_support@{name}: {support.n} captions of {t.path} (tau {t.tau}, top-k {t.top_k})")
 
 
 if __name__ == "__main__":
-    main()
+    corpus_support() if sys.argv[1] == "corpus" else target_support(sys.argv[2])

@@ -1,41 +1,52 @@
-"""Stage tag: detector labels per synthetic and eval image, and CLIP text features of the tag vocabulary."""
+"""Stages tag_vocabulary, tag_synthetic and tag_eval@NAME: the CLIP text feature of every detector
+label (SynTIC Eq. 4), and detector tags of the synthetic images and of eval set NAME's images.
+
+    python -m stages.tag vocabulary | synthetic | eval NAME
+"""
+import sys
+
 from pipeline import paths
-from pipeline.runtime import clip_model, detector_model, evalsets, params, say
-from pipeline.data.shards import ShardedArtifact, fingerprint, write_sharded, write_table_atomic
+from pipeline.data.shards import ShardedArtifact, write_sharded, write_table_atomic
 from pipeline.extract.tag import tag_table, vocabulary_table
+from pipeline.models.clip import clip_for
+from pipeline.models.detector import detector_for
+from pipeline.stage import base_fingerprint, say, start
 
 
-def tag_images(p: dict, source: ShardedArtifact, out, id_column: str, desc: str) -> dict:
-    detector = detector_model(p)
-    t = p["tag"]
+def main(kind: str, name: str | None = None) -> None:
+    stage = {"vocabulary": "tag_vocabulary", "synthetic": "tag_synthetic", "eval": "tag_eval"}[kind]
+    config = start(stage)
+    d, t = config.models.detector, config.tag
+
+    def detector():  # resolved in the process that runs the shard (a Ray worker loads it once)
+        return detector_for(d.name, d.pretrained, d.seed, config.device)
+
+    if kind == "vocabulary":
+        c = config.models.clip
+        clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
+        table = vocabulary_table(detector().vocabulary, clip, config.feature_dtype)
+        write_table_atomic(paths.TAG_VOCABULARY, table, {"model": clip.identity, "detector": detector().identity})
+        say(f"tag_vocabulary: {table.num_rows} labels of {d.name} encoded with {c.name} -> {paths.TAG_VOCABULARY}")
+        return
+    id_column = "caption_id" if kind == "synthetic" else "image_id"
+    source = ShardedArtifact(paths.SYNTHETIC_IMAGES if kind == "synthetic" else paths.evalset(name))
+    out = paths.SYNTHETIC_TAGS if kind == "synthetic" else paths.eval_tags(name)
+    draft = detector().input_size
 
     def make_table(task):
-        from pipeline.runtime import detector_model
         images = source.read_shard(task.index, [id_column, "image"])
-        return tag_table(images, detector_model(p), id_column, t["threshold"], t["max_tags"], t["batch_size"])
+        return tag_table(images, detector(), id_column, t.threshold, t.max_tags, t.batch_size, draft_size=draft)
 
-    return write_sharded(out, source.num_rows, p["rows_per_shard"],
-                         fingerprint("tag", source.fingerprint, detector.identity, t["threshold"], t["max_tags"]),
-                         make_table, {"model": detector.identity, "threshold": t["threshold"]},
-                         executor=p["executor"], desc=desc)
-
-
-def main() -> None:
-    p = params()
-    detector, clip = detector_model(p), clip_model(p)
-    vocabulary = vocabulary_table(detector.vocabulary, clip, p["feature_dtype"])
-    write_table_atomic(paths.TAG_VOCABULARY / "vocabulary.parquet", vocabulary,
-                       {"model": clip.identity, "detector": detector.identity})
-    counts = {}
-    for name, source, out, id_column in [("synthetic", paths.SYNTHETIC_IMAGES, paths.SYNTHETIC_TAGS, "caption_id")] + [
-            (n, paths.EVALSETS / n, paths.EVAL_TAGS / n, "image_id") for n in evalsets(p)]:
-        artifact = ShardedArtifact(source)
-        tag_images(p, artifact, out, id_column, f"tag {name}")
-        labels = ShardedArtifact(out).read_column("labels").to_pylist()
-        counts[name] = {"images": len(labels), "without_tags": sum(not l for l in labels),
-                        "mean_tags": sum(map(len, labels)) / max(len(labels), 1)}
-    say(f"tag: {detector.identity['name']} at threshold {p['tag']['threshold']}: {counts}")
+    dvc_stage = stage if name is None else f"{stage}@{name}"
+    identity = detector().identity
+    manifest = write_sharded(out, source.num_rows, config.rows_per_shard,
+                             base_fingerprint(stage, config, name, source.fingerprint, identity, module="stages.tag"),
+                             make_table, {"model": identity, "threshold": t.threshold}, executor=config.executor,
+                             stage=dvc_stage, desc=dvc_stage)
+    labels = ShardedArtifact(out).read_column("labels").to_pylist()
+    say(f"{dvc_stage}: {manifest['num_rows']} images, {sum(not x for x in labels)} without a tag, "
+        f"{sum(map(len, labels)) / max(len(labels), 1):.2f} tags per image")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

@@ -1,18 +1,17 @@
-"""Stage train@NAME: fit the captioner of method instance NAME (params.yaml methods.NAME) on cached artifacts."""
+"""Stage train@NAME: fit method instance NAME (params.yaml methods.NAME) on the cached artifacts."""
 import sys
 
-from pipeline import paths
-from pipeline.methods import method_module
-from pipeline.runtime import params, say, write_json
+from pipeline import paths, runner
+from pipeline.stage import say, start
 
 
 def main(name: str) -> None:
-    p = params()
-    cfg = p["methods"][name]
-    out = paths.method_dir(name) / "model"
-    report = method_module(cfg["method"]).train(name, cfg, p, out)
-    write_json(out / "train_report.json", report)
-    say(f"train@{name}: {report.get('summary', '')} -> {out}")
+    config = start("train")
+    if name not in config.methods:
+        raise SystemExit(f"train: params.yaml has no method instance {name!r} (methods: {', '.join(config.methods)})")
+    report = runner.train(name, config.methods[name], config.device)
+    kept = " (kept: its settings, inputs and code are unchanged)" if report.get("kept_from_previous_run") else ""
+    say(f"train@{name}: {report['summary']}{kept} -> {paths.model(name)}")
 
 
 if __name__ == "__main__":

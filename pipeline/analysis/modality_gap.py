@@ -3,11 +3,11 @@
 For an eval image with CLIP image feature v and the CLIP text feature t of one of its reference
 captions, the model captions
 
-    m(lambda) = normalize( lambda * t + (1 - lambda) * v ),   lambda in params mixup.lambdas,
+    m(lambda) = normalize( lambda * t + (1 - lambda) * v ),   lambda in params.yaml modality_gap.lambdas,
 
 lambda = 0 is the image alone, lambda = 1 the text alone. Choices the paper leaves open:
 - t is the feature of the image's FIRST reference caption (CLIP text encoder of the profile,
-  ``pipeline.runtime.clip_model(p).encode_texts``), and the caption is scored against ALL the
+  ``models.clip``), and the caption is scored against ALL the
   image's references, that one included: at lambda = 1 (and increasingly towards it) the model is
   fed the feature of a caption it is then scored against, so those points measure how well the
   captioner reconstructs a caption from its own text feature, an upper bound rather than a fair
@@ -17,7 +17,7 @@ lambda = 0 is the image alone, lambda = 1 the text alone. Choices the paper leav
   2 lambda (1-lambda) c) < 1 (about 0.8 at lambda = 0.5 for CLIP's typical image-text cosine),
   so without it the curve would also measure a norm shift the paper does not discuss.
 - no correction is applied (no mean shift, no projection): the model's own inference path
-  (``feature_captioner`` of its method module) on m(lambda) directly.
+  (``decode_features`` of its method module) on m(lambda) directly.
 Scores: ``pipeline.evaluation.metrics.caption_metrics`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when its
 jars exist) per lambda.
 """
@@ -25,9 +25,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from tqdm.auto import tqdm
 
-from pipeline.support import l2_normalize
+from pipeline import methods, paths, runner
+from pipeline.config import Config
+from pipeline.data.aligned import Column, aligned_shards, check_dim
+from pipeline.data.shards import ShardedArtifact, require_same_model
+from pipeline.evaluation.metrics import caption_metrics
+from pipeline.models.clip import clip_for
+from pipeline.stage import write_json
+from pipeline.vectors import l2_normalize
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 PLOTTED = ("CIDEr", "BLEU-4")
 
@@ -43,73 +55,61 @@ def mix_features(text: np.ndarray, image: np.ndarray, lam: float) -> np.ndarray:
     return l2_normalize(lam * t + (1.0 - lam) * v)
 
 
-def run_mixup(name: str, p: dict, out_dir: Path | None = None, progress: bool = True) -> dict:
-    """Caption the eval set ``p['mixup']['evalset']`` with model NAME at every lambda, score, and write
-    ``mixup.json`` + ``mixup.png`` to out_dir (default artifacts/methods/NAME). Streams the eval set
+def run_modality_gap(name: str, config: Config, out_dir: Path, progress: bool = True) -> dict:
+    """Caption eval set ``config.modality_gap.evalset`` with the trained instance NAME at every lambda,
+    score, and write ``modality_gap.json`` + ``modality_gap.png`` to out_dir. Streams the eval set
     shard by shard; holds only the captions and references."""
-    from tqdm import tqdm
-
-    from pipeline import paths
-    from pipeline.data.aligned import Column, aligned_shards, check_dim
-    from pipeline.methods import method_module
-    from pipeline.evaluation.metrics import caption_metrics
-    from pipeline.runtime import clip_model, write_json
-    from pipeline.data.shards import ShardedArtifact, require_same_model
-
-    cfg = p["methods"][name]
-    module = method_module(cfg["method"])
-    if not callable(getattr(module, "feature_captioner", None)):
-        raise ValueError(f"method {cfg['method']!r} (instance {name!r}) has no feature_captioner: the mix-up "
+    instance = config.methods[name]
+    module = methods.get(instance.method)
+    if not hasattr(module, "decode_features"):
+        raise ValueError(f"method {instance.method!r} (instance {name!r}) has no decode_features: the modality-gap "
                          f"analysis needs a captioner that decodes a single CLIP feature")
-    lambdas = [float(x) for x in p["mixup"]["lambdas"]]
-    evalset = p["mixup"]["evalset"]
-    out_dir = Path(out_dir) if out_dir is not None else paths.method_dir(name)
-    model_dir = paths.method_dir(name) / "model"
-
-    decode = module.feature_captioner(name, cfg, p, model_dir)
-    images = ShardedArtifact(paths.EVALSETS / evalset)
-    features = ShardedArtifact(paths.EVAL_FEATURES / evalset)
-    clip = clip_model(p)
-    require_same_model(model_training_features=decode.clip_model, eval_image_features=features,
+    g = config.modality_gap
+    model, header = runner.load_checkpoint(paths.model(name) / runner.MODEL_FILE, config.device)
+    images = ShardedArtifact(paths.evalset(g.evalset))
+    features = ShardedArtifact(paths.eval_features(g.evalset))
+    c = config.models.clip
+    clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
+    require_same_model(model_training_features=header["clip_model"], eval_image_features=features,
                        text_encoder=clip.identity)
 
-    predictions: dict[float, dict[str, str]] = {lam: {} for lam in lambdas}
+    predictions: dict[float, dict[str, str]] = {lam: {} for lam in g.lambdas}
     references: dict[str, list[str]] = {}
     shards = aligned_shards("image_id", [Column(features, "global"), Column(images, "references")])
-    for shard in tqdm(shards, total=len(features.paths), desc=f"mix-up {name}", unit="shard", disable=not progress):
+    for shard in tqdm(shards, total=len(features.paths), desc=f"modality gap {name}", unit="shard",
+                      disable=not progress):
         ids, refs = shard["image_id"], shard["references"]
         v = shard["global"]
-        check_dim(v, clip.dim, f"eval image features of {evalset}")
+        check_dim(v, clip.dim, f"eval image features of {g.evalset}")
         t = clip.encode_texts([r[0] for r in refs])            # the first reference of every image
         references.update(zip(ids, (list(r) for r in refs)))
-        for lam in lambdas:
-            predictions[lam].update(zip(ids, decode(mix_features(t, v, lam))))
+        for lam in g.lambdas:
+            captions = module.decode_features(model, mix_features(t, v, lam), instance.caption.beam_size,
+                                              instance.caption.batch_size)
+            predictions[lam].update(zip(ids, captions))
 
     rows, skipped = [], {}
-    for lam in lambdas:
+    for lam in g.lambdas:
         scored = caption_metrics(predictions[lam], references)
         rows.append({"lambda": lam, **{k: float(v) for k, v in scored["scores"].items()}})
         skipped.update(scored["skipped"])
-    examples = {i: {str(lam): predictions[lam][i] for lam in lambdas} for i in sorted(references)[:5]}
-    result = {"model": name, "method": cfg["method"], "variant": module.variant(cfg), "evalset": evalset,
-              "images": len(references), "lambdas": lambdas, "results": rows, "skipped": skipped,
-              "examples": examples,
+    examples = {i: {str(lam): predictions[lam][i] for lam in g.lambdas} for i in sorted(references)[:5]}
+    result = {"model": name, "method": instance.method, "variant": module.variant(instance.train, None),
+              "evalset": g.evalset, "images": len(references), "lambdas": list(g.lambdas), "results": rows,
+              "skipped": skipped, "examples": examples,
               "definition": "caption(normalize(lambda * t + (1 - lambda) * v)), v = CLIP image feature, "
                             "t = CLIP text feature of the image's first reference caption, no correction",
               "caveat": "scored against all references including the one t encodes: lambda = 1 feeds the "
                         "model a caption it is scored against (an upper bound, not a captioning score)"}
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "mixup.json", result)
-    plot_mixup(rows, out_dir / "mixup.png", title=f"{name} ({result['variant']}) on {evalset}")
+    write_json(out_dir / "modality_gap.json", result)
+    plot_curve(rows, out_dir / "modality_gap.png", title=f"{name} ({result['variant']}) on {g.evalset}")
     return result
 
 
-def plot_mixup(rows: list[dict], path: Path, title: str = "") -> Path:
+def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
     """CIDEr and BLEU-4 against lambda, one panel each (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lams = [r["lambda"] for r in rows]
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.4), constrained_layout=True)
     for ax, metric in zip(np.atleast_1d(axes), PLOTTED):

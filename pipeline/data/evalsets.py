@@ -8,15 +8,17 @@ Typical use (the Flickr8k photos outside the train split)::
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import pyarrow as pa
+
 from pipeline.data.captions import _load, _read_loaded, normalize_whitespace
 from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, skip_reason
-
-PACKAGE_PREFIX = "package:"
 
 # --------------------------------------------------------------------------------------------
 # Evaluation references and images
@@ -72,31 +74,35 @@ def _coco_file_names(data: dict) -> dict[str, str]:
 
 
 def resolve_dir(spec: str | Path) -> Path:
-    """A directory from a path, or from ``"package:NAME"``: the folder of importable package NAME.
-
-    ``"package:skimage.data"`` → the folder holding ``skimage/data/__init__.py``.
+    """The image folder of an eval set.
 
     Raises:
-        ValueError: NAME is not an importable package.
         NotADirectoryError: the directory does not exist.
     """
-    if isinstance(spec, str) and spec.startswith(PACKAGE_PREFIX):
-        directory = _package_dir(spec.removeprefix(PACKAGE_PREFIX))
-    else:
-        directory = Path(spec)
+    directory = Path(spec)
     if not directory.is_dir():
         raise NotADirectoryError(f"image directory not found: {directory}")
     return directory
 
 
-def _package_dir(name: str) -> Path:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError) as err:
-        raise ValueError(f"package {name!r} cannot be imported: {err}") from err
+def copy_package_files(package: str, names: Iterable[str], out: Path) -> list[Path]:
+    """Copy data files shipped inside an installed Python package (e.g. scikit-image's sample photos)
+    into ``out``, atomically per file; the package's version is pinned by the lock file."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{name!r} is not an importable package")
-    return Path(next(iter(spec.submodule_search_locations)))
+        raise ValueError(f"{package!r} is not an importable package")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        _check_inside(name)
+        data = (source / name).read_bytes()
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out / name)
+        copied.append(out / name)
+    return copied
 
 
 SKIP_KINDS = ("missing", "corrupt", "too_large")
@@ -111,7 +117,7 @@ def load_eval_images(
     """Load the evaluation images named by ``references`` from ``image_dir``.
 
     Image names are taken in sorted order; ``max_images`` keeps the first N of them (skipped
-    images count towards N). ``image_dir`` is a path or ``"package:NAME"`` (:func:`resolve_dir`).
+    images count towards N).
     Every name must stay inside ``image_dir``: an absolute name or one with ``..`` raises
     ``ValueError`` naming it, before anything is read. Each image is decoded by
     :func:`pipeline.data.images.decode_image` (the decoder the encode and tag stages use), so
@@ -175,3 +181,32 @@ def _check_inside(name: str) -> None:
     as_posix = PurePosixPath(name.replace("\\", "/"))
     if not name or as_posix.is_absolute() or PureWindowsPath(name).drive or ".." in as_posix.parts:
         raise ValueError(f"image name {name!r} escapes the image directory")
+
+
+# --------------------------------------------------------------------------------------------
+# The eval-set artifact
+# --------------------------------------------------------------------------------------------
+EVAL_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
+                         ("height", pa.int32()), ("references", pa.list_(pa.string()))])
+
+
+def eval_rows(cfg) -> tuple[list[dict], dict]:
+    """The rows of an eval set (``pipeline.config.EvalSet``) and a report of what was selected and
+    skipped, with reasons."""
+    references = read_references(cfg.references, cfg.format, splits=cfg.splits, exclude_splits=cfg.exclude_splits)
+    selection = {"referenced": len(references)}
+    if cfg.only_images_in_folder:
+        present = {f.name for f in resolve_dir(cfg.images).iterdir()}
+        references = {k: v for k, v in references.items() if k in present}
+        selection["not_in_folder"] = selection["referenced"] - len(references)
+    rows, report = load_eval_images(cfg.images, references, cfg.max_images, cfg.max_pixels)
+    return rows, {**report, "selection": selection}
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """What an eval set is: its image ids, references and image bytes."""
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(json.dumps([r["image_id"], r["references"]]).encode())
+        digest.update(hashlib.sha256(r["image"]).digest())
+    return digest.hexdigest()

@@ -16,6 +16,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from pipeline import methods, paths
+from pipeline.data.shards import ShardedArtifact
+from pipeline.stage import read_json
+
 # (column, scale, decimals): the COCO metrics are printed ×100 with one decimal as in the papers.
 METRIC_COLUMNS = (
     ("BLEU-4", 100.0, 1),
@@ -196,3 +200,51 @@ def _flatten_to_rgb(image: Image.Image) -> Image.Image:
 def _notes_section(notes: list[str]) -> str:
     items = "".join(f"<li>{_text(note)}</li>" for note in notes)
     return f"<h2>Notes</h2>\n<ul>{items}</ul>"
+
+
+# --- the pipeline's report ------------------------------------------------------------------------
+
+def build_report(config, out: Path) -> tuple[int, int]:
+    """Read every method instance's metrics, captions and the eval sets, write the report page.
+    Returns (result rows, gallery images)."""
+    rows, gallery = [], []
+    for name, instance in config.methods.items():
+        variant = methods.get(instance.method).variant(instance.train, instance.caption)
+        for evalset in config.evalsets:
+            scores = read_json(paths.metrics(name, evalset))
+            details = read_json(paths.evaluation(name, evalset))
+            rows.append({"method": name, "variant": variant, "eval_set": evalset, **scores,
+                         "skipped": details["skipped_metrics"]})
+    notes = [f"Profile: {config.profile}. CLIP: {config.models.clip.name} (pretrained: "
+             f"{config.models.clip.pretrained}); detector: {config.models.detector.name}; text-to-image: "
+             f"{config.models.diffusion.name}.",
+             "BLEU, METEOR, ROUGE-L, CIDEr (CIDEr-D) and SPICE are pycocoevalcap's, x100. CLIPScore and "
+             "RefCLIPScore (Hessel et al. 2021, w = 2.5) use the pipeline's CLIP model, so they compare methods "
+             "within one profile only."]
+    for evalset in config.evalsets:
+        images = ShardedArtifact(paths.evalset(evalset))
+        tags = ShardedArtifact(paths.eval_tags(evalset))
+        skipped = read_json(paths.evalset(evalset) / "report.json")["skipped"]
+        notes.append(f"Eval set {evalset}: {images.num_rows} images evaluated, {len(skipped)} skipped"
+                     + (": " + "; ".join(f"{k} ({v})" for k, v in list(skipped.items())[:10]) if skipped else "."))
+        predictions = {name: read_json(paths.captions(name, evalset)) for name in config.methods}
+        labels = dict(zip(tags.read_column("image_id").to_pylist(), tags.read_column("labels").to_pylist()))
+        size = config.report.gallery_size
+        if size == 0:
+            continue
+        first = next(images.iter_batches(["image_id", "image", "references"], batch_size=size))
+        for image_id, image, references in zip(*(first.column(i).to_pylist() for i in range(3))):
+            gallery.append({"image_id": f"{evalset}/{image_id}", "image": image, "references": references,
+                            "tags": labels[image_id],
+                            "predictions": {name: predictions[name][image_id] for name in config.methods}})
+    for name in config.modality_gap.models:
+        result = read_json(paths.method(name) / "modality_gap.json")
+        curve = ", ".join(f"λ={r['lambda']:g}: {100 * r['CIDEr']:.1f}" for r in result["results"])
+        notes.append(f"Modality-gap analysis of {name} on {result['evalset']} (CIDEr of "
+                     f"caption(normalize(λ·t + (1−λ)·v)); {result['caveat']}): {curve}. "
+                     f"Plot: methods/{name}/modality_gap.png.")
+    if config.models.clip.pretrained is None:
+        notes.append("The offline profile's models are small and randomly initialised: its numbers test the "
+                     "plumbing, not caption quality.")
+    write_report(out, f"SynthCap report ({config.profile})", rows, gallery, notes)
+    return len(rows), len(gallery)

@@ -50,6 +50,11 @@ from collections import Counter
 from functools import lru_cache
 from typing import Iterable
 
+import lemminflect
+import pyarrow as pa
+
+from pipeline.data.shards import feature_array
+
 PROMPT_TEMPLATE = "A photo of {}"          # PCM-Net Eq. 1: the template sentence of each concept
 
 STOPWORDS = frozenset("""
@@ -87,8 +92,7 @@ VERB_CUES = frozenset("to can could may might must shall should will would i you
 
 @lru_cache(maxsize=None)
 def _lexicon():
-    """The lemminflect lookup (loads its bundled lexicon once, on first use)."""
-    import lemminflect
+    """The lemminflect lookup (it loads its bundled lexicon on first use)."""
     return lemminflect.getAllLemmas
 
 
@@ -185,3 +189,20 @@ def ranked_concepts(counts: Counter, size: int, min_count: int = 2) -> list[tupl
 def concept_prompt(concept: str) -> str:
     """The template sentence encoded by CLIP's text encoder for concept c (Eq. 1)."""
     return PROMPT_TEMPLATE.format(concept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact: concept words with the CLIP text feature of "A photo of {c}"
+# ---------------------------------------------------------------------------------------------
+def concept_table(counts: Counter, clip, size: int, min_count: int, dtype: str,
+                  batch_size: int = 256) -> pa.Table:
+    """concept (str), count (int64), text_feature (CLIP feature of "A photo of {c}")."""
+    ranked = ranked_concepts(counts, size, min_count)
+    if not ranked:
+        raise ValueError(f"no noun occurs at least {min_count} times in the corpus: the concept vocabulary "
+                         f"would be empty (lower concepts.min_count or use a larger corpus)")
+    words = [w for w, _ in ranked]
+    features = clip.encode_texts([concept_prompt(w) for w in words], batch_size)
+    return pa.table({"concept": pa.array(words, pa.string()),
+                     "count": pa.array([c for _, c in ranked], pa.int64()),
+                     "text_feature": feature_array(features, dtype)})

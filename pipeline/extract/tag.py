@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from pipeline.models.clip import ClipEncoder
 from pipeline.models.detector import Detection, Detector
 from pipeline.data.images import FULL_SIZE_KEY, ImageError, decode_image, skip_reason
-from pipeline.data.shards import feature_array, feature_numpy
+from pipeline.data.shards import feature_array
 
 TAG_SCHEMA_FIELDS = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
                      ("boxes", pa.list_(pa.list_(pa.float32(), 4)))]
@@ -72,24 +72,3 @@ def vocabulary_table(labels: list[str], clip: ClipEncoder, dtype: str) -> pa.Tab
     """Every detector label with its CLIP text feature o^t = CLIP_t(o) (Eq. 4)."""
     features = clip.encode_texts(labels) if labels else np.zeros((0, clip.dim), np.float32)
     return pa.table({"label": labels, "text_feature": feature_array(features, dtype)})
-
-
-class TagVocabulary:
-    """label -> CLIP text feature lookup, turning per-image label lists into padded [B, M, D] arrays."""
-
-    def __init__(self, table: pa.Table):
-        self.index = {label: i for i, label in enumerate(table.column("label").to_pylist())}
-        self.features = feature_numpy(table.column("text_feature"))
-
-    def batch(self, label_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """-> tag_feats [B, M, D] (zeros where padded), tag_mask [B, M] (True = a real tag)."""
-        width = max((len(labels) for labels in label_lists), default=0)
-        feats = np.zeros((len(label_lists), width, self.features.shape[1]), np.float32)
-        mask = np.zeros((len(label_lists), width), bool)
-        for row, labels in enumerate(label_lists):
-            for col, label in enumerate(labels):
-                if label not in self.index:
-                    raise KeyError(f"tag {label!r} is not in the tag vocabulary (was it made by another detector?)")
-                feats[row, col] = self.features[self.index[label]]
-                mask[row, col] = True
-        return feats, mask

@@ -1,27 +1,112 @@
-"""Captioning methods. Each is one module (its paper's equations) exposing:
+"""Captioning methods: one module per paper, holding its model and equations and nothing else.
 
-    train(name, cfg, p, out_dir) -> dict     # fit on the cached artifacts, write out_dir, return a report
-    caption(name, cfg, p, model_dir) -> {eval_set: {image_id: caption}}
-    variant(cfg) -> str                      # the ablation row this instance is (for the report)
+A method module is handed its inputs ready (the shared runner, pipeline/runner.py, opens the
+artifacts, checks that every feature comes from one CLIP model, loops over epochs, shards and eval
+sets, and saves checkpoints). It defines:
 
-``params.yaml`` lists method instances under ``methods:``; ``method:`` names the module, so one
-module serves several instances (ablation rows with different switches).
+``Train``, ``Caption``
+    frozen dataclasses of its settings: ``methods.NAME.train`` and ``methods.NAME.caption`` in
+    params.yaml (typed, defaults documented with ``pipeline.config.opt``). ``Train`` has at least
+    ``epochs``, ``batch_size``, ``seed`` and ``optim`` (pipeline.nn.schedules.Optim); ``Caption`` at
+    least ``batch_size``.
+``needs(train, caption=None) -> Needs``
+    what training reads (caption None) or what captioning reads.
+``facts(train, data) -> dict``
+    JSON-able facts about the data the model's shape depends on (dimensions, the decoder
+    vocabulary); saved in the checkpoint so the model can be rebuilt without the data.
+``create(train, facts, data=None) -> nn.Module``
+    the model; with ``data`` (at training) it may copy data into buffers. ``model.loss(batch)``
+    returns the training loss (or ``(loss, {name: float})`` to log more); a ``width`` attribute
+    gives the Noam schedule's width.
+``batch(model, rows, idx, train, data, step) -> dict``
+    rows ``idx`` of one shard (a dict of columns, see Needs) as a training batch.
+``caption(model, rows, idx, train, caption, data) -> list[str]``
+    captions for rows ``idx`` of one eval shard.
+``variant(train, caption) -> str``
+    the ablation row this instance is, for the report.
+Optional: ``prepare(rows, train, data, step) -> rows`` runs once per shard before batching (e.g. a
+projection of the whole shard); ``step`` is None when captioning.
+
+docs/ADDING_A_METHOD.md walks through a complete toy method.
 """
+from __future__ import annotations
+
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
+from types import ModuleType
 
-ENTRY_POINTS = ("train", "caption", "variant")
+REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", "variant")
+
+# The per-row columns a method may ask for, by source. Training reads the corpus side (one row per
+# corpus caption: shard k of each covers the same captions); captioning reads the eval side (one
+# row per image).
+TRAIN_SOURCES = {
+    "corpus": ("caption_id", "group_id", "text"),
+    "text": ("text_feature",),                                   # CLIP text feature of the caption
+    "synthetic": ("global", "patches", "cls_attention"),         # CLIP features of its synthetic image
+    "synthetic_tags": ("labels", "scores", "boxes"),             # detector tags of its synthetic image
+    "optimized": ("global",),                                    # SynTIC Eq. 2 features
+}
+CAPTION_SOURCES = {
+    "image": ("global", "patches", "cls_attention"),             # CLIP features of the real image
+    "image_tags": ("labels", "scores", "boxes"),                 # detector tags of the real image
+}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads. ``rows`` maps the name the method uses to ``"source.column"`` (see
+    TRAIN_SOURCES / CAPTION_SOURCES); feature columns arrive as float32 arrays [n, D] (``patches``
+    as [n, N_p, D]), others as lists."""
+    rows: dict[str, str]
+    corpus: tuple[str, ...] = ()          # corpus columns held whole (e.g. texts for a vocabulary)
+    support: str | None = None            # a projection support set: "corpus" or a target support name
+    tag_vocabulary: bool = False          # CLIP text features of the detector's labels
+    concepts: bool = False                # PCM-Net's concept vocabulary
+    means: tuple[str, ...] = ()           # mean feature directions: "text", "synthetic", "eval"
+    text_encoder: bool = False            # the pipeline's CLIP text encoder (caption-time re-ranking)
+
+
+@dataclass
+class Step:
+    """Where training is: epoch, shard index, the shard's first corpus row, and the run's seed."""
+    epoch: int
+    shard: int
+    offset: int
+    seed: int
+
+
+@dataclass
+class Data:
+    """Everything a method is handed besides per-row columns, checked to come from one CLIP model."""
+    clip: dict                                   # identity of the CLIP model of every feature
+    feature_dim: int
+    num_patches: int | None = None
+    device: str = "cpu"
+    corpus: dict[str, list] = field(default_factory=dict)
+    support: object | None = None                # pipeline.support.SupportSet (its own tau and top_k)
+    tag_vocabulary: object | None = None         # pipeline.extract.tag.TagVocabulary
+    concepts: tuple[list[str], object] | None = None   # (words, features [N_c, D])
+    means: dict[str, object] = field(default_factory=dict)
+    text_encoder: object | None = None           # texts -> L2-normalised CLIP features [n, D]
+    memo: dict = field(default_factory=dict)     # scratch space for values a method derives once per run
 
 
 def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
-def method_module(method: str):
+def get(method: str) -> ModuleType:
+    """The method module ``pipeline/methods/<method>.py``, checked to define the contract."""
     if method not in available():
         raise ValueError(f"unknown method {method!r} (available: {', '.join(available())})")
     module = importlib.import_module(f"{__name__}.{method}")
-    missing = [f for f in ENTRY_POINTS if not callable(getattr(module, f, None))]
+    return check(module)
+
+
+def check(module: ModuleType) -> ModuleType:
+    missing = [name for name in REQUIRED if not hasattr(module, name)]
     if missing:
-        raise TypeError(f"pipeline/methods/{method}.py lacks the entry point(s) {', '.join(missing)}")
+        raise TypeError(f"{module.__name__} lacks {', '.join(missing)} (see pipeline/methods/__init__.py)")
     return module

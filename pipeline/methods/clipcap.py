@@ -39,80 +39,28 @@ Read top to bottom:
      (``SupportSet.project`` with ``support.tau`` / ``support.top_k``); DeCap's inference code
      renormalises the projected embedding (``projection_renormalize``, default true). Not applied
      at training: DeCap trains on the text features themselves.
-5. Decoding: greedy or beam search (``beam_size``) through the LM from the prefix embeddings.
+5. Decoding: greedy or beam search (``beam_size``) through the LM from the prefix embeddings
+   (pipeline/nn/decoding.py, the Hugging Face ``generate`` path).
 
-The mix-up analysis (Unsupervised-ClipCap Sec. 5) is pipeline/mixup.py; it captions through
-``feature_captioner`` (this module's inference path without any correction).
+The modality-gap analysis (Unsupervised-ClipCap Sec. 5) is pipeline/analysis/modality_gap.py; it
+calls ``caption`` on mixed features directly, so no correction is applied.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.nn import training
-from pipeline.models.language_model import CausalLM, load_from_config
-from pipeline.support import l2_normalize
-
-CORRECTIONS = ("none", "mean", "projection")
-MEAN_IMAGE_SOURCES = ("synthetic", "eval")
-LR_SCHEDULES = ("linear", "constant")
-
-# Every key an instance may set in params.yaml (methods.NAME), with its default. The defaults are
-# ClipCap's published training setup (Mokady et al. 2021: GPT-2 fine-tuned with an MLP prefix of
-# length 10, AdamW lr 2e-5, 5000 warm-up steps, batch 40, 10 epochs), which Unsupervised-ClipCap
-# and CapDec build on; the offline profile overrides them with small values.
-DEFAULTS: dict = {
-    "method": "clipcap",
-    "matched": False,                   # Unsupervised-ClipCap's matched captions (Eq. 2)
-    "noise_variance": 0.0,              # CapDec's sigma^2 (0.016); 0 = off
-    "noise_renormalize": True,          # normalize(t + n), as CapDec's released code
-    "correction": "none",               # none | mean | projection (inference only)
-    "mean_image_source": "synthetic",   # mean correction: synthetic | eval
-    "projection_renormalize": True,     # DeCap renormalises the projected embedding
-    "language_model": {"name": "synthcap-tiny-gpt2", "pretrained": None, "seed": 0},
-    "prefix_length": 10,
-    "prefix_hidden": None,              # MLP hidden width: null = P*W/2 (ClipCap), 0 = one Linear (DeCap)
-    "freeze_lm": False,
-    "max_len": 30,                      # caption tokens incl. the end token (training and decoding)
-    "epochs": 10,
-    "batch_size": 40,
-    "lr": 2e-5,
-    "weight_decay": 0.01,
-    "warmup_steps": 5000,
-    "lr_schedule": "linear",            # linear warm-up then linear decay to 0 (ClipCap) | constant
-    "label_smoothing": 0.0,
-    "grad_clip": None,
-    "seed": 0,
-    "beam_size": 1,
-    "caption_batch_size": 64,
-}
-
-
-def settings(cfg: dict) -> dict:
-    """cfg over DEFAULTS, validated: unknown keys and impossible values fail here, by name."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown clipcap parameter(s) {unknown} (known: {sorted(DEFAULTS)})")
-    s = {**DEFAULTS, **cfg}
-    s["language_model"] = {**DEFAULTS["language_model"], **(cfg.get("language_model") or {})}
-    if s["correction"] not in CORRECTIONS:
-        raise ValueError(f"correction must be one of {CORRECTIONS}, got {s['correction']!r}")
-    if s["mean_image_source"] not in MEAN_IMAGE_SOURCES:
-        raise ValueError(f"mean_image_source must be one of {MEAN_IMAGE_SOURCES}, got {s['mean_image_source']!r}")
-    if s["lr_schedule"] not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {s['lr_schedule']!r}")
-    if not s["noise_variance"] >= 0:
-        raise ValueError(f"noise_variance must be >= 0, got {s['noise_variance']}")
-    for key in ("prefix_length", "max_len", "epochs", "batch_size", "beam_size", "caption_batch_size"):
-        if int(s[key]) < 1:
-            raise ValueError(f"{key} must be >= 1, got {s[key]}")
-    return s
+from pipeline.config import ModelRef, at_least, non_negative, opt
+from pipeline.methods import Data, Needs, Step
+from pipeline.models.language_model import CausalLM, load_causal_lm
+from pipeline.nn import decoding
+from pipeline.nn.schedules import Optim
+from pipeline.vectors import l2_normalize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,39 +116,15 @@ def inject_noise(features: np.ndarray, variance: float, rng: np.random.Generator
 # ---------------------------------------------------------------------------------------------
 # 4. Inference-time corrections
 # ---------------------------------------------------------------------------------------------
-def _unit64(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def feature_mean(batches: Iterable[np.ndarray]) -> np.ndarray:
-    """Mean of L2-normalised rows over a stream of [n, D] blocks, in float64 -> [D]."""
-    total, count = None, 0
-    for block in batches:
-        block = _unit64(block)
-        total = block.sum(axis=0) if total is None else total + block.sum(axis=0)
-        count += block.shape[0]
-    if count == 0:
-        raise ValueError("cannot take the mean of zero features")
-    return total / count
-
-
-def artifact_mean(artifact, column: str) -> np.ndarray:
-    """``feature_mean`` of one feature column of a sharded artifact, streamed shard by shard."""
-    from pipeline.data.shards import feature_numpy
-    return feature_mean(feature_numpy(b.column(0)) for b in artifact.iter_batches([column]))
-
-
 def mean_shift(features: np.ndarray, text_mean: np.ndarray, image_mean: np.ndarray) -> np.ndarray:
     """Align the means: normalize(v - mu_image + mu_text), row-wise."""
-    shifted = _unit64(features) + (np.asarray(text_mean, np.float64) - np.asarray(image_mean, np.float64))
+    shifted = l2_normalize(features, np.float64) + (np.asarray(text_mean, np.float64) - np.asarray(image_mean, np.float64))
     return l2_normalize(shifted)
 
 
-def support_projection(features: np.ndarray, support, tau: float, top_k: int | None,
-                       renormalize: bool = True) -> np.ndarray:
+def support_projection(features: np.ndarray, support, renormalize: bool = True) -> np.ndarray:
     """DeCap: Eq. 3 of SynTIC onto the support set (``SupportSet.project``), renormalised."""
-    v = support.project(np.asarray(features, dtype=np.float32), tau, top_k)
+    v = support.project(np.asarray(features, dtype=np.float32))
     return l2_normalize(v) if renormalize else v
 
 
@@ -233,7 +157,6 @@ class ClipCapConfig:
     max_len: int = 30
     freeze_lm: bool = False
     label_smoothing: float = 0.0
-    language_model: dict = field(default_factory=lambda: dict(DEFAULTS["language_model"]))
 
 
 class ClipCapCaptioner(nn.Module):
@@ -274,223 +197,136 @@ class ClipCapCaptioner(nn.Module):
                                        batch["lengths"].to(dev), self.cfg.label_smoothing)
 
     @torch.no_grad()
-    def generate(self, features: torch.Tensor, beam_size: int = 1) -> list[list[int]]:
-        return self.causal.generate(self.prefix(features), self.cfg.max_len, beam_size)
+    def generate(self, features: torch.Tensor, beam_size: int = 1) -> list[str]:
+        lm = self.causal
+        ids = decoding.generate_from_prefix(self.lm, self.prefix(features), lm.eos_id, lm.pad_id, self.cfg.max_len,
+                                            beam_size)
+        return [lm.decode(row) for row in ids]
 
 
-def caption_features(model: ClipCapCaptioner, features: np.ndarray, beam_size: int = 1,
-                     batch_size: int = 64) -> list[str]:
-    """Decode one caption per feature row (features used as given: correct them first)."""
+# ---------------------------------------------------------------------------------------------
+# Settings and the method contract (pipeline/methods/__init__.py)
+# ---------------------------------------------------------------------------------------------
+# Defaults: ClipCap's published training setup (Mokady et al. 2021: GPT-2 fine-tuned with an MLP
+# prefix of length 10, AdamW lr 2e-5, 5000 warm-up steps, batch 40, 10 epochs), which
+# Unsupervised-ClipCap and CapDec build on.
+@dataclass(frozen=True, kw_only=True)
+class Train:
+    matched: bool = opt(False, "Unsupervised-ClipCap's matched captions (Eq. 2)")
+    noise_variance: float = opt(0.0, "CapDec's sigma^2 (0.016); 0 = off", check=non_negative)
+    noise_renormalize: bool = opt(True, "normalize(t + n), as CapDec's released code")
+    language_model: ModelRef = opt(ModelRef(name="gpt2", pretrained="gpt2"), "the causal LM (name, pretrained, seed)")
+    prefix_length: int = opt(10, "prefix embeddings", check=at_least(1))
+    prefix_hidden: int | None = opt(None, "MLP hidden width: null = P*W/2 (ClipCap), 0 = one Linear (DeCap)",
+                                    check=non_negative)
+    freeze_lm: bool = opt(False, "train the prefix MLP only")
+    max_len: int = opt(30, "caption tokens incl. the end token (training and decoding)", check=at_least(1))
+    label_smoothing: float = opt(0.0, "label smoothing of the caption cross-entropy")
+    epochs: int = opt(10, "passes over the corpus", check=at_least(1))
+    batch_size: int = opt(40, "captions per step", check=at_least(1))
+    optim: Optim = opt(Optim(name="adamw", lr=2e-5, weight_decay=0.01, schedule="linear", warmup_steps=5000))
+    seed: int = opt(0, "seed of the prefix MLP, the data order, the pairing and the noise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Caption:
+    correction: Literal["none", "mean", "projection"] = opt("none", "inference-time correction of the image "
+                                                                    "feature (module docstring, section 4)")
+    mean_image_source: Literal["synthetic", "eval"] = opt("synthetic", "mean correction: the image mean from")
+    projection_renormalize: bool = opt(True, "DeCap renormalises the projected embedding")
+    support: str = opt("corpus", "projection support set: corpus | a target_supports name")
+    beam_size: int = opt(1, "beam search width (1 = greedy)", check=at_least(1))
+    batch_size: int = opt(64, "images per decoding batch", check=at_least(1), speed_only=True)
+
+
+def needs(train: Train, caption: Caption | None = None) -> Needs:
+    if caption is None:                                 # text-only training: corpus text features
+        return Needs(rows={"feature": "text.text_feature"}, corpus=("caption_id", "group_id", "text"))
+    if caption.correction == "mean":
+        return Needs(rows={"feature": "image.global"},
+                     means=("text", "eval" if caption.mean_image_source == "eval" else "synthetic"))
+    if caption.correction == "projection":
+        return Needs(rows={"feature": "image.global"}, support=caption.support)
+    return Needs(rows={"feature": "image.global"})
+
+
+def facts(train: Train, data: Data) -> dict:
+    return {"feature_dim": data.feature_dim}
+
+
+def create(train: Train, facts: dict, data: Data | None = None) -> ClipCapCaptioner:
+    ref = train.language_model
+    lm = load_causal_lm(ref.name, ref.pretrained, seed=ref.seed, device=data.device if data else "cpu")
+    torch.manual_seed(train.seed)                       # the prefix MLP's weights
+    return ClipCapCaptioner(ClipCapConfig(feature_dim=facts["feature_dim"], prefix_length=train.prefix_length,
+                                          prefix_hidden=train.prefix_hidden, max_len=train.max_len,
+                                          freeze_lm=train.freeze_lm, label_smoothing=train.label_smoothing), lm)
+
+
+def _partners(train: Train, data: Data, epoch: int) -> np.ndarray:
+    """This epoch's pairing (Eq. 2), computed once per epoch."""
+    key = ("clipcap.partners", epoch)
+    if key not in data.memo:
+        data.memo.clear()
+        groups = data.corpus["group_id"]
+        data.memo[key] = matched_partners(groups, epoch, train.seed) if train.matched else np.arange(len(groups))
+    return data.memo[key]
+
+
+def prepare(rows: dict, train: Train, data: Data, step: Step | None) -> dict:
+    """Training: unit-norm text features, CapDec noise drawn per (seed, epoch, shard). Captioning: the
+    instance's correction is applied in ``caption_prepare`` instead (see ``caption``)."""
+    if step is None:
+        return rows
+    ids = data.corpus["caption_id"]
+    if rows["caption_id"] != ids[step.offset:step.offset + len(rows["caption_id"])]:
+        raise ValueError(f"shard {step.shard} of the text features holds other captions than rows {step.offset}.. "
+                         f"of the corpus: the artifacts come from different runs; rerun the pipeline")
+    feats = l2_normalize(rows["feature"])
+    feats = inject_noise(feats, train.noise_variance, np.random.default_rng([train.seed, step.epoch, step.shard, 1]),
+                         train.noise_renormalize)
+    return {**rows, "feature": feats}
+
+
+def batch(model: ClipCapCaptioner, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
+    """Eq. 2: the prefix is row i's (noised) text feature, the target its partner caption."""
+    partners, texts = _partners(train, data, step.epoch), data.corpus["text"]
+    tokens, lengths = model.causal.encode([texts[partners[step.offset + i]] for i in idx], train.max_len)
+    return {"feature": torch.from_numpy(rows["feature"][idx]), "tokens": tokens, "lengths": lengths}
+
+
+def correct(features: np.ndarray, caption: Caption, data: Data) -> np.ndarray:
+    """The instance's inference-time correction of real image features (section 4)."""
+    if caption.correction == "mean":
+        image_mean = data.means["eval" if caption.mean_image_source == "eval" else "synthetic"]
+        return mean_shift(features, data.means["text"], image_mean)
+    if caption.correction == "projection":
+        return support_projection(features, data.support, caption.projection_renormalize)
+    return l2_normalize(features)
+
+
+def caption(model: ClipCapCaptioner, rows: dict, idx: np.ndarray, train: Train, caption: Caption,
+            data: Data) -> list[str]:
+    """Real image feature -> correction (none / mean / projection) -> decode. The correction is
+    row-wise, so applying it per batch equals applying it to the whole eval set."""
+    features = correct(rows["feature"][idx], caption, data)
+    return decode_features(model, features, caption.beam_size, len(idx))
+
+
+def decode_features(model: ClipCapCaptioner, features: np.ndarray, beam_size: int = 1,
+                    batch_size: int = 64) -> list[str]:
+    """Captions of features used as given (the modality-gap analysis feeds mixed features here)."""
     model.eval()
     out: list[str] = []
     for start in range(0, len(features), batch_size):
-        block = torch.from_numpy(np.ascontiguousarray(features[start:start + batch_size], dtype=np.float32))
-        out.extend(model.causal.decode(ids) for ids in model.generate(block, beam_size))
+        block = np.ascontiguousarray(features[start:start + batch_size], dtype=np.float32)
+        out += model.generate(torch.from_numpy(block), beam_size)
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
-def lr_factor(step: int, warmup_steps: int, total_steps: int | None, schedule: str) -> float:
-    """Linear warm-up over warmup_steps (from 1/warmup_steps), then constant or a linear decay that
-    reaches 0 at total_steps (ClipCap's get_linear_schedule_with_warmup shape)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant" or not total_steps:
-        return 1.0
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def train_clipcap(model: ClipCapCaptioner, make_batches: Callable[[int], Iterable[dict]], epochs: int,
-                  lr: float, weight_decay: float = 0.01, warmup_steps: int = 0, seed: int = 0,
-                  total_steps: int | None = None, schedule: str = "constant", grad_clip: float | None = None,
-                  progress: bool = True) -> list[float]:
-    """AdamW on the trainable parameters (weight decay on >= 2-D weights only); make_batches(epoch)
-    streams one epoch. Returns the per-epoch mean loss (mean over captions); model left in eval."""
-    torch.manual_seed(seed)                                   # dropout
-    opt = training.adamw(model, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps, schedule))
-    return training.fit(model, make_batches, epochs, opt, sched, grad_clip=grad_clip, desc="ClipCap",
-                        progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors (prefix MLP + LM weights), config and identities in the header
-# ---------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = "synthcap.clipcap.v1"
-
-
-def save_checkpoint(model: ClipCapCaptioner, path, clip_model: dict | None = None) -> None:
-    """Prefix MLP + LM weights (tied LM tensors stored once); config and both identities in the header."""
-    training.save_checkpoint(model, path, CHECKPOINT_FORMAT, asdict(model.cfg),
-                             language_model=model.causal.identity, clip_model=clip_model)
-
-
-def checkpoint_metadata(path) -> dict:
-    return training.checkpoint_metadata(path, CHECKPOINT_FORMAT)
-
-
-def load_checkpoint(path, device: str = "cpu") -> ClipCapCaptioner:
-    """Rebuild the LM named in the header (same name / pretrained / seed: same architecture and
-    tokenizer), then load every weight from the file (strict). ``model.clip_model`` is the CLIP
-    identity of the training features."""
-    meta = checkpoint_metadata(path)
-    cfg = ClipCapConfig(**meta["config"])
-    lm = load_from_config(cfg.language_model, device=device)
-    if lm.identity["model_class"] != meta["language_model"].get("model_class"):
-        raise ValueError(f"{path}: trained with a {meta['language_model'].get('model_class')} but "
-                         f"{cfg.language_model} now loads a {lm.identity['model_class']}")
-    model = training.load_weights(ClipCapCaptioner(cfg, lm), path, device)
-    model.clip_model = meta["clip_model"]
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Pipeline entry points (stages/train.py, stages/caption.py, stages/mixup.py)
-# ---------------------------------------------------------------------------------------------
-def variant(cfg: dict) -> str:
+def variant(train: Train, caption: Caption | None) -> str:
     """Short row label: the switches that are on, e.g. "matched+mean", "noise 0.016", "projection"."""
-    s = settings(cfg)
-    parts = (["matched"] if s["matched"] else []) + \
-            ([f"noise {s['noise_variance']:g}"] if s["noise_variance"] > 0 else []) + \
-            ([s["correction"]] if s["correction"] != "none" else [])
+    parts = (["matched"] if train.matched else []) + \
+            ([f"noise {train.noise_variance:g}"] if train.noise_variance > 0 else []) + \
+            ([caption.correction] if caption is not None and caption.correction != "none" else [])
     return "+".join(parts) if parts else "text only"
-
-
-def _shard_offsets(artifact) -> list[int]:
-    rows = [int(s["rows"]) for s in artifact.manifest["shards"]]
-    return np.r_[0, np.cumsum(rows)].astype(int).tolist()
-
-
-def _epoch_batches(s: dict, lm: CausalLM, text_features, corpus_columns: dict, epoch: int,
-                   dim: int) -> Iterator[dict]:
-    """One epoch: shards in a seeded order, rows shuffled within a shard; each row's prefix is its
-    (noised) text feature, its target the partner caption (itself unless ``matched``).
-
-    Memory: the corpus's caption_id/group_id/text columns are held whole (strings, small next to
-    the features), so a group's other captions are found wherever they sit, even across shard
-    borders; the features are streamed one shard at a time."""
-    from pipeline.data.aligned import Column, aligned_shards, check_dim, shard_order
-
-    caption_ids, texts = corpus_columns["caption_id"], corpus_columns["text"]
-    n = len(caption_ids)
-    partners = matched_partners(corpus_columns["group_id"], epoch, s["seed"]) if s["matched"] else np.arange(n)
-    offsets = _shard_offsets(text_features)
-    order = shard_order(len(text_features.paths), epoch, s["seed"])
-    for k, shard in zip(order, aligned_shards("caption_id", [Column(text_features, "text_feature")], order)):
-        start = offsets[k]
-        if shard["caption_id"] != caption_ids[start:start + len(shard["caption_id"])]:
-            raise ValueError(f"shard {k} of {text_features.folder} holds other captions than rows {start}.. of "
-                             f"the corpus: the artifacts come from different runs; rerun the pipeline")
-        feats = l2_normalize(shard["text_feature"])
-        check_dim(feats, dim, f"text features of shard {k}")
-        feats = inject_noise(feats, s["noise_variance"], np.random.default_rng([s["seed"], epoch, k, 1]),
-                             s["noise_renormalize"])
-        rows = np.random.default_rng([s["seed"], epoch, k, 0]).permutation(len(feats))
-        for b in range(0, len(rows), s["batch_size"]):
-            idx = rows[b:b + s["batch_size"]]
-            # Eq. 2: the prefix is row i's text feature, the target its partner caption
-            tokens, lengths = lm.encode([texts[partners[start + i]] for i in idx], s["max_len"])
-            yield {"feature": torch.from_numpy(feats[idx]), "tokens": tokens, "lengths": lengths}
-
-
-def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
-    """Fit on the corpus text features alone; write model.safetensors to out_dir."""
-    from pathlib import Path
-    from pipeline import paths
-    from pipeline.data.shards import ShardedArtifact
-
-    s = settings(cfg)
-    device = p.get("device", "cpu")
-    corpus = ShardedArtifact(paths.CORPUS)
-    text_features = ShardedArtifact(paths.TEXT_FEATURES)
-    clip_identity = text_features.model
-    dim = int(clip_identity["embed_dim"])
-    columns = {c: corpus.read_column(c).to_pylist() for c in ("caption_id", "group_id", "text")}
-    if len(columns["caption_id"]) != text_features.num_rows:
-        raise ValueError(f"the corpus has {len(columns['caption_id'])} captions but {text_features.folder} "
-                         f"{text_features.num_rows} features: rerun the pipeline")
-
-    lm = load_from_config(s["language_model"], device=device)
-    config = ClipCapConfig(feature_dim=dim, prefix_length=s["prefix_length"], prefix_hidden=s["prefix_hidden"],
-                           max_len=s["max_len"], freeze_lm=s["freeze_lm"], label_smoothing=s["label_smoothing"],
-                           language_model=dict(s["language_model"]))
-    torch.manual_seed(s["seed"])
-    model = ClipCapCaptioner(config, lm).to(device)
-    steps_per_epoch = sum(math.ceil(int(sh["rows"]) / s["batch_size"]) for sh in text_features.manifest["shards"])
-    history = train_clipcap(
-        model, lambda epoch: _epoch_batches(s, lm, text_features, columns, epoch, dim), s["epochs"], s["lr"],
-        s["weight_decay"], s["warmup_steps"], s["seed"], total_steps=steps_per_epoch * s["epochs"],
-        schedule=s["lr_schedule"], grad_clip=s["grad_clip"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, out_dir / "model.safetensors", clip_identity)
-    return {"method": "clipcap", "variant": variant(cfg), "epoch_loss": history, "clip_model": clip_identity,
-            "language_model": lm.identity, "pairs": pairing_stats(columns["group_id"]) if s["matched"] else None,
-            "noise_variance": s["noise_variance"], "training_captions": len(columns["caption_id"]),
-            "summary": f"{variant(cfg)}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs"}
-
-
-def feature_captioner(name: str, cfg: dict, p: dict, model_dir) -> Callable[[np.ndarray], list[str]]:
-    """The trained model's own inference path WITHOUT any correction: features [N, D], used as
-    given (the cached CLIP features are L2-normalised; so are the outputs of every correction and
-    of the mix-up) -> captions. ``caption`` applies the instance's correction first; mix-up calls it
-    directly. ``.clip_model`` on the returned function names the CLIP model the features must come
-    from."""
-    from pathlib import Path
-    from pipeline.data.aligned import check_dim
-
-    s = settings(cfg)
-    model = load_checkpoint(Path(model_dir) / "model.safetensors", device=p.get("device", "cpu"))
-
-    def run(features: np.ndarray) -> list[str]:
-        check_dim(np.asarray(features), model.cfg.feature_dim, "features to caption")
-        return caption_features(model, features, s["beam_size"], s["caption_batch_size"])
-
-    run.clip_model = model.clip_model
-    return run
-
-
-def correction_for(cfg: dict, p: dict, clip_identity: dict, evalset: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The instance's inference-time correction of eval image features (section 4)."""
-    from pipeline import paths
-    from pipeline.data.shards import ShardedArtifact, require_same_model
-
-    s = settings(cfg)
-    if s["correction"] == "none":
-        return l2_normalize
-    if s["correction"] == "mean":
-        text = ShardedArtifact(paths.TEXT_FEATURES)
-        source = (ShardedArtifact(paths.SYNTHETIC_FEATURES) if s["mean_image_source"] == "synthetic"
-                  else ShardedArtifact(paths.EVAL_FEATURES / evalset))
-        require_same_model(model_training_features=clip_identity, corpus_text_features=text,
-                           **{f"{s['mean_image_source']}_image_features": source})
-        text_mean, image_mean = artifact_mean(text, "text_feature"), artifact_mean(source, "global")
-        return lambda v: mean_shift(v, text_mean, image_mean)
-    from pipeline.support import SupportSet
-    support_model = json.loads((paths.SUPPORT / "report.json").read_text())["model"]
-    require_same_model(model_training_features=clip_identity, support_set=support_model)
-    support = SupportSet.load(paths.SUPPORT)
-    tau, top_k = p["support"]["tau"], p["support"]["top_k"]
-    return lambda v: support_projection(v, support, tau, top_k, s["projection_renormalize"])
-
-
-def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str]]:
-    """Real eval image -> cached CLIP feature -> correction (none / mean / projection) -> decode."""
-    from pipeline import paths
-    from pipeline.data.aligned import Column, aligned_shards
-    from pipeline.runtime import evalsets
-    from pipeline.data.shards import ShardedArtifact, require_same_model
-
-    decode = feature_captioner(name, cfg, p, model_dir)
-    out: dict[str, dict[str, str]] = {}
-    for evalset in evalsets(p):
-        features = ShardedArtifact(paths.EVAL_FEATURES / evalset)
-        require_same_model(model_training_features=decode.clip_model, eval_image_features=features)
-        correct = correction_for(cfg, p, decode.clip_model, evalset)
-        captions: dict[str, str] = {}
-        for shard in aligned_shards("image_id", [Column(features, "global")]):
-            captions.update(zip(shard["image_id"], decode(correct(shard["global"]))))
-        out[evalset] = captions
-    return out

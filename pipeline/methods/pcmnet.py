@@ -14,7 +14,7 @@ Read top to bottom:
    (Eq. 6) replaces the global token in the encoder output (Eq. 7); N_d post-LN decoder blocks
    with masked self-attention and cross-attention to it (Eq. 8); CLIP BPE vocabulary.
 6. CLIP-weighted cross-entropy (Eq. 11): per-pair weight c_I = min(1, w * cos(g_I, g_S)).
-7. Noam learning-rate schedule, Adam; beam search at inference.
+7. Noam learning-rate schedule (pipeline/nn/schedules.py), Adam; beam search at inference.
 
 Choices where the paper is silent (each one a single place in the code):
 - tau (Eq. 3) is not given: default 0.01, CLIP's own logit scale (1/100), the temperature at which
@@ -38,45 +38,25 @@ Choices where the paper is silent (each one a single place in the code):
   which compute Eq. 5 and Eq. 8 exactly (ReLU as delta, as in the vanilla Transformer [39]); the
   output layer is tied to the word embedding.
 
-Parameters (``methods.NAME`` in params.yaml), with the paper's values:
-
-```yaml
-method: pcmnet
-mixup: true            # Table 3 "Mix-up": patch-wise cross-modal feature mix-up (false: Base)
-cxe: true              # Table 3 "CXE": CLIP-weighted cross-entropy (false: plain cross-entropy)
-salient_k: 5           # K, salient concepts per image (Eq. 1; Fig. 4a)
-mix_m: 5               # M, patches replaced (training) / appended (inference) (Fig. 4b)
-tau: 0.01              # Eq. 3 temperature (not given in the paper; CLIP's 1/100)
-clip_w: 4.0            # w in Eq. 11 (Fig. 4c)
-noise_variance: 0.016  # Gaussian noise on the global feature at training (CapDec)
-hidden: 512            # hidden size of every Transformer block
-heads: 8               # attention heads (not given; 8 as in the base Transformer)
-ffn_dim: 2048          # feed-forward width (not given; 4 x hidden as in the base Transformer)
-encoder_layers: 3      # N_e
-decoder_layers: 3      # N_d
-dropout: 0.1           # not given
-max_len: 24            # caption tokens incl. start/end (CLIP BPE)
-epochs: 12
-batch_size: 32
-warmup_steps: 10000    # Noam schedule [39]
-lr_factor: 1.0         # Noam: lr = lr_factor * hidden^-0.5 * min(step^-0.5, step * warmup^-1.5)
-seed: 0
-beam_size: 3
-```
+Settings: ``Train`` and ``Caption`` below (params.yaml ``methods.NAME.train`` / ``.caption``), each
+documented with the paper's value where it gives one.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.nn import training
-from pipeline.nn.prefix_decoder import CaptionTokenizer, caption_batches, decode
+from pipeline.config import at_least, opt, positive
+from pipeline.methods import Data, Needs, Step
+from pipeline.nn import decoding
+from pipeline.nn.schedules import Optim
+from pipeline.nn.tokenizer import CaptionTokenizer
 
 GLOBAL, VISUAL, TEXTUAL = 0, 1, 2          # token types
 
@@ -198,6 +178,7 @@ class PCMNetConfig:
     mix_m: int = 5                  # M
     tau: float = 0.01
     noise_variance: float = 0.016
+    clip_w: float | None = 4.0      # w of Eq. 11; None = plain cross-entropy (Table 3 without CXE)
 
 
 class VisualSemanticEncoder(nn.Module):
@@ -275,9 +256,13 @@ class SentenceDecoder(nn.Module):
 class PCMNet(nn.Module):
     """The concept features (Eq. 1's c_j) are a buffer, so a checkpoint captions on its own."""
 
-    def __init__(self, cfg: PCMNetConfig, concept_feats: torch.Tensor | None = None):
+    def __init__(self, cfg: PCMNetConfig, tokenizer: CaptionTokenizer, concept_feats: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
+        self.width = cfg.hidden                                      # the Noam schedule's d_model
+        self.tokenizer = tokenizer
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise ValueError(f"vocab_size {cfg.vocab_size} != the tokenizer's {tokenizer.vocab_size}")
         feats = torch.zeros(cfg.num_concepts, cfg.feature_dim) if concept_feats is None else concept_feats
         if tuple(feats.shape) != (cfg.num_concepts, cfg.feature_dim):
             raise ValueError(f"concept features {tuple(feats.shape)} != ({cfg.num_concepts}, {cfg.feature_dim})")
@@ -306,201 +291,97 @@ class PCMNet(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.decoder(self.encode(batch), batch["tokens"])
 
-    def loss(self, batch: dict, clip_w: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Eq. 11 (clip_w given) or plain cross-entropy (None) -> (loss, the weights c_I or None)."""
-        weights = clip_weights(batch["global"], batch["text_feature"], clip_w) if clip_w is not None else None
-        return weighted_caption_loss(self(batch), batch["tokens"], batch["lengths"], weights), weights
+    def loss(self, batch: dict):
+        """Eq. 11 with the CLIP weights c_I (cfg.clip_w), or plain cross-entropy (clip_w None)."""
+        if self.cfg.clip_w is None:
+            return weighted_caption_loss(self(batch), batch["tokens"], batch["lengths"])
+        weights = clip_weights(batch["global"], batch["text_feature"], self.cfg.clip_w)            # Eq. 11
+        loss = weighted_caption_loss(self(batch), batch["tokens"], batch["lengths"], weights)
+        return loss, {"clip_weight": weights.mean().item()}
 
     @torch.no_grad()
-    def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None) -> list[list[int]]:
-        memory = self.encode(batch)
-        return decode(self.decoder, memory, beam_size, max_len)
+    def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None) -> list[str]:
+        max_len = self.cfg.max_len if max_len is None else max_len
+        if not 2 <= max_len <= self.cfg.max_len:
+            raise ValueError(f"max_len must be in [2, {self.cfg.max_len}], got {max_len}")
+        t = self.tokenizer
+        ids = decoding.decode(self.decoder, self.encode(batch), t.sot_id, t.eot_id, max_len, beam_size)
+        return [t.decode(row) for row in ids]
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Noam schedule and the training loop
+# Settings and the method contract (pipeline/methods/__init__.py)
 # ---------------------------------------------------------------------------------------------
-def noam_lr(step: int, hidden: int, warmup_steps: int, factor: float = 1.0) -> float:
-    """Vaswani et al. [39]: factor * hidden^-0.5 * min(step^-0.5, step * warmup^-1.5), step >= 1."""
-    step = max(int(step), 1)
-    return factor * hidden ** -0.5 * min(step ** -0.5, step * max(warmup_steps, 1) ** -1.5)
+@dataclass(frozen=True, kw_only=True)
+class Train:
+    mixup: bool = opt(True, "Table 3 Mix-up: patch-wise cross-modal feature mix-up (false: Base)")
+    cxe: bool = opt(True, "Table 3 CXE: CLIP-weighted cross-entropy, Eq. 11 (false: plain cross-entropy)")
+    salient_k: int = opt(5, "K, salient concepts per image (Eq. 1; Fig. 4a)", check=at_least(1))
+    mix_m: int = opt(5, "M, patches replaced (training) / appended (inference) (Fig. 4b)", check=at_least(0))
+    tau: float = opt(0.01, "Eq. 3 temperature (not given in the paper: CLIP's 1/100)", check=positive)
+    clip_w: float = opt(2.5, "w of Eq. 11 (released: 2.5 for ViT-B/32, 4 for ViT-L/14)", check=positive)
+    noise_variance: float = opt(0.016, "Gaussian noise on the global feature at training (CapDec's)")
+    hidden: int = opt(512, "hidden size of every Transformer block", check=at_least(1))
+    heads: int = opt(8, "attention heads (not given: the base Transformer's)", check=at_least(1))
+    ffn_dim: int = opt(2048, "feed-forward width (not given: the base Transformer's)", check=at_least(1))
+    encoder_layers: int = opt(3, "N_e", check=at_least(1))
+    decoder_layers: int = opt(3, "N_d", check=at_least(1))
+    dropout: float = opt(0.1, "dropout")
+    max_len: int = opt(24, "caption tokens incl. start and end (CLIP BPE)", check=at_least(2))
+    vocabulary: Literal["full", "corpus"] = opt("full", "output over all of CLIP's BPE | the corpus's BPE ids")
+    epochs: int = opt(12, "passes over the corpus", check=at_least(1))
+    batch_size: int = opt(32, "captions per step", check=at_least(1))
+    optim: Optim = opt(Optim(name="adam", lr=1.0, betas=(0.9, 0.98), eps=1e-9, schedule="noam", warmup_steps=10000))
+    seed: int = opt(0, "seed of the weights, the data order, dropout and noise")
 
 
-def noam_scheduler(optimizer: torch.optim.Optimizer, hidden: int, warmup_steps: int, factor: float = 1.0):
-    """The optimizer's lr after i scheduler steps is noam_lr(i + 1) (its base lr must be 1.0)."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: noam_lr(i + 1, hidden, warmup_steps, factor))
+@dataclass(frozen=True, kw_only=True)
+class Caption:
+    beam_size: int = opt(3, "beam search width", check=at_least(1))
+    max_len: int | None = opt(None, "longest caption in tokens (null = as trained)", check=at_least(2))
+    batch_size: int = opt(32, "images per decoding batch", check=at_least(1), speed_only=True)
 
 
-def train_pcmnet(model: PCMNet, make_batches: Callable[[int], Iterable[dict]], epochs: int,
-                 warmup_steps: int, lr_factor: float = 1.0, clip_w: float | None = 4.0, seed: int = 0,
-                 progress: bool = True, max_steps: int | None = None) -> dict:
-    """Adam (betas 0.9/0.98, eps 1e-9, as with the Noam schedule in [39]) on Eq. 11 (clip_w) or
-    plain cross-entropy (clip_w None). make_batches(epoch) yields one epoch's batches. Returns
-    {"epoch_loss": per-epoch mean of the batch losses weighted by batch size,
-     "mean_clip_weight": mean c_I over training (None without CXE), "steps": optimizer steps}.
-    max_steps stops early (tests). The model is left in eval mode."""
-    torch.manual_seed(seed)                                  # dropout and the Gaussian noise
-    opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
-    sched = noam_scheduler(opt, model.cfg.hidden, warmup_steps, lr_factor)
-    weights: list[float] = []
-
-    def loss_fn(batch: dict) -> torch.Tensor:
-        loss, c = model.loss(batch, clip_w)                                            # Eq. 11
-        if c is not None:
-            weights.extend(c.detach().tolist())
-        return loss
-
-    history = training.fit(model, make_batches, epochs, opt, sched, loss_fn=loss_fn, grad_clip=None,
-                           desc="PCM-Net", progress=progress, max_steps=max_steps)
-    return {"epoch_loss": history, "mean_clip_weight": float(np.mean(weights)) if weights else None,
-            "steps": sched.last_epoch}
+def needs(train: Train, caption: Caption | None = None) -> Needs:
+    if caption is None:
+        return Needs(rows={"text": "corpus.text", "text_feature": "text.text_feature",
+                           "global": "synthetic.global", "patches": "synthetic.patches"},
+                     corpus=("text",) if train.vocabulary == "corpus" else (), concepts=True)
+    return Needs(rows={"global": "image.global", "patches": "image.patches"})
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors, config JSON in the header metadata (never pickles)
-# ---------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = "synthcap.pcmnet.v1"
+def facts(train: Train, data: Data) -> dict:
+    words, _ = data.concepts
+    return {"feature_dim": data.feature_dim, "num_patches": data.num_patches, "concepts": list(words),
+            "vocabulary": CaptionTokenizer.for_corpus(train.vocabulary, data.corpus.get("text", ())).vocabulary}
 
 
-def save_checkpoint(model: PCMNet, path, clip_model: dict | None = None,
-                    concept_words: list[str] | None = None, vocabulary: list[int] | None = None) -> None:
-    """``vocabulary``: the BPE ids a corpus-vocabulary decoder predicts (None = all of CLIP's BPE)."""
-    training.save_checkpoint(model, path, CHECKPOINT_FORMAT, asdict(model.cfg), clip_model=clip_model,
-                             concepts=concept_words or [], vocabulary=vocabulary)
-
-
-def checkpoint_meta(path) -> dict:
-    """The checkpoint's metadata: config, clip_model (the features it was trained on), concepts."""
-    meta = training.checkpoint_metadata(path, CHECKPOINT_FORMAT)
-    return {**meta, "config": PCMNetConfig(**meta["config"])}
-
-
-def load_checkpoint(path, device: str = "cpu") -> PCMNet:
-    return training.load_weights(PCMNet(checkpoint_meta(path)["config"]), path, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pipeline entry points (stages/train.py, stages/caption.py): cached artifacts -> batches
-# ---------------------------------------------------------------------------------------------
-def variant(cfg: dict) -> str:
-    """The Table 3 row this instance is: Base, Base+Mix-up, Base+CXE or Base+Mix-up+CXE (PCM-Net)."""
-    return "+".join(["Base"] + [label for flag, label in (("mixup", "Mix-up"), ("cxe", "CXE")) if cfg[flag]])
-
-
-def patch_shape(artifact, dim: int, what: str) -> int:
-    """N_p from an image-feature artifact's manifest, checked against the CLIP dim."""
-    meta = artifact.meta
-    if not meta.get("num_patches"):
-        raise ValueError(f"{what} ({artifact.folder}) records no patch grid: PCM-Net needs a ViT CLIP "
-                         f"whose patch tokens were cached (rerun the encode stage)")
-    if int(meta.get("dim", dim)) != dim:
-        raise ValueError(f"{what} have {meta['dim']}-dimensional patches but the CLIP dim is {dim}")
-    return int(meta["num_patches"])
-
-
-def read_concepts(path, clip_model: dict) -> tuple[list[str], np.ndarray]:
-    """The concept vocabulary (stages/concepts.py), refusing one encoded by another CLIP model."""
-    from pipeline.data.aligned import check_dim, read_single_table
-    from pipeline.data.shards import feature_numpy
-    table = read_single_table(path, clip_model, "concepts")
-    feats = feature_numpy(table.column("text_feature"))
-    check_dim(feats, int(clip_model["embed_dim"]), "concept text features")
-    return table.column("concept").to_pylist(), feats
-
-
-def make_batch(shard: dict, idx: np.ndarray, num_patches: int, dim: int, tokenizer=None,
-               max_len: int | None = None) -> dict:
-    """Rows idx of one aligned shard -> a model batch (tokens only when the shard has texts)."""
-    batch = {"global": torch.from_numpy(shard["global"][idx]),
-             "patches": torch.from_numpy(shard["patches"][idx].reshape(len(idx), num_patches, dim))}
-    if "text_feature" in shard:
-        batch["text_feature"] = torch.from_numpy(shard["text_feature"][idx])
-    if "text" in shard:
-        batch["tokens"], batch["lengths"] = tokenizer.encode([shard["text"][i] for i in idx], max_len)
-    return batch
-
-
-def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
-    """Fit PCM-Net on the synthetic pairs: shards in a fresh order each epoch, rows shuffled within."""
-    from pathlib import Path
-    from pipeline import paths
-    from pipeline.data.aligned import Column, aligned_shards, check_dim, shard_order
-    from pipeline.data.shards import ShardedArtifact, require_same_model
-
-    corpus = ShardedArtifact(paths.CORPUS)
-    texts = ShardedArtifact(paths.TEXT_FEATURES)
-    images = ShardedArtifact(paths.SYNTHETIC_FEATURES)
-    clip = require_same_model(synthetic_features=images, text_features=texts)
-    dim = int(clip["embed_dim"])
-    num_patches = patch_shape(images, dim, "synthetic image features")
-    words, concept_feats = read_concepts(paths.CONCEPTS / "concepts.parquet", clip)
-    tokenizer = CaptionTokenizer.for_corpus(cfg.get("vocabulary", "full"), corpus.read_column("text").to_pylist())
+def create(train: Train, facts: dict, data: Data | None = None) -> PCMNet:
+    tokenizer = CaptionTokenizer(facts["vocabulary"])
     config = PCMNetConfig(
-        feature_dim=dim, num_patches=num_patches, vocab_size=tokenizer.vocab_size, hidden=cfg["hidden"],
-        heads=cfg["heads"], ffn_dim=cfg["ffn_dim"], encoder_layers=cfg["encoder_layers"],
-        decoder_layers=cfg["decoder_layers"], dropout=cfg["dropout"], max_len=cfg["max_len"],
-        num_concepts=len(words), mixup=cfg["mixup"], salient_k=cfg["salient_k"], mix_m=cfg["mix_m"],
-        tau=cfg["tau"], noise_variance=cfg["noise_variance"])
-    torch.manual_seed(cfg["seed"])
-    model = PCMNet(config, torch.from_numpy(concept_feats))
-    columns = [Column(corpus, "text"), Column(texts, "text_feature"), Column(images, "global"),
-               Column(images, "patches")]
-    num_shards = len(corpus.paths)
-
-    def make_batches(epoch: int) -> Iterator[dict]:
-        order = shard_order(num_shards, epoch, cfg["seed"])
-        for k, shard in zip(order, aligned_shards("caption_id", columns, order)):
-            check_dim(shard["global"], dim, f"synthetic image features of shard {k}")
-            check_dim(shard["text_feature"], dim, f"text features of shard {k}")
-            check_dim(shard["patches"], num_patches * dim, f"synthetic patch features of shard {k}")
-            rows = np.random.default_rng([cfg["seed"], epoch, k]).permutation(len(shard["caption_id"]))
-            for start in range(0, len(rows), cfg["batch_size"]):
-                yield make_batch(shard, rows[start:start + cfg["batch_size"]], num_patches, dim,
-                                 tokenizer, cfg["max_len"])
-
-    result = train_pcmnet(model, make_batches, cfg["epochs"], cfg["warmup_steps"], cfg["lr_factor"],
-                          cfg["clip_w"] if cfg["cxe"] else None, cfg["seed"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, out_dir / "model.safetensors", clip, words, tokenizer.vocabulary)
-    history = result["epoch_loss"]
-    return {"method": "pcmnet", "variant": variant(cfg), **result, "clip_model": clip,
-            "training_pairs": corpus.num_rows, "num_concepts": len(words), "num_patches": num_patches,
-            "summary": f"{variant(cfg)}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} "
-                       f"epochs ({result['steps']} steps, {len(words)} concepts)"}
+        feature_dim=facts["feature_dim"], num_patches=facts["num_patches"], vocab_size=tokenizer.vocab_size,
+        hidden=train.hidden, heads=train.heads, ffn_dim=train.ffn_dim, encoder_layers=train.encoder_layers,
+        decoder_layers=train.decoder_layers, dropout=train.dropout, max_len=train.max_len,
+        num_concepts=len(facts["concepts"]), mixup=train.mixup, salient_k=train.salient_k, mix_m=train.mix_m,
+        tau=train.tau, noise_variance=train.noise_variance, clip_w=train.clip_w if train.cxe else None)
+    concepts = torch.from_numpy(data.concepts[1]) if data is not None else None
+    return PCMNet(config, tokenizer, concepts)
 
 
-def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str]]:
-    """Real eval image -> global feature + patch map -> PCM at inference (v^t appended) -> beam search."""
-    from pathlib import Path
-    from pipeline import paths
-    from pipeline.data.aligned import Column, aligned_shards, check_dim
-    from pipeline.runtime import evalsets
-    from pipeline.data.shards import ShardedArtifact, require_same_model
+def _features(rows: dict, idx: np.ndarray) -> dict:
+    return {"global": torch.from_numpy(rows["global"][idx]), "patches": torch.from_numpy(rows["patches"][idx])}
 
-    path = Path(model_dir) / "model.safetensors"
-    meta = checkpoint_meta(path)
-    trained_on = meta["clip_model"]
-    model = load_checkpoint(path)
-    dim, num_patches = model.cfg.feature_dim, model.cfg.num_patches
-    tokenizer = CaptionTokenizer(meta.get("vocabulary"))
-    out: dict[str, dict[str, str]] = {}
-    for evalset in evalsets(p):
-        features = ShardedArtifact(paths.EVAL_FEATURES / evalset)
-        require_same_model(trained_on=trained_on, **{f"eval_features_{evalset}": features})
-        if patch_shape(features, dim, f"eval image features of {evalset}") != num_patches:
-            raise ValueError(f"eval set {evalset} has {features.meta['num_patches']} patches per image, "
-                             f"the model was trained on {num_patches}")
-        captions: dict[str, str] = {}
-        for shard in aligned_shards("image_id", [Column(features, "global"), Column(features, "patches")]):
-            check_dim(shard["global"], dim, f"eval image features of {evalset}")
-            check_dim(shard["patches"], num_patches * dim, f"eval patch features of {evalset}")
-            rows = np.arange(len(shard["image_id"]))
-            batches = (make_batch(shard, rows[s:s + cfg["batch_size"]], num_patches, dim)
-                       for s in range(0, len(rows), cfg["batch_size"]))
-            texts = caption_batches(model, batches, cfg["beam_size"], model.cfg.max_len, tokenizer)
-            captions.update(zip(shard["image_id"], texts))
-        out[evalset] = captions
-    return out
+
+def batch(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
+    tokens, lengths = model.tokenizer.encode([rows["text"][i] for i in idx], train.max_len)
+    return {**_features(rows, idx), "text_feature": torch.from_numpy(rows["text_feature"][idx]),
+            "tokens": tokens, "lengths": lengths}
+
+
+def caption(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, caption: Caption, data: Data) -> list[str]:
+    return model.generate(_features(rows, idx), caption.beam_size, caption.max_len)
+
+
+def variant(train: Train, caption: Caption | None) -> str:
+    """The Table 3 row: Base, Base+Mix-up, Base+CXE or Base+Mix-up+CXE."""
+    return "+".join(["Base"] + [label for flag, label in (("mixup", "Mix-up"), ("cxe", "CXE")) if getattr(train, flag)])

@@ -3,29 +3,34 @@
 Read top to bottom:
 1. Feature optimisation (FO, Eq. 1-2): the CLIP features s^v of the synthetic images are free
    parameters pulled towards their own caption's text feature by InfoNCE; text features frozen.
-2. Feature projection (FP, Eq. 3): lives in pipeline/support.py (the caller projects).
+   It runs as its own stage (`optimize`) and training reads its output.
+2. Feature projection (FP, Eq. 3): v = sum_j softmax_j(cos(s^v, t_j) / tau) t_j onto the support
+   set of corpus text features (pipeline/support.py), at training and at inference.
 3. Auxiliary feature (AF, Eq. 4-5): CLIP text features of the detected object tags, fused by
    multi-head attention with the pseudo image feature as the query.
 4. Prefix decoding (Eq. 6): prefix [v, u] -> small causal Transformer -> caption cross-entropy.
 
-Which features are fed is the caller's choice (the Table 4 ablations are flag combinations
-outside the model): `feature` is v (projected, or raw/optimised when FP is off) and `aux_query`
-is the Eq. 5 query. Only `use_aux=False` changes the model: the prefix is then [v] alone.
+The Table 4 ablations are the switches `fo`, `fp`, `af` of `Train`; "-TT" is `Caption.support`
+naming a target-domain support set.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from pipeline.nn import training
-from pipeline.nn.prefix_decoder import (CaptionTokenizer, DecoderConfig, PrefixDecoder, caption_batches,
-                                            caption_loss, decode)
+from pipeline.config import at_least, opt
+from pipeline.methods import Data, Needs, Step
+from pipeline.nn import decoding
+from pipeline.nn.prefix_decoder import DecoderConfig, PrefixDecoder, caption_loss
+from pipeline.nn.schedules import Optim
+from pipeline.nn.tokenizer import CaptionTokenizer
+from pipeline.vectors import l2_normalize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,11 +83,10 @@ def optimize_features(image_feats: np.ndarray, text_feats: np.ndarray, tau: floa
     out = np.empty_like(image_feats)
     batches = minibatches(image_feats.shape[0], batch_size, seed)
     if progress:
-        from tqdm import tqdm
         batches = tqdm(batches, desc="feature optimisation (Eq. 2)", unit="batch")
     for idx in batches:
         out[idx] = optimize_minibatch(image_feats[idx], text_feats[idx], tau, lr, steps)
-    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return l2_normalize(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +130,12 @@ class SynTICConfig:
 
 
 class SynTICCaptioner(nn.Module):
-    def __init__(self, cfg: SynTICConfig):
+    def __init__(self, cfg: SynTICConfig, tokenizer: CaptionTokenizer):
         super().__init__()
         self.cfg = cfg
+        self.tokenizer = tokenizer                           # its output ids (all of CLIP's BPE, or a corpus's)
+        if self.tokenizer.vocab_size != cfg.decoder.vocab_size:
+            raise ValueError(f"decoder vocab_size {cfg.decoder.vocab_size} != tokenizer's {self.tokenizer.vocab_size}")
         W = cfg.decoder.width
         self.v_proj = nn.Linear(cfg.feature_dim, W)
         if cfg.use_aux:
@@ -149,163 +156,108 @@ class SynTICCaptioner(nn.Module):
         return caption_loss(logits, batch["tokens"], batch["lengths"])                # Eq. 6
 
     @torch.no_grad()
-    def generate(self, batch: dict, beam_size: int = 1, max_len: int | None = None) -> list[list[int]]:
-        prefix = self.prefix(batch)
-        return decode(self.decoder, prefix, beam_size, max_len)
+    def generate(self, batch: dict, beam_size: int = 1, max_len: int | None = None) -> list[str]:
+        max_len = self.cfg.decoder.max_len if max_len is None else max_len
+        if not 2 <= max_len <= self.cfg.decoder.max_len:
+            raise ValueError(f"max_len must be in [2, {self.cfg.decoder.max_len}], got {max_len}")
+        t = self.tokenizer
+        ids = decoding.decode(self.decoder, self.prefix(batch), t.sot_id, t.eot_id, max_len, beam_size)
+        return [t.decode(row) for row in ids]
 
 
 # ---------------------------------------------------------------------------------------------
-# Training and captioning loops
+# Settings and the method contract (pipeline/methods/__init__.py)
 # ---------------------------------------------------------------------------------------------
-def train_syntic(model: SynTICCaptioner, make_batches: Callable[[int], Iterable[dict]],
-                 epochs: int, lr: float, weight_decay: float = 0.01, warmup_steps: int = 0,
-                 seed: int = 0, progress: bool = True, grad_clip: float | None = 1.0) -> list[float]:
-    """Train on Eq. 6. make_batches(epoch) yields the batches of one epoch (the caller streams
-    shards and reshuffles per epoch). AdamW with weight decay on the >= 2-D parameters (weights
-    and embeddings, as nanoGPT), none on biases, LayerNorms and the no-object vector. Learning
-    rate: linear warm-up from lr/warmup_steps to lr over `warmup_steps` optimizer steps, then
-    constant (a constant rate needs no total step count, so the batches can be a stream).
-    Gradient norm clipped at grad_clip (None = off). Returns the per-epoch mean loss (a mean over
-    captions). The model is left in eval mode."""
-    torch.manual_seed(seed)                         # dropout
-    opt = training.adamw(model, lr, weight_decay)
-    sched = training.warmup_then_constant(opt, warmup_steps)
-    return training.fit(model, make_batches, epochs, opt, sched, grad_clip=grad_clip, desc="SynTIC", progress=progress)
+@dataclass(frozen=True, kw_only=True)
+class Decoder:
+    width: int = opt(768, "decoder width", check=at_least(1))
+    layers: int = opt(4, "Transformer layers (Eq. 6: 4)", check=at_least(1))
+    heads: int = opt(4, "attention heads (Eq. 6: 4)", check=at_least(1))
+    max_len: int = opt(40, "caption tokens incl. start and end (CLIP BPE)", check=at_least(2))
+    dropout: float = opt(0.1, "dropout")
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors, config JSON in the header metadata (never pickles)
-# ---------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = "synthcap.syntic.v1"
+@dataclass(frozen=True, kw_only=True)
+class Train:
+    fo: bool = opt(True, "Table 4 FO: train on the Eq. 2 optimised features")
+    fp: bool = opt(True, "Table 4 FP: project onto the corpus support set (Eq. 3), at training and inference")
+    af: bool = opt(True, "Table 4 AF: auxiliary object feature (Eq. 4-5)")
+    aux_query: Literal["image", "projected"] = opt("image", "Eq. 5 query: image (the paper's s^v) | projected (v)")
+    aux_heads: int = opt(4, "heads of the Eq. 5 attention", check=at_least(1))
+    vocabulary: Literal["full", "corpus"] = opt("full", "decoder output over all of CLIP's BPE (the paper) or "
+                                                        "the BPE ids the corpus uses (fast on CPU)")
+    decoder: Decoder = opt(Decoder())
+    epochs: int = opt(10, "passes over the corpus", check=at_least(1))
+    batch_size: int = opt(64, "captions per step", check=at_least(1))
+    optim: Optim = opt(Optim(name="adamw", lr=1e-4, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0))
+    seed: int = opt(0, "seed of the weights, the data order and dropout")
 
 
-def save_checkpoint(model: SynTICCaptioner, config: SynTICConfig, path, clip_model: dict | None = None,
-                    vocabulary: list[int] | None = None) -> None:
-    """``vocabulary``: the BPE ids a corpus-vocabulary decoder predicts (None = all of CLIP's BPE)."""
-    training.save_checkpoint(model, path, CHECKPOINT_FORMAT, asdict(config), clip_model=clip_model,
-                             vocabulary=vocabulary)
+@dataclass(frozen=True, kw_only=True)
+class Caption:
+    beam_size: int = opt(3, "beam search width (1 = greedy)", check=at_least(1))
+    support: str = opt("corpus", "Eq. 3 support set at inference: corpus | a target_supports name (\"-TT\")")
+    max_len: int | None = opt(None, "longest caption in tokens (null = as trained)", check=at_least(2))
+    batch_size: int = opt(64, "images per decoding batch", check=at_least(1), speed_only=True)
 
 
-def load_checkpoint(path, device: str = "cpu") -> SynTICCaptioner:
-    meta = training.checkpoint_metadata(path, CHECKPOINT_FORMAT)
-    model = training.load_weights(SynTICCaptioner(SynTICConfig(**meta["config"])), path, device)
-    model.clip_model, model.vocabulary = meta.get("clip_model"), meta.get("vocabulary")
-    return model
+def needs(train: Train, caption: Caption | None = None) -> Needs:
+    if caption is None:                                                    # training: synthetic pairs
+        rows = {"text": "corpus.text", "image": "synthetic.global"}
+        if train.fo:
+            rows["optimized"] = "optimized.global"
+        if train.af:
+            rows["tags"] = "synthetic_tags.labels"
+        return Needs(rows=rows, corpus=("text",) if train.vocabulary == "corpus" else (),
+                     support="corpus" if train.fp else None, tag_vocabulary=train.af)
+    rows = {"image": "image.global"}                                       # inference: real images
+    if train.af:
+        rows["tags"] = "image_tags.labels"
+    return Needs(rows=rows, support=caption.support if train.fp else None, tag_vocabulary=train.af)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pipeline entry points (stages/train.py, stages/caption.py): cached artifacts -> batches
-# ---------------------------------------------------------------------------------------------
-def variant(cfg: dict) -> str:
-    """The ablation row of Table 4 this instance is: Baseline, or the switches it turns on."""
-    on = [flag.upper() for flag in ("fo", "fp", "af") if cfg[flag]]
-    tt = "-TT" if cfg.get("inference_support", "corpus") != "corpus" else ""
+def facts(train: Train, data: Data) -> dict:
+    """The CLIP dimension and the decoder's output ids (None: all of CLIP's BPE)."""
+    tokenizer = CaptionTokenizer.for_corpus(train.vocabulary, data.corpus.get("text", ()))
+    return {"feature_dim": data.feature_dim, "vocabulary": tokenizer.vocabulary}
+
+
+def create(train: Train, facts: dict, data: Data | None = None) -> SynTICCaptioner:
+    tokenizer = CaptionTokenizer(facts["vocabulary"])
+    d = train.decoder
+    config = SynTICConfig(feature_dim=facts["feature_dim"], aux_heads=train.aux_heads, use_aux=train.af,
+                          decoder=DecoderConfig(vocab_size=tokenizer.vocab_size, width=d.width, layers=d.layers,
+                                                heads=d.heads, max_len=d.max_len, dropout=d.dropout))
+    return SynTICCaptioner(config, tokenizer)
+
+
+def prepare(rows: dict, train: Train, data: Data, step: Step | None) -> dict:
+    """FO picks s^v (the Eq. 2 output when there is one), FP projects it (Eq. 3)."""
+    s = rows["optimized"] if "optimized" in rows else rows["image"]
+    v = data.support.project(s) if train.fp else s                                  # Eq. 3
+    return {**rows, "v": v, "query": s if train.aux_query == "image" else v}        # Eq. 5 query
+
+
+def _features(rows: dict, idx: np.ndarray, train: Train, data: Data) -> dict:
+    batch = {"feature": torch.from_numpy(rows["v"][idx]), "aux_query": torch.from_numpy(rows["query"][idx])}
+    if train.af:
+        tag_feats, tag_mask = data.tag_vocabulary.batch([rows["tags"][i] for i in idx])   # Eq. 4
+        batch.update(tag_feats=torch.from_numpy(tag_feats), tag_mask=torch.from_numpy(tag_mask))
+    return batch
+
+
+def batch(model: SynTICCaptioner, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
+    tokens, lengths = model.tokenizer.encode([rows["text"][i] for i in idx], train.decoder.max_len)
+    return {**_features(rows, idx, train, data), "tokens": tokens, "lengths": lengths}
+
+
+def caption(model: SynTICCaptioner, rows: dict, idx: np.ndarray, train: Train, caption: Caption,
+            data: Data) -> list[str]:
+    return model.generate(_features(rows, idx, train, data), caption.beam_size, caption.max_len)
+
+
+def variant(train: Train, caption: Caption | None) -> str:
+    """The Table 4 row: Baseline, or the switches that are on; "-TT" with a target-domain support set."""
+    on = [flag.upper() for flag in ("fo", "fp", "af") if getattr(train, flag)]
+    tt = "-TT" if caption is not None and train.fp and caption.support != "corpus" else ""
     return ("+".join(on) if on else "Baseline") + tt
-
-
-def _inputs(p: dict, train: bool, evalset: str | None = None, support_name: str = "corpus") -> dict:
-    """The artifacts SynTIC reads, checked to come from one CLIP model. Training projects onto the
-    corpus's support set; inference onto ``support_name`` ("corpus", or a target-domain set: "-TT")."""
-    from pipeline import paths
-    from pipeline.data.aligned import read_single_table
-    from pipeline.data.shards import ShardedArtifact, require_same_model
-    from pipeline.support import SupportSet
-    from pipeline.extract.tag import TagVocabulary
-
-    if train:
-        arts = {"corpus": ShardedArtifact(paths.CORPUS), "features": ShardedArtifact(paths.SYNTHETIC_FEATURES),
-                "optimized": ShardedArtifact(paths.OPTIMIZED), "tags": ShardedArtifact(paths.SYNTHETIC_TAGS)}
-        model = require_same_model(synthetic_features=arts["features"], optimized_features=arts["optimized"])
-    else:
-        arts = {"features": ShardedArtifact(paths.EVAL_FEATURES / evalset),
-                "tags": ShardedArtifact(paths.EVAL_TAGS / evalset)}
-        model = arts["features"].model
-    support = paths.support_dir("corpus" if train else support_name)
-    require_same_model(image_features=model, support_set=json.loads((support / "report.json").read_text())["model"])
-    vocabulary = read_single_table(paths.TAG_VOCABULARY / "vocabulary.parquet", model, "tag_vocabulary")
-    return {**arts, "model": model, "support": SupportSet.load(support), "vocabulary": TagVocabulary(vocabulary)}
-
-
-def _columns(inputs: dict, train: bool, cfg: dict) -> list:
-    from pipeline.data.aligned import Column
-    cols = [Column(inputs["features"], "global"), Column(inputs["tags"], "labels")]
-    if train:
-        cols.append(Column(inputs["corpus"], "text"))
-        if cfg["fo"]:
-            cols.append(Column(inputs["optimized"], "global", "optimized"))
-    return cols
-
-
-def _shard_batches(shard: dict, cfg: dict, p: dict, inputs: dict, tokenizer, batch_size: int,
-                   order: np.ndarray | None) -> Iterator[dict]:
-    """One shard's rows as model batches: FO picks the feature, FP projects it (Eq. 3), AF adds tags."""
-    s = shard["optimized"] if "optimized" in shard else shard["global"]          # s^v: Eq. 2 output or raw
-    v = inputs["support"].project(s, p["support"]["tau"], p["support"]["top_k"]) if cfg["fp"] else s  # Eq. 3
-    query = s if cfg["aux_query"] == "image" else v                               # Eq. 5 query
-    order = np.arange(len(s)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        tag_feats, tag_mask = inputs["vocabulary"].batch([shard["labels"][i] for i in idx])   # Eq. 4
-        batch = {"feature": torch.from_numpy(v[idx]), "aux_query": torch.from_numpy(query[idx]),
-                 "tag_feats": torch.from_numpy(tag_feats), "tag_mask": torch.from_numpy(tag_mask)}
-        if "text" in shard:
-            batch["tokens"], batch["lengths"] = tokenizer.encode([shard["text"][i] for i in idx], cfg["decoder"]["max_len"])
-        yield batch
-
-
-def train(name: str, cfg: dict, p: dict, out_dir) -> dict:
-    """Fit SynTIC on the synthetic pairs: shards in a fresh order each epoch, rows shuffled within."""
-    from pathlib import Path
-    from pipeline.data.aligned import aligned_shards, check_dim, shard_order
-
-    inputs = _inputs(p, train=True)
-    tokenizer = CaptionTokenizer.for_corpus(cfg.get("vocabulary", "full"), inputs["corpus"].read_column("text").to_pylist())
-    dim = int(inputs["model"]["embed_dim"])
-    check_dim(inputs["support"].features, dim, "support set features")
-    config = SynTICConfig(feature_dim=dim, aux_heads=cfg["aux_heads"], use_aux=cfg["af"],
-                          decoder=DecoderConfig(vocab_size=tokenizer.vocab_size, **cfg["decoder"]))
-    torch.manual_seed(cfg["seed"])
-    model = SynTICCaptioner(config)
-    columns = _columns(inputs, True, cfg)
-    num_shards = len(inputs["corpus"].paths)
-
-    def make_batches(epoch: int) -> Iterator[dict]:
-        order = shard_order(num_shards, epoch, cfg["seed"])
-        for k, shard in zip(order, aligned_shards("caption_id", columns, order)):
-            check_dim(shard["global"], dim, f"synthetic features of shard {k}")
-            rows = np.random.default_rng([cfg["seed"], epoch, k]).permutation(len(shard["caption_id"]))
-            yield from _shard_batches(shard, cfg, p, inputs, tokenizer, cfg["batch_size"], rows)
-
-    history = train_syntic(model, make_batches, cfg["epochs"], cfg["lr"], cfg["weight_decay"],
-                           cfg["warmup_steps"], cfg["seed"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, config, out_dir / "model.safetensors", clip_model=inputs["model"],
-                    vocabulary=tokenizer.vocabulary)
-    return {"method": "syntic", "variant": variant(cfg), "epoch_loss": history, "clip_model": inputs["model"],
-            "training_pairs": inputs["corpus"].num_rows,
-            "summary": f"{variant(cfg)}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs"}
-
-
-def caption(name: str, cfg: dict, p: dict, model_dir) -> dict[str, dict[str, str]]:
-    """Real eval image -> CLIP feature -> the same projection (Eq. 3) and tags (Eq. 4-5) -> decode."""
-    from pathlib import Path
-    from pipeline.data.aligned import aligned_shards, check_dim
-    from pipeline.runtime import evalsets
-    from pipeline.data.shards import require_same_model
-
-    model = load_checkpoint(Path(model_dir) / "model.safetensors")
-    tokenizer = CaptionTokenizer(model.vocabulary)
-    out: dict[str, dict[str, str]] = {}
-    for evalset in evalsets(p):
-        inputs = _inputs(p, train=False, evalset=evalset, support_name=cfg.get("inference_support", "corpus"))
-        if model.clip_model is not None:
-            require_same_model(trained_on=model.clip_model, **{f"eval_features_{evalset}": inputs["model"]})
-        captions: dict[str, str] = {}
-        for shard in aligned_shards("image_id", _columns(inputs, False, cfg)):
-            check_dim(shard["global"], model.cfg.feature_dim, f"eval image features of {evalset}")
-            batches = _shard_batches(shard, cfg, p, inputs, tokenizer, cfg["batch_size"], None)
-            texts = caption_batches(model, batches, cfg["beam_size"], cfg["decoder"]["max_len"], tokenizer)
-            captions.update(zip(shard["image_id"], texts))
-        out[evalset] = captions
-    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+from pipeline.vectors import l2_normalize_torch
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -53,13 +55,10 @@ class ClipEncoder:
         _, attention = last_block.attn(x, x, x, need_weights=True, average_attn_weights=True)
         patches = tokens @ visual.proj if visual.proj is not None else tokens  # ln_post already applied
         return {
-            "global": _normalise(pooled).float().cpu().numpy(),
+            "global": l2_normalize_torch(pooled).float().cpu().numpy(),
             "patches": patches.float().cpu().numpy(),
             "cls_attention": attention[:, 0, 1:].float().cpu().numpy(),
         }
-
-    def encode_images(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-        return self.encode_pixels(torch.stack([self.preprocess(im.convert("RGB")) for im in images]))
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -67,16 +66,12 @@ class ClipEncoder:
         parts = [np.zeros((0, self.dim), np.float32)]
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
-            parts.append(_normalise(self.model.encode_text(tokens)).float().cpu().numpy())
+            parts.append(l2_normalize_torch(self.model.encode_text(tokens)).float().cpu().numpy())
         return np.concatenate(parts)
 
     @property
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def load_clip(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu",
@@ -106,3 +101,22 @@ def load_clip(name: str, pretrained: str | None = None, seed: int = 0, device: s
         "dtype": precision,
     }
     return ClipEncoder(model, preprocess, open_clip.get_tokenizer(name), identity, device)
+
+
+@lru_cache(maxsize=4)
+def clip_for(name: str, pretrained: str | None, seed: int, precision: str, device: str) -> ClipEncoder:
+    """``load_clip``, once per process and configuration (a shard function asks for its model by
+    configuration: locally it loads once, on a Ray cluster once per worker, and nothing big is pickled)."""
+    return load_clip(name, pretrained, seed=seed, device=device, precision=precision)
+
+
+def clip_from_identity(identity: dict, device: str = "cpu") -> ClipEncoder:
+    """The CLIP model an artifact records as its producer, loaded again and checked to be the same
+    weights: code that encodes new text or images next to cached features never re-chooses a model."""
+    clip = clip_for(identity["name"], identity.get("pretrained"), identity.get("seed") or 0,
+                    identity.get("dtype", "fp32"), device)
+    if clip.identity["weights_sha256"] != identity.get("weights_sha256"):
+        raise ValueError(f"CLIP {identity['name']} (pretrained={identity.get('pretrained')}) loads with weights "
+                         f"{clip.identity['weights_sha256'][:12]}, not the {str(identity.get('weights_sha256'))[:12]} "
+                         f"the artifacts were made with: provide the same weights")
+    return clip

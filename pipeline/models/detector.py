@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -33,6 +34,14 @@ class Detector:
         """Every label the detector can emit (the tag vocabulary; 'N/A' placeholders left out)."""
         labels = self.model.config.id2label
         return sorted({name for name in labels.values() if name != "N/A"})
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(s, s) for the processor's shortest input edge s: decoding a larger image below this scale
+        (JPEG draft mode) loses nothing the detector sees."""
+        size = getattr(self.processor, "size", None) or {}
+        edge = size.get("shortest_edge") if isinstance(size, dict) else None
+        return (int(edge), int(edge)) if edge else None
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image], threshold: float) -> list[Detection]:
@@ -84,3 +93,9 @@ def load_detector(name: str, pretrained: str | None = None, seed: int = 0, devic
     identity = {"kind": "detector", "name": name, "pretrained": pretrained,
                 "seed": seed if pretrained is None else None, "weights_sha256": weights_sha256(model)}
     return Detector(model, processor, identity, device)
+
+
+@lru_cache(maxsize=2)
+def detector_for(name: str, pretrained: str | None, seed: int, device: str) -> Detector:
+    """``load_detector``, once per process and configuration (shard functions ask by configuration)."""
+    return load_detector(name, pretrained, seed=seed, device=device)

@@ -2,21 +2,20 @@
 
 The pipeline is diffusers' own ``StableDiffusionPipeline`` in both cases; the small one is assembled
 from configuration (``configs/synthcap-tiny-sd.json``) with seeded weights and a CLIP tokenizer whose
-vocabulary is built offline from open_clip's bundled BPE (the same BPE as CLIP's).
+vocabulary is built offline from open_clip's bundled BPE (pipeline/models/bpe.py).
 """
 from __future__ import annotations
 
-import gzip
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 from PIL import Image
 
 from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+from pipeline.models.bpe import clip_bpe_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,22 +37,6 @@ class TextToImage:
         return list(out.images)
 
 
-def clip_tokenizer_from_open_clip(folder: Path):
-    """A transformers CLIPTokenizer whose vocab.json/merges.txt are rebuilt from open_clip's BPE file."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    byte_symbols = list(bytes_to_unicode().values())
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                         pad_token="<|endoftext|>")
-
-
 def _build_small(name: str, seed: int):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -67,8 +50,7 @@ def _build_small(name: str, seed: int):
     vae = AutoencoderKL(**cfg["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     scheduler = PNDMScheduler.from_config({k: v for k, v in cfg["scheduler"].items() if k != "_class_name"})
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = clip_tokenizer_from_open_clip(Path(tmp))
+    tokenizer = clip_bpe_tokenizer()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -84,7 +66,7 @@ def load_text_to_image(name: str, pretrained: str | None = None, seed: int = 0, 
         from diffusers import StableDiffusionPipeline
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                pretrained, torch_dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False)
+                pretrained, dtype=DTYPES[precision], safety_checker=None, requires_safety_checker=False)
         except Exception as err:
             raise missing_model_error("diffusion", name, pretrained, err) from err
         default_resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -99,3 +81,10 @@ def load_text_to_image(name: str, pretrained: str | None = None, seed: int = 0, 
                 "scheduler": pipe.scheduler.__class__.__name__, "image_size": [resolution, resolution],
                 "dtype": precision}
     return TextToImage(pipe, identity, resolution)
+
+
+@lru_cache(maxsize=2)
+def text_to_image_for(name: str, pretrained: str | None, seed: int, precision: str, device: str,
+                      resolution: int | None) -> TextToImage:
+    """``load_text_to_image``, once per process and configuration (shard functions ask by configuration)."""
+    return load_text_to_image(name, pretrained, seed=seed, device=device, precision=precision, resolution=resolution)

@@ -1,4 +1,4 @@
-"""Causal language models for prefix captioners (ClipCap / CapDec / DeCap, later MacCap) through transformers.
+"""Causal language models for prefix captioners (ClipCap / CapDec / DeCap, MacCap) through transformers.
 
 One loader, the same config shape as every other model (``{name, pretrained, seed}``):
 - ``pretrained`` set: ``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer.from_pretrained``
@@ -9,23 +9,20 @@ One loader, the same config shape as every other model (``{name, pretrained, see
   ``synthcap-tiny-gpt2``) and the same code paths below. Its tokenizer is CLIP's BPE (open_clip's
   bundled vocabulary, as a transformers ``CLIPTokenizer`` built offline), so nothing is downloaded.
 
-Conventions of the prefix interface (``CausalLM.encode`` / ``prefix_loss`` / ``generate``):
+Conventions of the prefix interface (``CausalLM.encode`` / ``prefix_loss``; decoding is
+``pipeline.nn.decoding.generate_from_prefix``):
 - A caption is its tokens WITHOUT a start token followed by ``eos`` and right-padded with ``pad``
   to ``max_len``; ``lengths`` counts the real tokens including ``eos``. The prefix embeddings play
   the role of the start token (as in ClipCap): the LM input is ``[prefix_1..prefix_P, e(t_1)..e(t_T)]``
   and the logit at position ``P-1+i`` predicts ``t_{i+1}``.
 - Padding sits after ``eos``; causal attention never lets a real position see it, and the
   attention mask marks it anyway.
-- ``generate`` returns the generated ids up to (not including) the first ``eos``. Greedy
-  (``beam_size=1``) and beam search both go through ``model.generate(inputs_embeds=...)`` with
-  ``do_sample=False``: deterministic.
+- Decoding returns the generated ids up to (not including) the first ``eos``.
 """
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+from pipeline.models.bpe import clip_bpe_tokenizer
 
 KIND = "language_model"
 
@@ -121,26 +119,6 @@ class CausalLM:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                ignore_index=-100, label_smoothing=label_smoothing)
 
-    @torch.no_grad()
-    def generate(self, prefix: torch.Tensor, max_new_tokens: int, beam_size: int = 1) -> list[list[int]]:
-        """Decode from prefix embeddings [B, P, W]: greedy (beam_size 1) or beam search, no
-        sampling. Returns per row the ids before the first eos."""
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-            out = self.model.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      num_beams=beam_size, num_return_sequences=1, do_sample=False,
-                                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        finally:
-            self.model.train(was_training)
-        result = []
-        for row in out.tolist():
-            result.append(row[: row.index(self.eos_id)] if self.eos_id in row else row)
-        return result
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -149,19 +127,12 @@ def config_path(name: str) -> Path:
     return CONFIG_DIR / f"{name}.json"
 
 
-@lru_cache(maxsize=1)
-def _clip_bpe_tokenizer():
-    from pipeline.models.diffusion import clip_tokenizer_from_open_clip
-    with tempfile.TemporaryDirectory() as tmp:
-        return clip_tokenizer_from_open_clip(Path(tmp))     # the files are read while building it
-
-
 def _offline_tokenizer(kind: str):
     """The offline tokenizer, built once per process (it takes seconds) and shared by every model
     built from configuration: treat it as read-only."""
     if kind != "open_clip_bpe":
         raise ValueError(f"unknown tokenizer {kind!r} in a language-model config (known: open_clip_bpe)")
-    return _clip_bpe_tokenizer()
+    return clip_bpe_tokenizer()
 
 
 def _build_from_config(name: str, seed: int):
@@ -213,8 +184,3 @@ def load_causal_lm(name: str, pretrained: str | None = None, seed: int = 0, devi
                 "vocab_size": int(model.get_input_embeddings().num_embeddings),
                 "width": int(model.get_input_embeddings().embedding_dim)}
     return CausalLM(model, tokenizer, identity)
-
-
-def load_from_config(cfg: dict, device: str = "cpu") -> CausalLM:
-    """``load_causal_lm`` from a params block ``{name, pretrained, seed}``."""
-    return load_causal_lm(cfg["name"], cfg.get("pretrained"), seed=cfg.get("seed", 0), device=device)

@@ -1,0 +1,46 @@
+"""Scoring one method's captions of one eval set: the COCO caption metrics (pycocoevalcap) and
+CLIPScore / RefCLIPScore from the eval set's cached CLIP image features, with the number of images
+evaluated and skipped (and why) beside the numbers."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.data.aligned import check_dim
+from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
+from pipeline.evaluation.metrics import caption_metrics, clip_score, ref_clip_score
+from pipeline.models.clip import clip_for
+from pipeline.stage import read_json
+
+CLIPSCORE_PROMPT = "A photo depicts "  # Hessel et al. 2021 prefix every caption with it
+
+
+def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config) -> tuple[dict, dict]:
+    """-> (metrics: {metric: float, images_evaluated, images_skipped}, details: per-image scores,
+    skipped images and metrics with reasons)."""
+    images = ShardedArtifact(paths.evalset(evalset))
+    features = ShardedArtifact(paths.eval_features(evalset))
+    c = config.models.clip
+    clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
+    require_same_model(eval_image_features=features, clip_for_scoring=clip.identity)
+    ids = images.read_column("image_id").to_pylist()
+    references = dict(zip(ids, images.read_column("references").to_pylist()))
+    coco = caption_metrics(predictions, references)
+
+    image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])
+    check_dim(image_features, clip.dim, f"eval image features of {evalset}")
+    caption_features = clip.encode_texts([CLIPSCORE_PROMPT + predictions[i] for i in ids])
+    flat = clip.encode_texts([CLIPSCORE_PROMPT + r for i in ids for r in references[i]])   # one batched pass
+    bounds = np.cumsum([0] + [len(references[i]) for i in ids])
+    reference_features = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    w = config.evaluate.clipscore_w
+    clip_s, clip_per_image = clip_score(image_features, caption_features, w=w)
+    ref_s, ref_per_image = ref_clip_score(image_features, caption_features, reference_features, w=w)
+    skipped_images = read_json(paths.evalset(evalset) / "report.json")["skipped"]
+    metrics = {**{k: float(v) for k, v in coco["scores"].items()}, "CLIPScore": float(clip_s),
+               "RefCLIPScore": float(ref_s), "images_evaluated": len(ids), "images_skipped": len(skipped_images)}
+    details = {"skipped_metrics": coco["skipped"], "skipped_images": skipped_images, "clip_model": clip.identity["name"],
+               "per_image": {i: {"CLIPScore": float(s), "RefCLIPScore": float(r)}
+                             for i, s, r in zip(ids, clip_per_image, ref_per_image)}}
+    return metrics, details

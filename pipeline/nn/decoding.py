@@ -1,0 +1,136 @@
+"""Decoding captions: the one place for greedy search, beam search and sampling.
+
+Two kinds of decoder are decoded here:
+
+- A decoder trained from scratch (SynTIC's ``PrefixDecoder``, PCM-Net's ``SentenceDecoder``): any
+  module with ``forward(memory, tokens) -> logits [B, T, V]`` where ``logits[:, i]`` is the
+  distribution of ``tokens[:, i + 1]``; ``memory`` [B, ...] is what it is conditioned on (a prefix,
+  an encoder output). Sequences start with ``sot`` and end with ``eot``; ``max_len`` bounds the
+  whole sequence including both, so at most ``max_len - 1`` tokens are generated. No KV cache:
+  captions are short and the decoders small, so each step re-runs the sequence.
+- A pretrained causal LM (transformers): ``generate_from_prefix`` runs its own ``generate`` from
+  prefix embeddings (greedy or beam search, no sampling).
+
+Every function returns, per row, the generated ids after ``sot`` and without ``eot``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def greedy(model, memory: torch.Tensor, sot: int, eot: int, max_len: int) -> list[list[int]]:
+    """Batched argmax decoding."""
+    B = memory.shape[0]
+    seq = torch.full((B, 1), sot, dtype=torch.long, device=memory.device)
+    done = torch.zeros(B, dtype=torch.bool, device=memory.device)
+    for _ in range(max_len - 1):
+        nxt = model(memory, seq)[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        done |= nxt == eot
+        if done.all():
+            break
+    return [_until(row, eot) for row in seq[:, 1:].tolist()]
+
+
+@torch.no_grad()
+def beam(model, memory: torch.Tensor, sot: int, eot: int, max_len: int, beam_size: int,
+         length_normalize: bool = True) -> list[list[int]]:
+    """Beam search with a shrinking beam, one example at a time (its beams batched).
+
+    Each step keeps the k best expansions (by summed log-prob) of the live hypotheses; an expansion
+    that ends in eot is finished and leaves the beam, so the beam shrinks from k to 0 and every
+    example ends with exactly k hypotheses (the live ones are taken as they are at max_len). The
+    answer is the hypothesis with the best score: the mean per-token log-prob (summed log-prob /
+    generated tokens, eot included) when ``length_normalize``, else the summed log-prob; the first
+    one wins on ties. With beam_size 1 this is exactly ``greedy``."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    out = []
+    for b in range(memory.shape[0]):
+        seqs = torch.full((1, 1), sot, dtype=torch.long, device=memory.device)
+        scores = torch.zeros(1, device=memory.device)
+        finished: list[tuple[float, list[int]]] = []
+        width = beam_size
+        for step in range(1, max_len):
+            logits = model(memory[b:b + 1].expand(seqs.shape[0], *memory.shape[1:]), seqs)[:, -1]
+            cand = (scores[:, None] + F.log_softmax(logits.float(), dim=-1)).view(-1)
+            top_v, top_i = cand.topk(width)
+            V = logits.shape[-1]
+            parent, tok = top_i // V, top_i % V
+            keep = tok != eot
+            for v, p in zip(top_v[~keep].tolist(), parent[~keep].tolist()):
+                finished.append((v / step if length_normalize else v, seqs[p, 1:].tolist()))
+            seqs = torch.cat([seqs[parent[keep]], tok[keep, None]], dim=1)
+            scores = top_v[keep]
+            width = seqs.shape[0]
+            if width == 0:
+                break
+        steps = seqs.shape[1] - 1
+        for v, row in zip(scores.tolist(), seqs.tolist()):
+            finished.append((v / steps if length_normalize else v, row[1:]))
+        best = max(range(len(finished)), key=lambda i: (finished[i][0], -i))
+        out.append(finished[best][1])
+    return out
+
+
+def sample(model, memory: torch.Tensor, sot: int, eot: int, max_len: int,
+           generator: torch.Generator | None = None, temperature: float = 1.0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one caption per row from the model's distribution, keeping the graph (for policy
+    gradients). -> tokens [B, T] (sot first, eot then padding with eot) and the log-prob of each
+    generated token [B, T-1] (0 after eot)."""
+    B = memory.shape[0]
+    seq = torch.full((B, 1), sot, dtype=torch.long, device=memory.device)
+    done = torch.zeros(B, dtype=torch.bool, device=memory.device)
+    logps = []
+    for _ in range(max_len - 1):
+        logp = F.log_softmax(model(memory, seq)[:, -1].float() / temperature, dim=-1)
+        with torch.no_grad():
+            nxt = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+        logps.append(logp.gather(1, nxt[:, None])[:, 0].masked_fill(done, 0.0))
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        done = done | (nxt == eot)
+        if done.all():
+            break
+    return seq, torch.stack(logps, dim=1)
+
+
+def decode(model, memory: torch.Tensor, sot: int, eot: int, max_len: int, beam_size: int = 1,
+           length_normalize: bool = True) -> list[list[int]]:
+    """Greedy (batched) for beam_size 1, else beam search."""
+    if beam_size == 1:
+        return greedy(model, memory, sot, eot, max_len)
+    return beam(model, memory, sot, eot, max_len, beam_size, length_normalize)
+
+
+def ids_of(tokens: torch.Tensor, eot: int) -> list[list[int]]:
+    """Rows of sampled ``tokens`` [B, T] (sot first) as id lists after sot, without eot."""
+    return [_until(row, eot) for row in tokens[:, 1:].tolist()]
+
+
+@torch.no_grad()
+def generate_from_prefix(lm, prefix: torch.Tensor, eos: int, pad: int, max_new_tokens: int,
+                         beam_size: int = 1) -> list[list[int]]:
+    """A transformers causal LM's own ``generate`` from prefix embeddings [B, P, W] (the prefix plays
+    the start token, as in ClipCap): greedy (beam_size 1) or beam search, deterministic. Returns per
+    row the ids before the first eos."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    was_training = lm.training
+    lm.eval()
+    try:
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        out = lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          num_beams=beam_size, num_return_sequences=1, do_sample=False,
+                          eos_token_id=eos, pad_token_id=pad)
+    finally:
+        lm.train(was_training)
+    return [_until(row, eos) for row in out.tolist()]
+
+
+def _until(row: list[int], end: int) -> list[int]:
+    return row[: row.index(end)] if end in row else row

@@ -1,0 +1,80 @@
+"""Captions <-> token ids for the decoders trained from scratch (SynTIC, PCM-Net): CLIP's BPE
+(open_clip's bundled vocabulary, so it works offline) with start and end tokens and 0-padding.
+
+A caption is encoded as ``<start_of_text> w_1 .. w_L <end_of_text>``, right-padded with 0 to
+``max_len``; ``lengths[b]`` counts the real tokens including both special tokens.
+"""
+from __future__ import annotations
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+
+class CaptionTokenizer:
+    """CLIP BPE with start/end tokens and 0-padding, over the full BPE vocabulary or a corpus's.
+
+    ``vocabulary`` (BPE ids, e.g. from :meth:`corpus_vocabulary`) restricts the ids the decoder
+    predicts to those a corpus uses: ids are then positions in the sorted vocabulary. On small
+    corpora this shrinks the output layer from 49,408 rows to a few thousand, which is what makes
+    CPU training practical; the paper profiles keep the full vocabulary (``vocabulary: full``).
+    """
+
+    def __init__(self, vocabulary: list[int] | None = None):
+        self.bpe = SimpleTokenizer()
+        self.pad_bpe, self.sot_bpe, self.eot_bpe = 0, self.bpe.sot_token_id, self.bpe.eot_token_id
+        self.vocabulary = sorted({int(i) for i in vocabulary} | {self.pad_bpe, self.sot_bpe, self.eot_bpe}) \
+            if vocabulary is not None else None
+        self.to_model = {b: m for m, b in enumerate(self.vocabulary)} if self.vocabulary else None
+        self.vocab_size = len(self.vocabulary) if self.vocabulary else self.bpe.vocab_size   # 49408
+        self.sot_id, self.eot_id, self.pad_id = (self._model_id(i) for i in (self.sot_bpe, self.eot_bpe, self.pad_bpe))
+        # CLIP's start/end tokens are its two largest BPE ids, so in either vocabulary they are the
+        # last two ids (decoders find them from the vocabulary size alone)
+        assert (self.sot_id, self.eot_id) == (self.vocab_size - 2, self.vocab_size - 1)
+
+    def corpus_vocabulary(self, texts) -> list[int]:
+        """The BPE ids the captions ``texts`` use (specials added by the constructor)."""
+        return sorted({i for text in texts for i in self.bpe.encode(text)})
+
+    def _model_id(self, bpe_id: int) -> int:
+        if self.to_model is None:
+            return bpe_id
+        if bpe_id not in self.to_model:
+            raise KeyError(f"BPE token {self.bpe.decode([bpe_id]).strip()!r} ({bpe_id}) is not in this decoder's vocabulary")
+        return self.to_model[bpe_id]
+
+    def encode(self, texts: list[str] | str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids LongTensor [B, max_len], lengths LongTensor [B] (real tokens incl. sot/eot).
+        Captions longer than max_len are cut to their first max_len-2 BPE tokens + eot."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (start and end tokens), got {max_len}")
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        lengths = torch.empty(len(texts), dtype=torch.long)
+        for b, text in enumerate(texts):
+            seq = [self.sot_id] + [self._model_id(i) for i in self.bpe.encode(text)[: max_len - 2]] + [self.eot_id]
+            ids[b, : len(seq)] = torch.tensor(seq)
+            lengths[b] = len(seq)
+        return ids, lengths
+
+    def decode(self, ids) -> str:
+        """Token ids (list or 1-D tensor) -> text; drops <start_of_text>, stops at <end_of_text>."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            if i == self.eot_id:
+                break
+            if i == self.sot_id:
+                continue
+            out.append(self.vocabulary[int(i)] if self.vocabulary else int(i))
+        return " ".join(self.bpe.decode(out).split())
+
+    @classmethod
+    def for_corpus(cls, vocabulary: str, texts) -> "CaptionTokenizer":
+        """``vocabulary: full`` (all of CLIP's BPE, as the papers) or ``corpus`` (the ids ``texts`` use)."""
+        if vocabulary == "full":
+            return cls()
+        if vocabulary == "corpus":
+            return cls(cls().corpus_vocabulary(texts))
+        raise ValueError(f"vocabulary must be 'full' or 'corpus', got {vocabulary!r}")

@@ -1,0 +1,390 @@
+"""The shared runner: everything a captioning method does not own, written once.
+
+It opens the artifacts a method ``needs`` (pipeline/methods/__init__.py), checks that every feature,
+support set and vocabulary comes from one CLIP model and has the dimensions the model was built for,
+seeds, builds the optimiser and schedule (pipeline/nn/schedules.py), runs the epoch loop over
+aligned shards (shards in a seeded order per epoch, rows shuffled within a shard), saves and loads
+checkpoints (safetensors: nothing is unpickled), and loops over eval sets when captioning.
+
+A trained model folder holds ``model.safetensors`` (weights; its header holds the method, the typed
+training settings, the facts the model's shape depends on, the CLIP identity of its training
+features and the fingerprint of everything training read), ``train_report.json`` and
+``_manifest.json`` (the fingerprint and the content hash of each file). ``train`` keeps a model
+whose fingerprint is unchanged and whose bytes still match: DVC may rerun ``train@NAME`` when an
+artifact that this method does not read changes (dvc.yaml lists the union of what methods read);
+the fingerprint covers exactly what this instance reads, so such a rerun ends in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from pipeline import config as cfg
+from pipeline import methods, paths
+from pipeline.data.aligned import Column, aligned_shards, check_dim, read_single_table, shard_order
+from pipeline.data.provenance import code_version
+from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, fingerprint, require_same_model
+from pipeline.data.vocabularies import TagVocabulary, read_concepts
+from pipeline.methods import Data, Needs, Step
+from pipeline.models.clip import clip_from_identity
+from pipeline.nn import schedules
+from pipeline.support import SupportSet
+from pipeline.vectors import mean_direction
+
+MODEL_FILE = "model.safetensors"
+REPORT_FILE = "train_report.json"
+MANIFEST_FILE = "_manifest.json"
+CHECKPOINT_FORMAT = "synthcap.checkpoint.v2"
+HEADER_KEY = "synthcap"
+FEATURE_COLUMNS = ("global", "patches", "cls_attention", "text_feature")
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening what a method needs
+# ---------------------------------------------------------------------------------------------
+def _source_dirs(evalset: str | None) -> dict[str, Path]:
+    dirs = {"corpus": paths.CORPUS, "text": paths.TEXT_FEATURES, "synthetic": paths.SYNTHETIC_FEATURES,
+            "synthetic_tags": paths.SYNTHETIC_TAGS, "optimized": paths.OPTIMIZED}
+    if evalset is not None:
+        dirs.update(image=paths.eval_features(evalset), image_tags=paths.eval_tags(evalset))
+    return dirs
+
+
+class Inputs:
+    """The artifacts behind a method's ``Needs``, opened and checked; ``data`` is what the method is
+    handed, ``shards(order)`` streams its per-row columns shard by shard."""
+
+    def __init__(self, needs: Needs, device: str, evalset: str | None = None,
+                 artifacts: dict[str, ShardedArtifact] | None = None):
+        self.needs, self.evalset = needs, evalset
+        dirs = _source_dirs(evalset)
+        specs = {}
+        for name, spec in needs.rows.items():
+            source, _, column = spec.partition(".")
+            if source not in dirs:
+                side = "captioning" if evalset is not None else "training"
+                raise ValueError(f"`{spec}`: {source!r} is not a {side} source ({', '.join(dirs)})")
+            specs[name] = (source, column)
+        sources = {s for s, _ in specs.values()} | ({"corpus"} if needs.corpus else set())
+        sources |= {m for m in needs.means if m in ("text", "synthetic")}
+        if "eval" in needs.means:
+            sources.add("image")
+        given = artifacts or {}
+        self.artifacts = {s: given[s] if s in given else ShardedArtifact(dirs[s]) for s in sorted(sources)}
+        self.specs = specs
+
+        features = {s: a for s, a in self.artifacts.items() if s in ("text", "synthetic", "optimized", "image")}
+        if not features:
+            raise ValueError("a method must read at least one CLIP feature column")
+        clip = require_same_model(**{f"{s}_features": a for s, a in features.items()})
+        dim = int(clip["embed_dim"])
+        num_patches = None
+        if any(column == "patches" for _, column in specs.values()):
+            source = next(s for s, c in specs.values() if c == "patches")
+            num_patches = patch_count(self.artifacts[source], dim)
+        self.data = Data(clip=clip, feature_dim=dim, num_patches=num_patches, device=device)
+        d = self.data
+        if needs.corpus:
+            corpus = self.artifacts["corpus"]
+            d.corpus = {c: corpus.read_column(c).to_pylist() for c in needs.corpus}
+        if needs.support:
+            d.support = open_support(needs.support, clip)
+        if needs.tag_vocabulary:
+            d.tag_vocabulary = TagVocabulary(read_single_table(paths.TAG_VOCABULARY, clip, "tag_vocabulary"))
+        if needs.concepts:
+            d.concepts = read_concepts(paths.CONCEPTS, clip)
+        for which in needs.means:
+            source, column = {"text": ("text", "text_feature"), "synthetic": ("synthetic", "global"),
+                              "eval": ("image", "global")}[which]
+            art = self.artifacts[source]
+            d.means[which] = mean_direction(feature_numpy(b.column(0)) for b in art.iter_batches([column]))
+        if needs.text_encoder:
+            d.text_encoder = clip_from_identity(clip, device).encode_texts
+
+    @property
+    def num_shards(self) -> int:
+        return len(next(iter(self.artifacts.values())).paths)
+
+    def shard_rows(self) -> list[int]:
+        art = next(iter(self.artifacts.values()))
+        return [int(s["rows"]) for s in art.manifest["shards"]]
+
+    def shards(self, order: list[int] | None = None) -> Iterator[tuple[int, dict]]:
+        """(shard index, {name: column}) in ``order``; features float32 [n, D], patches [n, N_p, D]."""
+        order = list(range(self.num_shards)) if order is None else order
+        id_column = "image_id" if self.evalset is not None else "caption_id"
+        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items()]
+        d = self.data
+        for k, shard in zip(order, aligned_shards(id_column, columns, order)):
+            for name, (source, column) in self.specs.items():
+                if column in FEATURE_COLUMNS and column != "patches" and column != "cls_attention":
+                    check_dim(shard[name], d.feature_dim, f"{source} {column} of shard {k}")
+                elif column == "patches":
+                    check_dim(shard[name], d.num_patches * d.feature_dim, f"{source} patches of shard {k}")
+                    shard[name] = shard[name].reshape(-1, d.num_patches, d.feature_dim)
+            yield k, shard
+
+    def fingerprint(self) -> str:
+        """What these inputs are: the content of every artifact and file they come from."""
+        parts = {s: artifact_id(a) for s, a in self.artifacts.items()}
+        parts["rows"] = sorted(self.specs.items())
+        if self.needs.support:
+            parts["support"] = file_id(paths.support(self.needs.support))
+        if self.needs.tag_vocabulary:
+            parts["tag_vocabulary"] = file_id(paths.TAG_VOCABULARY)
+        if self.needs.concepts:
+            parts["concepts"] = file_id(paths.CONCEPTS)
+        parts["means"], parts["corpus"] = list(self.needs.means), list(self.needs.corpus)
+        return fingerprint(parts)
+
+
+def patch_count(artifact: ShardedArtifact, dim: int) -> int:
+    """N_p from an image-feature artifact's metadata, checked against the CLIP dim."""
+    meta = artifact.meta
+    if not meta.get("num_patches"):
+        raise ValueError(f"{artifact.folder} records no patch grid: this method needs a ViT CLIP whose patch "
+                         f"tokens were cached (rerun the stage that writes it)")
+    if int(meta.get("dim", dim)) != dim:
+        raise ValueError(f"{artifact.folder} holds {meta['dim']}-dimensional patches but the CLIP dim is {dim}")
+    return int(meta["num_patches"])
+
+
+def open_support(name: str, clip: dict) -> SupportSet:
+    folder = paths.support(name)
+    support = SupportSet.load(folder)
+    require_same_model(image_features=clip, **{f"support_set_{name}": support.model})
+    return support
+
+
+def artifact_id(artifact: ShardedArtifact) -> str:
+    shards = artifact.manifest["shards"]
+    return fingerprint(artifact.num_rows, [s.get("sha256") or s["fingerprint"] for s in shards])
+
+
+def file_id(path: Path) -> str:
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def fit(model: torch.nn.Module, batches: Callable[[int], Iterator[dict]], epochs: int, optimizer, scheduler,
+        grad_clip: float | None = None, grad_clip_value: float | None = None, desc: str = "train",
+        progress: bool = True, max_steps: int | None = None) -> dict:
+    """Minimise ``model.loss(batch)`` over ``epochs`` passes of ``batches(epoch)``; the scheduler steps
+    once per optimizer step. Returns {"epoch_loss": per-epoch mean loss weighted by batch size,
+    "logs": per-epoch means of what the loss logged, "steps": optimizer steps}. Leaves the model in
+    eval mode."""
+    history, logs, steps = [], [], 0
+    for epoch in range(epochs):
+        model.train()
+        total, count, extra = 0.0, 0, {}
+        bar = tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress)
+        for batch in bar:
+            out = model.loss(batch)
+            loss, logged = out if isinstance(out, tuple) else (out, {})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip_value)
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+            total, count, steps = total + loss.item() * n, count + n, steps + 1
+            for key, value in logged.items():
+                s, c = extra.get(key, (0.0, 0))
+                extra[key] = (s + float(value) * n, c + n)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if max_steps is not None and steps >= max_steps:
+                break
+        if count == 0:
+            raise ValueError(f"epoch {epoch} yielded no batch")
+        history.append(total / count)
+        logs.append({k: s / c for k, (s, c) in extra.items()})
+        if max_steps is not None and steps >= max_steps:
+            break
+    model.eval()
+    return {"epoch_loss": history, "logs": logs, "steps": steps}
+
+
+def train_model(module, s, inputs: Inputs, progress: bool = True, max_steps: int | None = None):
+    """Build the model of ``module`` with settings ``s`` and fit it on ``inputs`` -> (model, facts, result)."""
+    data = inputs.data
+    facts = module.facts(s, data)
+    torch.manual_seed(s.seed)
+    model = module.create(s, facts, data).to(data.device)
+    total = sum(math.ceil(rows / s.batch_size) for rows in inputs.shard_rows()) * s.epochs
+    optimizer, scheduler = schedules.build(model, s.optim, total_steps=total, width=getattr(model, "width", None))
+    prepare = getattr(module, "prepare", None)
+    offsets = np.r_[0, np.cumsum(inputs.shard_rows())].astype(int).tolist()
+
+    def batches(epoch: int) -> Iterator[dict]:
+        order = shard_order(inputs.num_shards, epoch, s.seed)
+        for k, rows in inputs.shards(order):
+            step = Step(epoch=epoch, shard=k, offset=offsets[k], seed=s.seed)
+            rows = prepare(rows, s, data, step) if prepare else rows
+            n = len(next(iter(rows.values())))
+            perm = np.random.default_rng([s.seed, epoch, k]).permutation(n)
+            for start in range(0, n, s.batch_size):
+                yield module.batch(model, rows, perm[start:start + s.batch_size], s, data, step)
+
+    torch.manual_seed(s.seed)                       # dropout and any noise drawn inside the model
+    result = fit(model, batches, s.epochs, optimizer, scheduler, s.optim.grad_clip, s.optim.grad_clip_value,
+                 desc=module.__name__.rsplit(".", 1)[-1], progress=progress, max_steps=max_steps)
+    return model, facts, result
+
+
+def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | None = None,
+          progress: bool = True) -> dict:
+    """Train method instance ``name`` on the cached artifacts; write its model folder. Keeps a model
+    whose fingerprint (settings, inputs, code) is unchanged and whose bytes are intact."""
+    module = methods.get(instance.method)
+    s = instance.train
+    out_dir = Path(out_dir) if out_dir is not None else paths.model(name)
+    inputs = Inputs(module.needs(s), device)
+    fp = fingerprint(instance.method, cfg.as_dict(s), inputs.fingerprint(),
+                     code_version("stages.train", module.__name__), device)
+    kept = kept_report(out_dir, fp)
+    if kept is not None:
+        return {**kept, "kept_from_previous_run": True}
+    model, facts, result = train_model(module, s, inputs, progress)
+    variant = module.variant(s, None)
+    history = result["epoch_loss"]
+    report = {"method": instance.method, "variant": variant, **result, "clip_model": inputs.data.clip,
+              "training_rows": sum(inputs.shard_rows()), "facts": facts,
+              "summary": f"{variant}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs "
+                         f"({result['steps']} steps)"}
+    header = {"method": instance.method, "train": cfg.as_dict(s), "facts": facts, "clip_model": inputs.data.clip,
+              "fingerprint": fp}
+    write_model_folder(out_dir, model, header, report, fp)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the model folder
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(model: torch.nn.Module, path: Path, header: dict) -> None:
+    """Weights as safetensors (tied tensors stored once), ``header`` as JSON in its metadata."""
+    save_model(model, str(path), metadata={"format": CHECKPOINT_FORMAT,
+                                           HEADER_KEY: json.dumps(header, sort_keys=True)})
+
+
+def checkpoint_header(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path}: run its `dvc repro train@NAME` first")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format={meta.get('format')!r})")
+    return json.loads(meta[HEADER_KEY])
+
+
+def load_checkpoint(path: Path, device: str = "cpu"):
+    """-> (model in eval mode, header with ``train`` parsed back into the method's Train settings).
+    Loads tensors only (safetensors): nothing is unpickled."""
+    header = checkpoint_header(path)
+    module = methods.get(header["method"])
+    s = cfg.parse(module.Train, header["train"], f"{path}: train")
+    model = module.create(s, header["facts"])
+    load_model(model, str(path), strict=True, device=str(device))
+    return model.to(device).eval(), {**header, "train": s}
+
+
+def write_model_folder(out_dir: Path, model, header: dict, report: dict, fp: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    tmp = out_dir / f".{MODEL_FILE}.tmp-{os.getpid()}"
+    save_checkpoint(model, tmp, header)
+    os.replace(tmp, out_dir / MODEL_FILE)
+    _write_json(out_dir / REPORT_FILE, report)
+    files = {f: _sha256(out_dir / f) for f in (MODEL_FILE, REPORT_FILE)}
+    _write_json(out_dir / MANIFEST_FILE, {"fingerprint": fp, "files": files})
+
+
+def kept_report(out_dir: Path, fp: str) -> dict | None:
+    """The previous run's report if its fingerprint is ``fp`` and every file still matches its hash."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        if manifest["fingerprint"] != fp:
+            return None
+        if any(_sha256(out_dir / f) != h for f, h in manifest["files"].items()):
+            return None
+        return json.loads((out_dir / REPORT_FILE).read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning
+# ---------------------------------------------------------------------------------------------
+def caption_shards(model, header: dict, c, inputs: Inputs, progress: bool = True) -> dict[str, str]:
+    """Caption every image of ``inputs`` (image_id -> caption)."""
+    module = methods.get(header["method"])
+    s, data = header["train"], inputs.data
+    facts = header["facts"]
+    if "feature_dim" in facts and facts["feature_dim"] != data.feature_dim:
+        raise ValueError(f"the model takes {facts['feature_dim']}-dimensional features, the inputs are "
+                         f"{data.feature_dim}-dimensional")
+    if facts.get("num_patches") and data.num_patches and facts["num_patches"] != data.num_patches:
+        raise ValueError(f"the model was trained on {facts['num_patches']} patches per image, the inputs have "
+                         f"{data.num_patches}")
+    prepare = getattr(module, "prepare", None)
+    out: dict[str, str] = {}
+    shards = tqdm(inputs.shards(), total=inputs.num_shards, desc="caption", unit="shard", disable=not progress)
+    for _, rows in shards:
+        ids = rows.pop("image_id")
+        rows = prepare(rows, s, data, None) if prepare else rows
+        idx = np.arange(len(ids))
+        for start in range(0, len(ids), c.batch_size):
+            out.update(zip(ids[start:start + c.batch_size],
+                           module.caption(model, rows, idx[start:start + c.batch_size], s, c, data)))
+    return out
+
+
+def caption(name: str, instance: cfg.MethodInstance, evalset: str, device: str, progress: bool = True
+            ) -> dict[str, str]:
+    """Caption eval set ``evalset`` with the trained instance ``name``."""
+    model, header = load_checkpoint(paths.model(name) / MODEL_FILE, device)
+    if header["method"] != instance.method:
+        raise ValueError(f"{paths.model(name)} holds a {header['method']} model but params.yaml says "
+                         f"methods.{name}.method is {instance.method}: run `dvc repro train@{name}`")
+    module = methods.get(instance.method)
+    inputs = Inputs(module.needs(header["train"], instance.caption), device, evalset=evalset)
+    try:
+        require_same_model(trained_on=header["clip_model"], **{f"eval_features_{evalset}": inputs.data.clip})
+    except ModelMismatchError as err:
+        raise ModelMismatchError(f"{err}: the model {name} cannot caption these features") from None
+    return caption_shards(model, header, instance.caption, inputs, progress)

@@ -1,0 +1,56 @@
+"""What every stage script does first and last: validate params.yaml whole, watch its dvc process,
+fingerprint its output, and say what it did.
+
+A stage's fingerprint hashes exactly what its output depends on: the parameters it reads
+(``pipeline.config.STAGE_PARAMS``, speed-only settings left out), the code it runs (the import
+closure of its stage script, ``pipeline.data.provenance``) and the content of its inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline import config as cfg
+from pipeline.data.locks import stop_when_orphaned
+from pipeline.data.provenance import code_version
+from pipeline.data.shards import fingerprint
+
+
+def start(stage: str) -> cfg.Config:
+    """params.yaml parsed and validated (a bad key fails here, before any work), and a watch that
+    stops this process if the dvc process that started it dies."""
+    stop_when_orphaned()
+    try:
+        return cfg.load()
+    except cfg.ConfigError as err:
+        sys.exit(f"{stage}: {err}")
+
+
+def base_fingerprint(stage: str, config: cfg.Config, name: str | None = None, *inputs, module: str | None = None
+                     ) -> str:
+    """Parameters + code + inputs of ``stage`` (``inputs``: fingerprints or ids of what it reads;
+    ``module``: the stage script when it is not ``stages.<stage>``)."""
+    code = code_version(module or f"stages.{stage}")
+    return fingerprint(stage, cfg.stage_params(stage, config, name), code, *inputs)
+
+
+def write_json(path: Path | str, obj) -> None:
+    """JSON written atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path | str):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the stage that writes it (`dvc repro`)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
