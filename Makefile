@@ -32,14 +32,14 @@ install: $(STAMP)
 # The stages run `python -m stages.NAME`: put the venv first on PATH so that python is this one.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	@$(BIN)/python -m pipeline.where
+	@$(BIN)/synthcap status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Select a configuration profile: make profile NAME=paper-syntic-coco (NAME=offline switches back).
 profile: $(STAMP)
-	$(BIN)/python -m pipeline.params use $(NAME)
+	$(BIN)/python -m pipeline.profiles use $(NAME)
 
 # --- Lock files --------------------------------------------------------------------------------
 # make lock                          re-resolve after a pyproject.toml change, keeping every pin

@@ -24,6 +24,14 @@ METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,cap
 REPORT = ARTIFACTS / "report"
 
 
+def layout(root: Path) -> dict[str, Path]:
+    """Every artifact constant of this module, for an artifacts folder at ``root``."""
+    here = globals()
+    return {key: root / value.relative_to(ARTIFACTS) for key, value in here.items()
+            if key.isupper() and isinstance(value, Path) and value != REPO and value.is_relative_to(ARTIFACTS)
+            and key != "ARTIFACTS"} | {"ARTIFACTS": Path(root)}
+
+
 def evalset(name: str) -> Path:
     return EVALSETS / name
 

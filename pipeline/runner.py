@@ -7,12 +7,13 @@ aligned shards (shards in a seeded order per epoch, rows shuffled within a shard
 checkpoints (safetensors: nothing is unpickled), and loops over eval sets when captioning.
 
 A trained model folder holds ``model.safetensors`` (weights; its header holds the method, the typed
-training settings, the facts the model's shape depends on, the CLIP identity of its training
-features and the fingerprint of everything training read), ``train_report.json`` and
-``_manifest.json`` (the fingerprint and the content hash of each file). ``train`` keeps a model
-whose fingerprint is unchanged and whose bytes still match: DVC may rerun ``train@NAME`` when an
-artifact that this method does not read changes (dvc.yaml lists the union of what methods read);
-the fingerprint covers exactly what this instance reads, so such a rerun ends in seconds.
+training settings, the facts the model's shape depends on and the CLIP identity of its training
+features) and ``train_report.json``; beside them, ``_fingerprints.json`` (not part of the artifact:
+.dvcignore) records the fingerprint of everything training read (settings, inputs' content, code)
+and the sha256 of each file. ``train`` keeps a model whose fingerprint is unchanged and whose bytes
+still match: DVC may rerun ``train@NAME`` when an artifact that this method does not read changes
+(dvc.yaml lists the union of what methods read); the fingerprint covers exactly what this instance
+reads, so such a rerun ends in seconds.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import hashlib
 import json
 import math
 import os
+import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
@@ -43,7 +45,7 @@ from pipeline.vectors import mean_direction
 
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "train_report.json"
-MANIFEST_FILE = "_manifest.json"
+FINGERPRINTS_FILE = "_fingerprints.json"
 CHECKPOINT_FORMAT = "synthcap.checkpoint.v2"
 HEADER_KEY = "synthcap"
 FEATURE_COLUMNS = ("global", "patches", "cls_attention", "text_feature")
@@ -68,12 +70,15 @@ class Inputs:
                  artifacts: dict[str, ShardedArtifact] | None = None):
         self.needs, self.evalset = needs, evalset
         dirs = _source_dirs(evalset)
+        allowed = methods.CAPTION_SOURCES if evalset is not None else methods.TRAIN_SOURCES
         specs = {}
         for name, spec in needs.rows.items():
             source, _, column = spec.partition(".")
-            if source not in dirs:
+            if source not in allowed:
                 side = "captioning" if evalset is not None else "training"
-                raise ValueError(f"`{spec}`: {source!r} is not a {side} source ({', '.join(dirs)})")
+                raise ValueError(f"`{spec}`: {source!r} is not a {side} source ({', '.join(allowed)})")
+            if column not in allowed[source]:
+                raise ValueError(f"`{spec}`: {source!r} has no column {column!r} ({', '.join(allowed[source])})")
             specs[name] = (source, column)
         sources = {s for s, _ in specs.values()} | ({"corpus"} if needs.corpus else set())
         sources |= {m for m in needs.means if m in ("text", "synthetic")}
@@ -136,7 +141,7 @@ class Inputs:
 
     def fingerprint(self) -> str:
         """What these inputs are: the content of every artifact and file they come from."""
-        parts = {s: artifact_id(a) for s, a in self.artifacts.items()}
+        parts = {s: a.fingerprint for s, a in self.artifacts.items()}
         parts["rows"] = sorted(self.specs.items())
         if self.needs.support:
             parts["support"] = file_id(paths.support(self.needs.support))
@@ -144,7 +149,8 @@ class Inputs:
             parts["tag_vocabulary"] = file_id(paths.TAG_VOCABULARY)
         if self.needs.concepts:
             parts["concepts"] = file_id(paths.CONCEPTS)
-        parts["means"], parts["corpus"] = list(self.needs.means), list(self.needs.corpus)
+        # the corpus columns held whole: under their own key, "corpus" is the corpus artifact's content
+        parts["means"], parts["corpus_columns"] = list(self.needs.means), list(self.needs.corpus)
         return fingerprint(parts)
 
 
@@ -164,11 +170,6 @@ def open_support(name: str, clip: dict) -> SupportSet:
     support = SupportSet.load(folder)
     require_same_model(image_features=clip, **{f"support_set_{name}": support.model})
     return support
-
-
-def artifact_id(artifact: ShardedArtifact) -> str:
-    shards = artifact.manifest["shards"]
-    return fingerprint(artifact.num_rows, [s.get("sha256") or s["fingerprint"] for s in shards])
 
 
 def file_id(path: Path) -> str:
@@ -272,8 +273,7 @@ def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | 
               "training_rows": sum(inputs.shard_rows()), "facts": facts,
               "summary": f"{variant}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs "
                          f"({result['steps']} steps)"}
-    header = {"method": instance.method, "train": cfg.as_dict(s), "facts": facts, "clip_model": inputs.data.clip,
-              "fingerprint": fp}
+    header = {"method": instance.method, "train": cfg.as_dict(s), "facts": facts, "clip_model": inputs.data.clip}
     write_model_folder(out_dir, model, header, report, fp)
     return report
 
@@ -282,17 +282,41 @@ def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | 
 # Checkpoints and the model folder
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(model: torch.nn.Module, path: Path, header: dict) -> None:
-    """Weights as safetensors (tied tensors stored once), ``header`` as JSON in its metadata."""
+    """Weights as safetensors (tied tensors stored once), ``header`` as JSON in its metadata. The same
+    weights and header give the same bytes."""
     save_model(model, str(path), metadata={"format": CHECKPOINT_FORMAT,
                                            HEADER_KEY: json.dumps(header, sort_keys=True)})
+    _sort_metadata(Path(path))
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata map in a random order (a Rust HashMap, seeded per map): rewrite
+    that object with its keys sorted, in place (same pairs, same length), so that a retrained identical
+    model has identical bytes (and DVC sees an unchanged output)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        text = f.read(n).decode("utf-8")
+        start = text.find('"__metadata__":')
+        if start < 0:
+            return
+        start += len('"__metadata__":')
+        meta, end = json.JSONDecoder().raw_decode(text, start)
+        ordered = json.dumps(dict(sorted(meta.items())), separators=(",", ":"), ensure_ascii=False)
+        if len(ordered.encode("utf-8")) != len(text[start:end].encode("utf-8")):   # another escaping: leave it
+            return
+        f.seek(8 + len(text[:start].encode("utf-8")))
+        f.write(ordered.encode("utf-8"))
 
 
 def checkpoint_header(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path}: run its `dvc repro train@NAME` first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:     # a pickle, a truncated file: name it like any other foreign file
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (not a safetensors file: {err})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format={meta.get('format')!r})")
     return json.loads(meta[HEADER_KEY])
@@ -311,19 +335,19 @@ def load_checkpoint(path: Path, device: str = "cpu"):
 
 def write_model_folder(out_dir: Path, model, header: dict, report: dict, fp: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    (out_dir / FINGERPRINTS_FILE).unlink(missing_ok=True)
     tmp = out_dir / f".{MODEL_FILE}.tmp-{os.getpid()}"
     save_checkpoint(model, tmp, header)
     os.replace(tmp, out_dir / MODEL_FILE)
     _write_json(out_dir / REPORT_FILE, report)
     files = {f: _sha256(out_dir / f) for f in (MODEL_FILE, REPORT_FILE)}
-    _write_json(out_dir / MANIFEST_FILE, {"fingerprint": fp, "files": files})
+    _write_json(out_dir / FINGERPRINTS_FILE, {"fingerprint": fp, "files": files})
 
 
 def kept_report(out_dir: Path, fp: str) -> dict | None:
     """The previous run's report if its fingerprint is ``fp`` and every file still matches its hash."""
     try:
-        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        manifest = json.loads((out_dir / FINGERPRINTS_FILE).read_text())
         if manifest["fingerprint"] != fp:
             return None
         if any(_sha256(out_dir / f) != h for f, h in manifest["files"].items()):

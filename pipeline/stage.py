@@ -54,3 +54,15 @@ def read_json(path: Path | str):
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+def shard_summary(result: dict) -> str:
+    """What ``write_sharded`` did, for a stage's last line: kept, written, redone (stale or damaged)."""
+    parts = [f"{len(result['shards'])} shards: {result['kept_from_previous_run']} kept"]
+    if result.get("written_new"):
+        parts.append(f"{result['written_new']} written")
+    if result.get("redone_stale"):
+        parts.append(f"{result['redone_stale']} redone (stale)")
+    if result.get("redone_corrupt"):
+        parts.append(f"{result['redone_corrupt']} redone (damaged: {', '.join(result['corrupt_files'])})")
+    return ", ".join(parts)

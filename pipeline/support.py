@@ -162,7 +162,7 @@ class SupportSet:
         tau = self.tau if tau is None else tau
         top_k = self.top_k if top_k == "own" else top_k
         if top_k is None:
-            return project_exact(queries, self.features, tau, chunk_size=chunk_size)
+            return project_exact(queries, self.features, tau, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         k = min(int(top_k), self.n)

@@ -9,7 +9,7 @@ from pipeline import paths
 from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
 from pipeline.models.clip import clip_for
-from pipeline.stage import base_fingerprint, say, start
+from pipeline.stage import base_fingerprint, say, shard_summary, start
 
 
 def main(kind: str, name: str | None = None) -> None:
@@ -37,11 +37,11 @@ def main(kind: str, name: str | None = None) -> None:
 
     identity = clip().identity
     dvc_stage = stage if name is None else f"{stage}@{name}"
-    write_sharded(out, source.num_rows, config.rows_per_shard,
+    manifest = write_sharded(out, source.num_rows, config.rows_per_shard,
                   base_fingerprint(stage, config, name, source.fingerprint, identity, module="stages.encode"),
                   make_table, {"model": identity, "dtype": dtype, **meta}, executor=config.executor,
                   stage=dvc_stage, desc=dvc_stage)
-    say(f"{dvc_stage}: {source.num_rows} rows with {identity['name']} -> {out}")
+    say(f"{dvc_stage}: {source.num_rows} rows with {identity['name']} ({shard_summary(manifest)}) -> {out}")
 
 
 if __name__ == "__main__":

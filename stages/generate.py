@@ -3,7 +3,7 @@ from pipeline import paths
 from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.generate import generate_table
 from pipeline.models.diffusion import text_to_image_for
-from pipeline.stage import base_fingerprint, say, start
+from pipeline.stage import base_fingerprint, say, shard_summary, start
 
 
 def main() -> None:
@@ -23,8 +23,7 @@ def main() -> None:
                              base_fingerprint("generate", config, None, corpus.fingerprint, identity),
                              make_table, {"model": identity}, executor=config.executor, stage="generate",
                              desc="generate")
-    say(f"generate: {manifest['num_rows']} images in {len(manifest['shards'])} shards "
-        f"({manifest['kept_from_previous_run']} kept from a previous run) -> {paths.SYNTHETIC_IMAGES}")
+    say(f"generate: {manifest['num_rows']} images ({shard_summary(manifest)}) -> {paths.SYNTHETIC_IMAGES}")
 
 
 if __name__ == "__main__":

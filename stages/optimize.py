@@ -5,7 +5,7 @@ from pipeline import paths
 from pipeline.data.aligned import Column, aligned_shards
 from pipeline.data.shards import ShardedArtifact, feature_array, require_same_model, write_sharded
 from pipeline.methods.syntic import optimize_features
-from pipeline.stage import base_fingerprint, say, start
+from pipeline.stage import base_fingerprint, say, shard_summary, start
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
                                                                        "batch_size": o.batch_size}},
                              executor=config.executor, stage="optimize", desc="optimize (Eq. 2)")
     say(f"optimize: {manifest['num_rows']} features (tau={o.tau}, lr={o.lr}, {o.steps} Adam steps per mini-batch "
-        f"of {o.batch_size}) -> {paths.OPTIMIZED}")
+        f"of {o.batch_size}; {shard_summary(manifest)}) -> {paths.OPTIMIZED}")
 
 
 if __name__ == "__main__":

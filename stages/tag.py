@@ -10,7 +10,7 @@ from pipeline.data.shards import ShardedArtifact, write_sharded, write_table_ato
 from pipeline.extract.tag import tag_table, vocabulary_table
 from pipeline.models.clip import clip_for
 from pipeline.models.detector import detector_for
-from pipeline.stage import base_fingerprint, say, start
+from pipeline.stage import base_fingerprint, say, shard_summary, start
 
 
 def main(kind: str, name: str | None = None) -> None:
@@ -45,7 +45,7 @@ def main(kind: str, name: str | None = None) -> None:
                              stage=dvc_stage, desc=dvc_stage)
     labels = ShardedArtifact(out).read_column("labels").to_pylist()
     say(f"{dvc_stage}: {manifest['num_rows']} images, {sum(not x for x in labels)} without a tag, "
-        f"{sum(map(len, labels)) / max(len(labels), 1):.2f} tags per image")
+        f"{sum(map(len, labels)) / max(len(labels), 1):.2f} tags per image ({shard_summary(manifest)})")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def artifacts_root(tmp_path, monkeypatch) -> Path:
+    """Point every artifact path (pipeline/paths.py) at a fresh folder: stages and the runner then
+    read and write there."""
+    from pipeline import paths
+    root = tmp_path / "artifacts"
+    for key, value in paths.layout(root).items():
+        monkeypatch.setattr(paths, key, value)
+    return root

@@ -1,113 +1,88 @@
 """The text-feature family (pipeline/methods/clipcap.py): matched captions, CapDec noise, the
-inference corrections (mean alignment, DeCap projection), the prefix MLP, training and captioning
-through the pipeline entry points on real Flickr8k captions, checkpoints."""
-import json
+inference corrections (mean alignment, DeCap projection), the prefix MLP, the method contract (needs /
+prepare / batch / correct), and training and captioning through the runner on real Flickr8k captions,
+checkpoints."""
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import paths
-from pipeline.methods import clipcap
-from pipeline.methods.clipcap import (PrefixMLP, artifact_mean, caption_features, correction_for, inject_noise,
-                                      load_checkpoint, matched_partners, mean_shift, settings, variant)
-from pipeline.data.shards import ShardedArtifact, feature_array, feature_numpy, fingerprint, write_sharded
-from pipeline.support import SupportSet, l2_normalize
+from pipeline import config as cfg
+from pipeline import paths, runner
+from pipeline.data.aligned import shard_order
+from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, write_sharded
+from pipeline.methods import Data, Step, clipcap
+from pipeline.methods.clipcap import (PrefixMLP, decode_features, inject_noise, matched_partners, mean_shift,
+                                      pairing_stats, variant)
+from pipeline.support import SupportSet
+from pipeline.vectors import l2_normalize, mean_direction
 
-ROWS_PER_SHARD = 16
 N_CAPTIONS = 61          # 12 Flickr8k images x 5 captions + 1 caption of a 13th image: a singleton group
 N_IMAGES = 4
-SUPPORT = {"tau": 0.01, "top_k": 8}
 TINY = {"language_model": {"name": "synthcap-tiny-gpt2", "pretrained": None, "seed": 0},
-        "prefix_length": 2, "max_len": 16, "epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_steps": 0,
-        "lr_schedule": "constant", "beam_size": 2, "caption_batch_size": 8, "seed": 0}
-VARIANTS = {
-    "unsupervised-clipcap": {"method": "clipcap", "matched": True, "noise_variance": 0.0, "correction": "mean"},
-    "capdec": {"method": "clipcap", "matched": False, "noise_variance": 0.016, "correction": "none"},
-    "decap": {"method": "clipcap", "matched": False, "noise_variance": 0.0, "correction": "projection",
-              "prefix_hidden": 0},
+        "prefix_length": 2, "max_len": 16, "epochs": 3, "batch_size": 16,
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01, "schedule": "constant", "warmup_steps": 0},
+        "seed": 0}
+TINY_CAPTION = {"beam_size": 2, "batch_size": 8}
+VARIANTS = {   # (train, caption) settings of each paper's row
+    "unsupervised-clipcap": ({"matched": True}, {"correction": "mean"}),
+    "capdec": ({"noise_variance": 0.016}, {"correction": "none"}),
+    "decap": ({"prefix_hidden": 0}, {"correction": "projection"}),
 }
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def train_settings(**kw) -> clipcap.Train:
+    return cfg.parse(clipcap.Train, {**TINY, **kw}, "methods.clipcap.train")
+
+
+def caption_settings(**kw) -> clipcap.Caption:
+    return cfg.parse(clipcap.Caption, {**TINY_CAPTION, **kw}, "methods.clipcap.caption")
+
+
+def instance(name: str, **train) -> cfg.MethodInstance:
+    t, c = VARIANTS[name]
+    return cfg.MethodInstance(method="clipcap", train=train_settings(**{**t, **train}), caption=caption_settings(**c))
+
+
 # ---------------------------------------------------------------------------------------------
-# Cached artifacts built from real data (the module reads nothing else)
+# Cached artifacts built from real data (the module reads nothing else): tests/test_runner.py
 # ---------------------------------------------------------------------------------------------
-def build_artifacts(root: Path, shared: Path, n_captions: int = N_CAPTIONS, n_images: int = N_IMAGES) -> dict:
-    """corpus, text / synthetic / eval features, an eval set and the support set under root, as
-    the pipeline's stages write them (Parquet shards + manifests, the CLIP identity in the meta)."""
-    from pipeline.data.captions import read_captions
-    from pipeline.data.evalsets import load_eval_images, read_references
-    from pipeline.extract.encode import encode_image_table, encode_text_table
-    from pipeline.models.clip import load_clip
-
-    flickr = shared / "flickr8k"
-    clip = load_clip("synthcap-tiny-vit", seed=0)
-    records = read_captions(flickr / "Flickr8k.token.txt", split_file=flickr / "Flickr_8k.trainImages.txt").records
-    rows = [r.to_dict() for r in records[:n_captions]]
-    train = set((flickr / "Flickr_8k.trainImages.txt").read_text().split())
-    refs = read_references(flickr / "Flickr8k.token.txt")
-    present = sorted(f.name for f in (flickr / "images").iterdir())
-    chosen = [name for name in present if name in refs and name not in train][:n_images]
-    images, _ = load_eval_images(flickr / "images", {k: refs[k] for k in chosen})
-    meta = {"model": clip.identity, "dtype": "float16"}
-    d = {"corpus": root / "corpus", "text": root / "features/text", "synthetic": root / "features/synthetic",
-         "eval": root / "features/eval", "evalsets": root / "evalsets", "support": root / "support",
-         "methods": root / "methods"}
-
-    def sharded(out, n, make, meta):
-        write_sharded(out, n, ROWS_PER_SHARD, fingerprint(str(out)), make, meta, desc=out.name)
-
-    sharded(d["corpus"], len(rows), lambda t: pa.Table.from_pylist(rows[t.start:t.stop]), {"model": None})
-    sharded(d["text"], len(rows), lambda t: encode_text_table(pa.Table.from_pylist(rows[t.start:t.stop]), clip, 64,
-                                                              "float16"), meta)
-    fake = l2_normalize(np.random.default_rng(0).standard_normal((len(rows), clip.dim)))   # stand-in synthetic images
-    sharded(d["synthetic"], len(rows), lambda t: pa.table({"caption_id": [r["caption_id"] for r in rows[t.start:t.stop]],
-                                                          "global": feature_array(fake[t.start:t.stop])}), meta)
-    eval_rows = [{"image_id": r["image_id"], "image": r["image"], "references": r["references"]} for r in images]
-    sharded(d["evalsets"] / "tiny", len(eval_rows), lambda t: pa.Table.from_pylist(eval_rows[t.start:t.stop]),
-            {"model": None})
-    sharded(d["eval"] / "tiny", len(eval_rows),
-            lambda t: encode_image_table(pa.Table.from_pylist(eval_rows[t.start:t.stop]), clip, "image_id", 8,
-                                         "float16"), meta)
-    text = np.concatenate([feature_numpy(b.column(0)) for b in ShardedArtifact(d["text"]).iter_batches(["text_feature"])])
-    SupportSet.build(text).save(d["support"])
-    (d["support"] / "report.json").write_text(json.dumps({"model": clip.identity}))
-    return {**d, "clip": clip.identity, "rows": rows, "references": {r["image_id"]: r["references"] for r in images}}
-
-
-def use_artifacts(monkeypatch, art: dict) -> None:
-    for attr, key in (("CORPUS", "corpus"), ("TEXT_FEATURES", "text"), ("SYNTHETIC_FEATURES", "synthetic"),
-                      ("EVAL_FEATURES", "eval"), ("EVALSETS", "evalsets"), ("SUPPORT", "support"),
-                      ("METHODS", "methods")):
-        monkeypatch.setattr(paths, attr, art[key])
-
-
-def pipeline_params(methods: dict) -> dict:
-    return {"device": "cpu", "support": dict(SUPPORT), "evalsets": {"tiny": {"images": "unused"}},
-            "models": {"clip": {"name": "synthcap-tiny-vit", "pretrained": None, "seed": 0, "precision": "fp32"}},
-            "methods": methods}
-
-
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, shared_data):
-    return build_artifacts(tmp_path_factory.mktemp("clipcap-artifacts"), shared_data)
+def built(tmp_path_factory, shared_data):
+    from test_runner import build_real_artifacts
+    return build_real_artifacts(tmp_path_factory.mktemp("clipcap-artifacts"), shared_data, {"support"},
+                                n_eval=N_IMAGES)
 
 
 @pytest.fixture
-def art(artifacts, monkeypatch):
-    use_artifacts(monkeypatch, artifacts)
-    return artifacts
+def art(built, artifacts_root):
+    from test_runner import use_real_artifacts
+    return use_real_artifacts(built, artifacts_root)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny ClipCap captioner (its LM built from configuration, seeded) for the contract tests."""
+    s = train_settings()
+    return clipcap.create(s, {"feature_dim": 64})
 
 
 def read_all(folder: Path, column: str) -> np.ndarray:
     return np.concatenate([feature_numpy(pq.read_table(f, columns=[column]).column(0))
                            for f in sorted(Path(folder).glob("part-*.parquet"))])
+
+
+def write_other_clip_copy(source: Path, out: Path, clip: dict) -> None:
+    """The artifact at ``source`` again, as if another CLIP model had made it."""
+    art = ShardedArtifact(source)
+    meta = {**art.meta, "model": clip}
+    write_sharded(out, art.num_rows, art.manifest["shards"][0]["rows"], "other-clip-copy",
+                  lambda t: art.read_shard(t.index), meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,12 +110,15 @@ def test_matched_partners_stay_in_the_group_never_self_cover_every_caption_and_a
     assert matched_partners([], 0, 0).tolist() == []
 
 
-def test_matched_partners_on_real_flickr8k_groups(artifacts):
-    groups = [r["group_id"] for r in artifacts["rows"]]
+def test_matched_partners_on_real_flickr8k_groups(built):
+    groups = [r["group_id"] for r in built["rows"]]
+    assert len(groups) == N_CAPTIONS
     assert len(set(groups)) == 13 and groups.count(groups[-1]) == 1          # 12 groups of 5 + a singleton
     partner = matched_partners(groups, 0, 0)
     check_pairing(groups, partner)
     assert partner[-1] == len(groups) - 1
+    assert pairing_stats(groups) == {"captions": 61, "groups": 13, "singleton_captions": 1,
+                                     "captions_matched_to_another": 60}
 
 
 def text_row_of(batch_features: np.ndarray, text: np.ndarray) -> np.ndarray:
@@ -150,26 +128,47 @@ def text_row_of(batch_features: np.ndarray, text: np.ndarray) -> np.ndarray:
     return rows
 
 
+def epoch_batches(inputs: runner.Inputs, model, s: clipcap.Train, epoch: int) -> list[dict]:
+    """One epoch as the runner makes it: shards in the seeded order, prepare per shard, rows shuffled."""
+    offsets = np.r_[0, np.cumsum(inputs.shard_rows())]
+    out = []
+    for k, shard in inputs.shards(shard_order(inputs.num_shards, epoch, s.seed)):
+        step = Step(epoch=epoch, shard=k, offset=int(offsets[k]), seed=s.seed)
+        rows = clipcap.prepare(shard, s, inputs.data, step)
+        perm = np.random.default_rng([s.seed, epoch, k]).permutation(len(rows["caption_id"]))
+        out += [clipcap.batch(model, rows, perm[i:i + s.batch_size], s, inputs.data, step)
+                for i in range(0, len(perm), s.batch_size)]
+    return out
+
+
 @pytest.mark.parametrize("matched", [True, False])
-def test_training_batches_pair_each_feature_with_its_partner_caption(art, matched):
-    from pipeline.models.language_model import load_causal_lm
-    s = settings({**TINY, "matched": matched})
-    lm = load_causal_lm("synthcap-tiny-gpt2", seed=0)
+def test_training_batches_pair_each_feature_with_its_partner_caption(art, model, matched):
+    s = train_settings(matched=matched)
+    inputs = runner.Inputs(clipcap.needs(s), "cpu")
     rows = art["rows"]
-    columns = {k: [r[k] for r in rows] for k in ("caption_id", "group_id", "text")}
-    text = l2_normalize(read_all(art["text"], "text_feature"))
+    assert inputs.data.corpus["group_id"] == [r["group_id"] for r in rows]
+    text = l2_normalize(read_all(paths.TEXT_FEATURES, "text_feature"))
     for epoch in (0, 1):
-        seen, partners = [], matched_partners(columns["group_id"], epoch, s["seed"])
-        batches = list(clipcap._epoch_batches(s, lm, ShardedArtifact(art["text"]), columns, epoch, text.shape[1]))
+        seen, partners = [], matched_partners(inputs.data.corpus["group_id"], epoch, s.seed)
+        batches = epoch_batches(inputs, model, s, epoch)
         for batch in batches:
             src = text_row_of(batch["feature"].numpy(), text)
             want = [rows[partners[i]]["text"] if matched else rows[i]["text"] for i in src]
-            tokens, lengths = lm.encode(want, s["max_len"])
+            tokens, lengths = model.causal.encode(want, s.max_len)
             assert torch.equal(batch["tokens"], tokens) and torch.equal(batch["lengths"], lengths)
             seen.extend(src.tolist())
         assert sorted(seen) == list(range(len(rows)))                       # each caption once per epoch
-        again = list(clipcap._epoch_batches(s, lm, ShardedArtifact(art["text"]), columns, epoch, text.shape[1]))
+        again = epoch_batches(inputs, model, s, epoch)
         assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(batches, again))
+
+
+def test_prepare_refuses_text_features_of_other_captions_than_the_corpus_rows(art):
+    s = train_settings()
+    inputs = runner.Inputs(clipcap.needs(s), "cpu")
+    _, shard = next(inputs.shards([1]))
+    assert clipcap.prepare(shard, s, inputs.data, Step(epoch=0, shard=1, offset=16, seed=0))["feature"].shape == (16, 64)
+    with pytest.raises(ValueError, match="shard 1 of the text features holds other captions than rows 0"):
+        clipcap.prepare(shard, s, inputs.data, Step(epoch=0, shard=1, offset=0, seed=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,44 +192,83 @@ def test_noise_has_the_requested_variance_and_is_off_at_zero():
         inject_noise(x, -0.1, rng)
 
 
+def test_training_noise_is_drawn_per_seed_epoch_and_shard(art):
+    s = train_settings(noise_variance=0.016)
+    inputs = runner.Inputs(clipcap.needs(s), "cpu")
+    _, shard = next(inputs.shards([0]))
+    noisy = lambda epoch, seed=0: clipcap.prepare(shard, train_settings(noise_variance=0.016, seed=seed),  # noqa
+                                                  inputs.data, Step(epoch, 0, 0, seed))["feature"]
+    clean = l2_normalize(shard["feature"])
+    assert np.array_equal(noisy(0), noisy(0))                                # reproducible
+    assert not np.array_equal(noisy(0), noisy(1)) and not np.array_equal(noisy(0), noisy(0, seed=1))
+    np.testing.assert_allclose(np.linalg.norm(noisy(0), axis=1), 1.0, atol=1e-5)       # renormalised (CapDec code)
+    expected = inject_noise(clean, 0.016, np.random.default_rng([0, 0, 0, 1]))
+    np.testing.assert_array_equal(noisy(0), expected)
+    off = clipcap.prepare(shard, train_settings(), inputs.data, Step(0, 0, 0, 0))["feature"]
+    np.testing.assert_array_equal(off, clean)                                # no noise: the unit text features
+    assert clipcap.prepare(shard, s, inputs.data, None) is shard             # captioning: corrections apply later
+
+
 # ---------------------------------------------------------------------------------------------
 # Inference corrections
 # ---------------------------------------------------------------------------------------------
+def test_needs_follow_the_correction():
+    s = train_settings()
+    assert clipcap.needs(s).rows == {"feature": "text.text_feature"}
+    assert clipcap.needs(s).corpus == ("caption_id", "group_id", "text")
+    assert clipcap.needs(s, caption_settings()).rows == {"feature": "image.global"}
+    assert clipcap.needs(s, caption_settings(correction="mean")).means == ("text", "synthetic")
+    assert clipcap.needs(s, caption_settings(correction="mean", mean_image_source="eval")).means == ("text", "eval")
+    assert clipcap.needs(s, caption_settings(correction="projection", support="coco")).support == "coco"
+    assert clipcap.needs(s, caption_settings()).support is None and clipcap.needs(s, caption_settings()).means == ()
+
+
 @pytest.mark.parametrize("source", ["synthetic", "eval"])
 def test_mean_alignment_equals_a_direct_computation(art, source):
-    v = read_all(art["eval"] / "tiny", "global")
-    text = read_all(art["text"], "text_feature")
-    image = read_all(art["synthetic"] if source == "synthetic" else art["eval"] / "tiny", "global")
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    v = read_all(paths.eval_features("tiny"), "global")
+    text = read_all(paths.TEXT_FEATURES, "text_feature")
+    image = read_all(paths.SYNTHETIC_FEATURES if source == "synthetic" else paths.eval_features("tiny"), "global")
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)           # noqa: E731
     mu_t, mu_v = unit(text.astype(np.float64)).mean(0), unit(image.astype(np.float64)).mean(0)
     direct = unit(unit(v.astype(np.float64)) - mu_v + mu_t)
-    correct = correction_for({"correction": "mean", "mean_image_source": source}, pipeline_params({}),
-                             art["clip"], "tiny")
-    np.testing.assert_allclose(correct(v), direct, atol=1e-6)
-    np.testing.assert_allclose(artifact_mean(ShardedArtifact(art["text"]), "text_feature"), mu_t, atol=1e-10)
+    caption = caption_settings(correction="mean", mean_image_source=source)
+    data = Data(clip=art["clip"], feature_dim=64, means={"text": mu_t, source: mu_v})
+    np.testing.assert_allclose(clipcap.correct(v, caption, data), direct, atol=1e-6)
+    # the means the runner hands the method: streamed over the artifacts, float64
+    inputs = runner.Inputs(clipcap.needs(train_settings(), caption), "cpu", evalset="tiny")
+    assert set(inputs.data.means) == {"text", source}
+    np.testing.assert_allclose(inputs.data.means["text"], mu_t, atol=1e-10)
+    np.testing.assert_allclose(inputs.data.means[source], mu_v, atol=1e-10)
+    np.testing.assert_allclose(mean_direction(np.array_split(text, 5)), mu_t, atol=1e-12)
+    np.testing.assert_allclose(clipcap.correct(v, caption, inputs.data), direct, atol=1e-6)
     np.testing.assert_allclose(mean_shift(v, mu_t, mu_v), direct, atol=1e-6)
     # after the shift the image mean sits on the text mean (before renormalisation)
     np.testing.assert_allclose((unit(image) - mu_v + mu_t).mean(0), mu_t, atol=1e-7)
 
 
 def test_decap_projection_path_equals_support_set_project(art):
-    v = read_all(art["eval"] / "tiny", "global")
-    support = SupportSet.load(art["support"])
-    raw = support.project(v, SUPPORT["tau"], SUPPORT["top_k"])
-    p = pipeline_params({})
-    plain = correction_for({"correction": "projection", "projection_renormalize": False}, p, art["clip"], "tiny")
-    np.testing.assert_array_equal(plain(v), raw)
-    renorm = correction_for({"correction": "projection"}, p, art["clip"], "tiny")
-    np.testing.assert_allclose(renorm(v), raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
-    assert correction_for({"correction": "none"}, p, art["clip"], "tiny")(v * 3) == pytest.approx(l2_normalize(v))
+    v = read_all(paths.eval_features("tiny"), "global")
+    support = SupportSet.load(paths.support("corpus"))
+    assert (support.tau, support.top_k) == (0.01, 8)                        # the corpus set's own settings
+    raw = support.project(v, 0.01, top_k=8)
+    data = Data(clip=art["clip"], feature_dim=64, support=support)
+    plain = clipcap.correct(v, caption_settings(correction="projection", projection_renormalize=False), data)
+    np.testing.assert_array_equal(plain, raw)
+    renorm = clipcap.correct(v, caption_settings(correction="projection"), data)
+    np.testing.assert_allclose(renorm, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+    assert clipcap.correct(v * 3, caption_settings(), data) == pytest.approx(l2_normalize(v))
+    inputs = runner.Inputs(clipcap.needs(train_settings(), caption_settings(correction="projection")), "cpu",
+                           evalset="tiny")
+    np.testing.assert_array_equal(inputs.data.support.project(v), raw)      # the set the runner opens
 
 
 def test_corrections_refuse_features_of_another_clip_model(art):
-    from pipeline.data.shards import ModelMismatchError
     other = {**art["clip"], "weights_sha256": "0" * 64}
+    write_other_clip_copy(paths.eval_features("tiny"), paths.eval_features("other"), other)
     for correction in ("mean", "projection"):
-        with pytest.raises(ModelMismatchError):
-            correction_for({"correction": correction}, pipeline_params({}), other, "tiny")
+        needs = clipcap.needs(train_settings(), caption_settings(correction=correction))
+        with pytest.raises(ModelMismatchError, match="000000000000"):
+            runner.Inputs(needs, "cpu", evalset="other")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,73 +284,73 @@ def test_prefix_mlp_maps_a_feature_to_prefix_length_embeddings_of_the_lm_width()
 
 
 def test_variant_labels_and_settings_validation():
-    assert variant(VARIANTS["unsupervised-clipcap"]) == "matched+mean"
-    assert variant(VARIANTS["capdec"]) == "noise 0.016"
-    assert variant(VARIANTS["decap"]) == "projection"
-    assert variant({"method": "clipcap"}) == "text only"
-    with pytest.raises(ValueError, match="unknown clipcap parameter"):
-        settings({"method": "clipcap", "corection": "mean"})
-    with pytest.raises(ValueError, match="correction"):
-        settings({"correction": "rotation"})
-    with pytest.raises(ValueError, match="noise_variance"):
-        settings({"noise_variance": -1})
+    assert variant(*[cfg.parse(k, v, "x") for k, v in zip((clipcap.Train, clipcap.Caption),
+                                                           VARIANTS["unsupervised-clipcap"])]) == "matched+mean"
+    assert variant(train_settings(**VARIANTS["capdec"][0]), caption_settings(**VARIANTS["capdec"][1])) == "noise 0.016"
+    assert variant(train_settings(**VARIANTS["decap"][0]), caption_settings(**VARIANTS["decap"][1])) == "projection"
+    assert variant(clipcap.Train(), clipcap.Caption()) == "text only"
+    assert variant(train_settings(matched=True), None) == "matched"         # the trained model's own label
+    with pytest.raises(cfg.ConfigError, match=r"unknown key `methods.clipcap.caption.corection` \(did you mean `correction`"):
+        caption_settings(corection="mean")
+    with pytest.raises(cfg.ConfigError, match="correction"):
+        caption_settings(correction="rotation")
+    with pytest.raises(cfg.ConfigError, match="noise_variance"):
+        train_settings(noise_variance=-1)
+
+
+def test_decode_features_does_not_depend_on_the_batch(model):
+    feats = l2_normalize(np.random.default_rng(0).standard_normal((5, 64)))
+    assert decode_features(model, feats, 2, batch_size=2) == decode_features(model, feats, 2, batch_size=64)
+    assert len(decode_features(model, feats[:0], 1)) == 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Every variant through train / caption, checkpoints
+# Every variant through the runner's train / caption, checkpoints
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_each_variant_trains_its_loss_goes_down_and_captions_the_eval_images(art, name, tmp_path):
-    cfg = {**VARIANTS[name], **TINY}
-    p = pipeline_params({name: cfg})
-    report = clipcap.train(name, cfg, p, tmp_path / "model")
+def test_each_variant_trains_its_loss_goes_down_and_captions_the_eval_images(art, name):
+    inst = instance(name)
+    report = runner.train(name, inst, "cpu", progress=False)
     loss = report["epoch_loss"]
     assert len(loss) == TINY["epochs"] and all(np.isfinite(loss))
     assert loss[-1] < loss[0] - 1.0, loss
-    assert report["variant"] == variant(cfg) and report["training_captions"] == N_CAPTIONS
-    assert report["clip_model"] == art["clip"] and report["language_model"]["name"] == "synthcap-tiny-gpt2"
-    if cfg["matched"]:
-        assert report["pairs"] == {"captions": 61, "groups": 13, "singleton_captions": 1,
-                                   "captions_matched_to_another": 60}
-    captions = clipcap.caption(name, cfg, p, tmp_path / "model")
-    assert set(captions) == {"tiny"} and set(captions["tiny"]) == set(art["references"])
-    assert all(isinstance(c, str) for c in captions["tiny"].values())
+    assert report["variant"] == variant(inst.train, None) and report["training_rows"] == N_CAPTIONS
+    assert report["clip_model"] == art["clip"] and report["steps"] == 12
+    header = runner.checkpoint_header(paths.model(name) / runner.MODEL_FILE)
+    assert header["train"]["language_model"]["name"] == "synthcap-tiny-gpt2"
+    captions = runner.caption(name, inst, "tiny", "cpu", progress=False)
+    assert set(captions) == set(art["references"]) == set(art["eval_ids"])
+    assert all(isinstance(c, str) for c in captions.values())
 
 
-def test_checkpoint_round_trip_same_weights_logits_captions_and_another_clip_is_refused(art, tmp_path, monkeypatch):
-    from pipeline.data.shards import ModelMismatchError
-    cfg = {**VARIANTS["capdec"], **TINY, "epochs": 1}
-    p = pipeline_params({"capdec": cfg})
-    clipcap.train("capdec", cfg, p, tmp_path)
-    path = tmp_path / "model.safetensors"
-    meta = clipcap.checkpoint_metadata(path)
-    assert meta["config"]["prefix_length"] == 2 and meta["clip_model"] == art["clip"]
-    assert meta["language_model"]["name"] == "synthcap-tiny-gpt2"
-    model = load_checkpoint(path)
+def test_checkpoint_round_trip_same_weights_logits_captions_and_another_clip_is_refused(art, tmp_path):
+    inst = instance("capdec", epochs=1)
+    runner.train("capdec", inst, "cpu", progress=False)
+    path = paths.model("capdec") / runner.MODEL_FILE
+    header = runner.checkpoint_header(path)
+    assert header["train"]["prefix_length"] == 2 and header["clip_model"] == art["clip"]
+    assert header["train"]["language_model"]["name"] == "synthcap-tiny-gpt2" and header["method"] == "clipcap"
+    model, parsed = runner.load_checkpoint(path)
+    assert parsed["train"] == inst.train
     assert b"pickle" not in path.read_bytes()[:200] and path.read_bytes()[:8] != b"PK\x03\x04"
-    clipcap.save_checkpoint(model, tmp_path / "again.safetensors", model.clip_model)
-    again = load_checkpoint(tmp_path / "again.safetensors")
+    runner.save_checkpoint(model, tmp_path / "again.safetensors", header)
+    again, _ = runner.load_checkpoint(tmp_path / "again.safetensors")
     for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    feats = l2_normalize(read_all(art["eval"] / "tiny", "global"))
+    feats = l2_normalize(read_all(paths.eval_features("tiny"), "global"))
     tokens, lengths = model.causal.encode(["a dog runs"] * len(feats), 8)
     with torch.no_grad():
         batch = {"feature": torch.from_numpy(feats), "tokens": tokens, "lengths": lengths}
         assert torch.equal(model.loss(batch), again.loss(batch))
-    assert caption_features(model, feats, 2) == caption_features(again, feats, 2)
-    assert clipcap.caption("capdec", cfg, p, tmp_path) == clipcap.caption("capdec", cfg, p, tmp_path)  # deterministic
-    with pytest.raises(ValueError, match=r"other.safetensors is not a synthcap.clipcap.v1 checkpoint"):
+    assert decode_features(model, feats, 2) == decode_features(again, feats, 2)
+    first = runner.caption("capdec", inst, "tiny", "cpu", progress=False)
+    assert runner.caption("capdec", inst, "tiny", "cpu", progress=False) == first          # deterministic
+    with pytest.raises(ValueError, match=r"other.safetensors is not a synthcap.checkpoint.v2 checkpoint"):
         from safetensors.torch import save_file
         save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "other"})
-        load_checkpoint(tmp_path / "other.safetensors")
+        runner.load_checkpoint(tmp_path / "other.safetensors")
 
     # eval features of another CLIP model than the training text features: refused, by name
-    real = clipcap.checkpoint_metadata
-
-    def other_clip(path):
-        meta = real(path)
-        return {**meta, "clip_model": {**meta["clip_model"], "name": "another-clip"}}
-
-    monkeypatch.setattr(clipcap, "checkpoint_metadata", other_clip)
+    runner.save_checkpoint(model, path, {**header, "clip_model": {**header["clip_model"], "name": "another-clip"}})
     with pytest.raises(ModelMismatchError, match="another-clip"):
-        clipcap.caption("capdec", cfg, p, tmp_path)
+        runner.caption("capdec", inst, "tiny", "cpu", progress=False)

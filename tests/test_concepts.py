@@ -1,4 +1,6 @@
-"""PCM-Net's concept vocabulary (pipeline/concepts.py) and its stage (stages/concepts.py)."""
+"""PCM-Net's concept vocabulary (pipeline/extract/concepts.py): the noun rule, the vocabulary of real
+captions, and the artifact the concepts stage writes (concept_table), read back by
+pipeline/data/vocabularies.py."""
 import subprocess
 import sys
 
@@ -7,13 +9,11 @@ import pyarrow as pa
 import pytest
 
 from pipeline import paths
-from pipeline.extract.concepts import (STOPWORDS, concept_prompt, concept_vocabulary, noun_counts, nouns,
-                               ranked_concepts)
 from pipeline.data.captions import read_captions
-from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, read_meta, write_sharded
-
-TINY_CLIP = {"models": {"clip": {"name": "synthcap-tiny-vit", "pretrained": None, "seed": 0, "precision": "fp32"}},
-             "device": "cpu"}
+from pipeline.data.shards import ModelMismatchError, read_meta, write_table_atomic
+from pipeline.data.vocabularies import read_concepts
+from pipeline.extract.concepts import (PROMPT_TEMPLATE, STOPWORDS, concept_prompt, concept_table, concept_vocabulary,
+                                       noun_counts, nouns, ranked_concepts)
 
 
 # --- the rule, on hand-made captions ------------------------------------------------------------
@@ -92,52 +92,37 @@ def test_flickr8k_lemmas_merge_plurals(flickr8k_texts):
     assert counts["dog"] > 9000 and counts["child"] > 1000
 
 
-# --- the stage --------------------------------------------------------------------------------------
+# --- the artifact: concept_table, read back by pipeline/data/vocabularies.py -----------------------
 
-def write_corpus(folder, texts, rows_per_shard=8):
-    from stages.corpus import CORPUS_SCHEMA
-    rows = [{"caption_id": f"c{i}", "group_id": f"g{i}", "text": t, "split": "", "source": "test"}
-            for i, t in enumerate(texts)]
-    write_sharded(folder, len(rows), rows_per_shard, "test-corpus",
-                  lambda task: pa.Table.from_pylist(rows[task.start:task.stop], schema=CORPUS_SCHEMA),
-                  {"model": None})
-    return ShardedArtifact(folder)
+@pytest.fixture(scope="module")
+def clip():
+    from pipeline.models.clip import clip_for
+    return clip_for("synthcap-tiny-vit", None, 0, "fp32", "cpu")
 
 
-def test_stage_writes_concepts_with_clip_features(tmp_path, monkeypatch, flickr8k_texts):
-    from pipeline.data.aligned import read_single_table
-    from pipeline.runtime import clip_model
-    from stages import concepts as stage
-
-    monkeypatch.setattr(paths, "CORPUS", tmp_path / "corpus")
-    monkeypatch.setattr(paths, "CONCEPTS", tmp_path / "concepts")
-    write_corpus(paths.CORPUS, flickr8k_texts[:200])
-    p = {**TINY_CLIP, "feature_dtype": "float16", "encode": {"batch_size": 16},
-         "concepts": {"size": 20, "min_count": 2}}
-    table = stage.build(p)
-
-    path = tmp_path / "concepts" / "concepts.parquet"
-    assert path.is_file()
+def test_concept_table_holds_the_vocabulary_with_clip_features_and_reads_back(tmp_path, flickr8k_texts, clip):
+    """What stages/concepts.py writes: concept_table over the corpus's noun counts, with the CLIP identity
+    in the footer; read_concepts reads it back and refuses another CLIP model."""
+    counts = noun_counts(flickr8k_texts[:200])
+    table = concept_table(counts, clip, 20, 2, "float16", batch_size=7)
     assert table.schema.field("concept").type == pa.string()
     assert table.schema.field("count").type == pa.int64()
     assert pa.types.is_fixed_size_list(table.schema.field("text_feature").type)
     words = table.column("concept").to_pylist()
     assert words == concept_vocabulary(flickr8k_texts[:200], 20, 2)
-    assert table.column("count").to_pylist() == [noun_counts(flickr8k_texts[:200])[w] for w in words]
+    assert table.column("count").to_pylist() == [counts[w] for w in words]
 
-    clip = clip_model(p)
-    feats = feature_numpy(read_single_table(path, clip.identity, "concepts").column("text_feature"))
+    path = tmp_path / "concepts" / "concepts.parquet"
+    write_table_atomic(path, table, {"model": clip.identity, "template": PROMPT_TEMPLATE})
+    read_words, feats = read_concepts(path, clip.identity)
+    assert read_words == words and feats.dtype == np.float32 and feats.shape == (len(words), clip.dim)
     expected = clip.encode_texts([f"A photo of {w}" for w in words])
     np.testing.assert_allclose(feats, expected, atol=2e-3)                 # stored as float16
     assert read_meta(path)["model"] == clip.identity
     with pytest.raises(ModelMismatchError):
-        read_single_table(path, {**clip.identity, "seed": 1}, "concepts")
+        read_concepts(path, {**clip.identity, "seed": 1})
 
 
-def test_stage_refuses_an_empty_vocabulary(tmp_path, monkeypatch):
-    from stages import concepts as stage
-    monkeypatch.setattr(paths, "CORPUS", tmp_path / "corpus")
-    monkeypatch.setattr(paths, "CONCEPTS", tmp_path / "concepts")
-    write_corpus(paths.CORPUS, ["a dog", "a cat"])
+def test_concept_table_refuses_an_empty_vocabulary(clip):
     with pytest.raises(ValueError, match="empty"):
-        stage.build({**TINY_CLIP, "feature_dtype": "float16", "concepts": {"size": 10, "min_count": 2}})
+        concept_table(noun_counts(["a dog", "a cat"]), clip, 10, 2, "float16")

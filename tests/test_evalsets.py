@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.data.evalsets import load_eval_images, read_references, resolve_dir
+from pipeline.data.evalsets import copy_package_files, load_eval_images, read_references, resolve_dir
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
     FULL_SIZE_KEY,
@@ -190,20 +190,23 @@ def test_names_escaping_the_image_dir_are_rejected(tmp_path, name):
     assert repr(name) in str(error.value)
 
 
-def test_resolve_dir_package_spec():
+def test_package_files_are_copied_byte_for_byte(tmp_path):
     import skimage.data
 
     expected = Path(skimage.data.__file__).parent
-    assert resolve_dir("package:skimage.data") == expected
-    rows, report = load_eval_images("package:skimage.data", {"camera.png": ["a camera man"]})
+    copied = copy_package_files("skimage.data", ["camera.png"], tmp_path / "photos")
+    assert copied == [tmp_path / "photos" / "camera.png"]
+    rows, report = load_eval_images(tmp_path / "photos", {"camera.png": ["a camera man"]})
     assert (rows[0]["width"], rows[0]["height"]) == (512, 512)
     assert rows[0]["image"] == (expected / "camera.png").read_bytes()
+    with pytest.raises(ValueError, match="no_such_package_xyz"):
+        copy_package_files("no_such_package_xyz", ["a.png"], tmp_path)
+    with pytest.raises(ValueError, match="escapes the image directory"):
+        copy_package_files("skimage.data", ["../__init__.py"], tmp_path)
 
 
 def test_resolve_dir_errors(tmp_path):
     assert resolve_dir(tmp_path) == tmp_path
-    with pytest.raises(ValueError, match="no_such_package_xyz"):
-        resolve_dir("package:no_such_package_xyz")
     with pytest.raises(NotADirectoryError):
         resolve_dir(tmp_path / "missing")
 

@@ -1,9 +1,11 @@
-"""The causal-LM loader (pipeline/models/language_model.py) and its prefix interface."""
+"""The causal-LM loader (pipeline/models/language_model.py), its prefix interface, and decoding from a
+prefix (pipeline/nn/decoding.generate_from_prefix)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.models.language_model import CausalLM, load_causal_lm
+from pipeline.nn.decoding import generate_from_prefix
 
 NAME = "synthcap-tiny-gpt2"
 
@@ -84,7 +86,8 @@ def test_greedy_generate_equals_a_manual_argmax_loop_and_beams_are_deterministic
     torch.manual_seed(1)
     lm.model.eval()
     prefix = torch.randn(2, 2, lm.width) * 3
-    got = lm.generate(prefix, max_new_tokens=6, beam_size=1)
+    generate = lambda beam_size: generate_from_prefix(lm.model, prefix, lm.eos_id, lm.pad_id, 6, beam_size)  # noqa: E731
+    got = generate(1)
     with torch.no_grad():
         for b in range(2):
             x, manual = prefix[b:b + 1], []
@@ -95,6 +98,11 @@ def test_greedy_generate_equals_a_manual_argmax_loop_and_beams_are_deterministic
                 manual.append(nxt)
                 x = torch.cat([x, lm.embed(torch.tensor([[nxt]]))], dim=1)
             assert got[b] == manual
-    beams = lm.generate(prefix, max_new_tokens=6, beam_size=3)
-    assert beams == lm.generate(prefix, max_new_tokens=6, beam_size=3)
+    beams = generate(3)
+    assert beams == generate(3)
     assert all(len(seq) <= 6 and lm.eos_id not in seq for seq in beams)
+    lm.model.train()                                            # decoding is in eval mode and restores the mode
+    assert generate(1) == got and lm.model.training
+    lm.model.eval()
+    with pytest.raises(ValueError, match="beam_size"):
+        generate(0)

@@ -1,11 +1,13 @@
-"""Model loaders: seeded small models, the real loading paths through local checkpoints, CLIP's extra outputs."""
+"""Model loaders: seeded small models, the real loading paths through local checkpoints, CLIP's extra
+outputs, the offline CLIP BPE tokenizer (pipeline/models/bpe.py)."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.models.clip import load_clip
+from pipeline.models.bpe import clip_bpe_tokenizer, clip_tokenizer_from_open_clip
+from pipeline.models.clip import clip_for, clip_from_identity, load_clip
 from pipeline.models.detector import load_detector
 from pipeline.models.diffusion import load_text_to_image
 
@@ -14,6 +16,11 @@ CLIP_NAME, SD_NAME, DETR_NAME = "synthcap-tiny-vit", "synthcap-tiny-sd", "synthc
 
 def photos(shared_data, n=3):
     return [Image.open(p).convert("RGB") for p in sorted((shared_data / "flickr8k" / "images").glob("*.jpg"))[:n]]
+
+
+def encode_images(clip, images):
+    """What the encode stages do with decoded images: CLIP's own preprocessing, then encode_pixels."""
+    return clip.encode_pixels(torch.stack([clip.preprocess(im.convert("RGB")) for im in images]))
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +40,12 @@ def test_clip_from_a_local_checkpoint_file_gives_the_same_features(clip, tmp_pat
     assert loaded.identity["weights_sha256"] == clip.identity["weights_sha256"]
     assert loaded.identity["pretrained"] == str(path)
     images = photos(shared_data)
-    np.testing.assert_array_equal(loaded.encode_images(images)["global"], clip.encode_images(images)["global"])
+    np.testing.assert_array_equal(encode_images(loaded, images)["global"], encode_images(clip, images)["global"])
 
 
 def test_clip_outputs_match_a_direct_computation(clip, shared_data):
     images = photos(shared_data, 2)
-    out = clip.encode_images(images)
+    out = encode_images(clip, images)
     visual = clip.model.visual
     pixels = torch.stack([clip.preprocess(im) for im in images])
     with torch.no_grad():  # run the tower by hand: embeddings, blocks, and the last block's attention
@@ -63,6 +70,15 @@ def test_clip_outputs_match_a_direct_computation(clip, shared_data):
     assert out["patches"].shape == (2, grid, clip.dim) and out["cls_attention"].shape == (2, grid)
     texts = clip.encode_texts(["a dog runs on the grass", "two people ride bikes"])
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+
+
+def test_clip_for_loads_once_and_clip_from_identity_refuses_other_weights(clip):
+    cached = clip_for(CLIP_NAME, None, 0, "fp32", "cpu")
+    assert cached is clip_for(CLIP_NAME, None, 0, "fp32", "cpu")            # once per process and configuration
+    assert cached.identity == clip.identity
+    assert clip_from_identity(clip.identity) is cached                     # the producer of an artifact, again
+    with pytest.raises(ValueError, match=r"not the 000000000000 the artifacts were made with"):
+        clip_from_identity({**clip.identity, "weights_sha256": "0" * 64})
 
 
 def test_unknown_clip_model_error_names_it_and_the_fix(tmp_path):
@@ -93,6 +109,20 @@ def test_diffusion_tokenizer_built_offline_matches_clip_bpe(clip):
     hf_ids = pipe.tokenizer(text).input_ids
     clip_ids = clip.tokenizer([text])[0]
     assert hf_ids == clip_ids[:len(hf_ids)].tolist()
+
+
+def test_offline_clip_bpe_tokenizer_has_clip_ids(clip, tmp_path):
+    texts = ["A man rides a horse on the beach.", "two dogs, 3 cats & a bird's nest", "snow-covered  mountains"]
+    built = clip_tokenizer_from_open_clip(tmp_path / "bpe")
+    assert (tmp_path / "bpe" / "vocab.json").is_file() and (tmp_path / "bpe" / "merges.txt").is_file()
+    shared = clip_bpe_tokenizer()
+    assert shared is clip_bpe_tokenizer()                                   # built once per process
+    assert len(shared) == len(built) == 49408
+    assert (shared.bos_token_id, shared.eos_token_id, shared.pad_token_id) == (49406, 49407, 49407)
+    for text in texts:
+        ids = clip.tokenizer([text])[0]
+        n = int((ids != 0).sum())
+        assert shared(text).input_ids == built(text).input_ids == ids[:n].tolist()
 
 
 def test_missing_diffusion_model_error_names_it(tmp_path):

@@ -1,21 +1,21 @@
-"""PCM-Net: each equation against a direct computation, training on real captions, checkpoints, and
-the pipeline entry points on artifacts written like the stages write them."""
+"""PCM-Net: each equation against a direct computation, the Noam schedule, training on real captions,
+checkpoints through the runner, and training and captioning through the runner on artifacts written like
+the stages write them."""
 import math
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import paths
-from pipeline.methods import method_module
-from pipeline.methods.pcmnet import (GLOBAL, TEXTUAL, VISUAL, PCMNet, PCMNetConfig, caption_batches,
-                                     checkpoint_meta, clip_weights, load_checkpoint, mix_up_inference,
-                                     mix_up_train, no_mix, noam_lr, noam_scheduler, patch_affinity, pcm,
-                                     related_patches, salient_concepts, save_checkpoint, textual_feature_map,
-                                     train_pcmnet, variant, weighted_caption_loss)
-from pipeline.nn.prefix_decoder import CaptionTokenizer
+from pipeline import config as cfg
+from pipeline import paths, runner
+from pipeline.methods import Data, pcmnet
+from pipeline.methods.pcmnet import (GLOBAL, TEXTUAL, VISUAL, PCMNet, PCMNetConfig, clip_weights, mix_up_inference,
+                                     mix_up_train, no_mix, patch_affinity, pcm, related_patches, salient_concepts,
+                                     textual_feature_map, variant, weighted_caption_loss)
+from pipeline.nn import schedules
+from pipeline.nn.schedules import Optim
+from pipeline.nn.tokenizer import CaptionTokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,10 +153,10 @@ def tiny_batch(tok, n=4, cfg=None, seed=0, captions=None):
             "text_feature": torch.randn(n, cfg.feature_dim, generator=g), "tokens": tokens, "lengths": lengths}
 
 
-def tiny_model(cfg=None, seed=0):
+def tiny_model(cfg=None, seed=0, tok=None):
     cfg = cfg or tiny_config()
     torch.manual_seed(seed)
-    return PCMNet(cfg, torch.randn(cfg.num_concepts, cfg.feature_dim)).eval()
+    return PCMNet(cfg, tok or CaptionTokenizer(), torch.randn(cfg.num_concepts, cfg.feature_dim)).eval()
 
 
 def test_embedding_uses_one_fc_per_stream_with_position_and_type(tok):
@@ -201,15 +201,17 @@ def test_decoder_is_causal(tok):
 
 
 def test_base_variant_feeds_the_patch_map_as_it_is(tok):
-    cfg = tiny_config(mixup=False, num_concepts=0)
-    model = PCMNet(cfg).eval()
-    batch = tiny_batch(tok, cfg=cfg)
+    config = tiny_config(mixup=False, num_concepts=0)
+    model = PCMNet(config, tok).eval()
+    batch = tiny_batch(tok, cfg=config)
     g, tokens, types, positions = model.encoder_inputs(batch)
     assert torch.equal(tokens, batch["patches"]) and (types == VISUAL).all()
     assert model.encode(batch).shape == (4, 1 + 6, 16)
     assert no_mix(batch["patches"])[2][0].tolist() == [1, 2, 3, 4, 5, 6]
-    assert [variant({"mixup": m, "cxe": c}) for m, c in ((0, 0), (1, 0), (0, 1), (1, 1))] == \
+    assert [variant(pcmnet.Train(mixup=bool(m), cxe=bool(c)), None) for m, c in ((0, 0), (1, 0), (0, 1), (1, 1))] == \
         ["Base", "Base+Mix-up", "Base+CXE", "Base+Mix-up+CXE"]
+    with pytest.raises(ValueError, match="mix-up needs a non-empty concept vocabulary"):
+        PCMNet(tiny_config(num_concepts=0), tok)
 
 
 def test_noise_only_on_the_global_input_at_training(tok):
@@ -262,184 +264,167 @@ def test_eq11_weighted_loss_matches_a_per_sample_computation(tok):
 
 
 def test_model_loss_uses_clip_weights_of_image_and_caption(tok):
-    model = tiny_model()
+    model = tiny_model(tiny_config(clip_w=4.0))
     batch = tiny_batch(tok)
     batch["text_feature"] = batch["global"] * 2.0                      # cos 1 -> weight 1
     batch["text_feature"][1] = -batch["global"][1]                     # cos -1 -> weight 0
-    loss, weights = model.loss(batch, clip_w=4.0)
+    loss, logged = model.loss(batch)
+    weights = clip_weights(batch["global"], batch["text_feature"], 4.0)
     torch.testing.assert_close(weights, torch.tensor([1.0, 0.0, 1.0, 1.0]))
     expected = weighted_caption_loss(model(batch), batch["tokens"], batch["lengths"], weights)
     torch.testing.assert_close(loss, expected)
-    plain, none = model.loss(batch, clip_w=None)
-    assert none is None and plain > loss
+    assert logged == {"clip_weight": pytest.approx(0.75)}               # the mean weight, for the train report
+    plain = tiny_model(tiny_config(clip_w=None)).loss(batch)            # Table 3 without CXE: same weights
+    assert isinstance(plain, torch.Tensor) and plain > loss
+    torch.testing.assert_close(plain, weighted_caption_loss(model(batch), batch["tokens"], batch["lengths"]))
 
 
 @pytest.mark.parametrize("hidden, warmup, factor", [(512, 10000, 1.0), (64, 20, 0.5)])
 def test_noam_schedule(hidden, warmup, factor):
     for step in (1, 2, warmup // 2, warmup, 2 * warmup, 10 * warmup):
         expected = factor * hidden ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-        assert noam_lr(step, hidden, warmup, factor) == pytest.approx(expected, rel=1e-12)
-    assert noam_lr(warmup, hidden, warmup, factor) == pytest.approx(factor / math.sqrt(hidden * warmup))
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
-    sched = noam_scheduler(opt, hidden, warmup, factor)
+        assert schedules.noam(step, hidden, warmup, factor) == pytest.approx(expected, rel=1e-12)
+    assert schedules.noam(warmup, hidden, warmup, factor) == pytest.approx(factor / math.sqrt(hidden * warmup))
+    model = torch.nn.Linear(2, 2)
+    model.width = hidden
+    opt, sched = schedules.build(model, Optim(name="adam", lr=factor, betas=(0.9, 0.98), eps=1e-9, schedule="noam",
+                                              warmup_steps=warmup), width=hidden)
     for i in range(5):
-        assert opt.param_groups[0]["lr"] == pytest.approx(noam_lr(i + 1, hidden, warmup, factor), rel=1e-12)
+        assert opt.param_groups[0]["lr"] == pytest.approx(schedules.noam(i + 1, hidden, warmup, factor), rel=1e-12)
         opt.step()
         sched.step()
+    assert opt.param_groups[0]["betas"] == (0.9, 0.98) and opt.param_groups[0]["eps"] == 1e-9
 
 
 # --- training on real captions ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_slice(shared_data):
-    """64 Flickr8k train captions whose photos are in shared_data, encoded with the tiny seeded CLIP.
-    The image side is the CLIP features of the captions' real photos: stand-ins for their
-    synthetic images (no diffusion model runs in tests), so every pair is a true image-caption pair.
-    Plus 4 photos outside the train split as an eval set, and a 40-concept vocabulary from all captions."""
-    from pipeline.extract.concepts import concept_prompt, concept_vocabulary
-    from pipeline.data.captions import read_captions
-    from pipeline.runtime import clip_model
-
-    folder = shared_data / "flickr8k"
-    records = read_captions(folder / "Flickr8k.token.txt").records
-    train_split = set((folder / "Flickr_8k.trainImages.txt").read_text().split())
-    photos = {p.name for p in (folder / "images").iterdir()}
-    captions = [r for r in records if r.group_id in photos and r.group_id in train_split][:64]
-    eval_images = sorted(photos - train_split)[:4]
-    clip = clip_model({"models": {"clip": {"name": "synthcap-tiny-vit", "pretrained": None, "seed": 0}}})
-    words = concept_vocabulary([r.text for r in records], 40)
-    return {"folder": folder, "captions": captions, "eval_images": eval_images, "clip": clip, "words": words,
-            "concepts": clip.encode_texts([concept_prompt(w) for w in words])}
+def built(tmp_path_factory, shared_data):
+    """61 Flickr8k train captions with the tiny seeded CLIP's features of their real photos (stand-ins for
+    their synthetic images: every pair is a true image-caption pair), 4 photos outside the train split as
+    eval set "tiny", and a 40-concept vocabulary of the corpus nouns (tests/test_runner.py)."""
+    from test_runner import build_real_artifacts
+    return build_real_artifacts(tmp_path_factory.mktemp("pcmnet-artifacts"), shared_data, {"concepts"})
 
 
-def image_blobs(folder: Path, names):
-    return [(folder / "images" / n).read_bytes() for n in names]
+@pytest.fixture
+def art(built, artifacts_root):
+    from test_runner import use_real_artifacts
+    return use_real_artifacts(built, artifacts_root)
 
 
-def test_training_on_real_captions_lowers_the_loss(real_slice, tok):
-    from PIL import Image
-    clip, captions = real_slice["clip"], real_slice["captions"]
-    names = sorted({r.group_id for r in captions})
-    enc = clip.encode_images([Image.open(real_slice["folder"] / "images" / n) for n in names])
-    row = [names.index(r.group_id) for r in captions]
-    tokens, lengths = tok.encode([r.text for r in captions], 24)
-    data = {"global": torch.from_numpy(enc["global"][row]), "patches": torch.from_numpy(enc["patches"][row]),
-            "text_feature": torch.from_numpy(clip.encode_texts([r.text for r in captions])),
-            "tokens": tokens, "lengths": lengths}
-    cfg = PCMNetConfig(feature_dim=clip.dim, num_patches=data["patches"].shape[1], hidden=32, heads=4,
-                       ffn_dim=64, max_len=24, num_concepts=len(real_slice["words"]), dropout=0.0)
-    torch.manual_seed(0)
-    model = PCMNet(cfg, torch.from_numpy(real_slice["concepts"]))
+SMALL = {"hidden": 32, "heads": 4, "ffn_dim": 64, "max_len": 24, "dropout": 0.0, "clip_w": 4.0, "epochs": 4,
+         "batch_size": 16, "optim": {"name": "adam", "lr": 1.0, "betas": [0.9, 0.98], "eps": 1e-9,
+                                     "schedule": "noam", "warmup_steps": 8}}
 
-    def batches(epoch):
-        order = np.random.default_rng(epoch).permutation(64)
-        for s in range(0, 64, 16):
-            yield {k: v[order[s:s + 16]] for k, v in data.items()}
+
+def test_training_on_real_captions_lowers_the_loss(art, tok):
+    s = cfg.parse(pcmnet.Train, SMALL, "methods.pcmnet.train")
+    inputs = runner.Inputs(pcmnet.needs(s), "cpu")
+    data = inputs.data
+    assert data.num_patches == 16 and data.feature_dim == 64 and len(data.concepts[0]) == 40
+    shards = [shard for _, shard in inputs.shards()]                              # the 61 pairs, as batch() takes them
+    every = {k: (np.concatenate([sh[k] for sh in shards]) if isinstance(shards[0][k], np.ndarray)
+                 else [x for sh in shards for x in sh[k]]) for k in ("text", "text_feature", "global", "patches")}
+    assert every["patches"].shape == (61, 16, 64) and len(every["text"]) == 61
+    facts = pcmnet.facts(s, data)
+    torch.manual_seed(s.seed)                                                     # the model train_model starts from
+    initial = pcmnet.create(s, facts, data)
 
     @torch.no_grad()
-    def plain_ce():                                                    # over the 64 pairs, 16 at a time
+    def plain_ce(model):                                                          # over the 61 pairs, 16 at a time
         model.eval()
-        return np.mean([model.loss({k: v[s:s + 16] for k, v in data.items()}, None)[0].item()
-                        for s in range(0, 64, 16)])
+        losses = []
+        for start in range(0, 61, 16):
+            idx = np.arange(start, min(start + 16, 61))
+            batch = pcmnet.batch(model, every, idx, s, data, None)
+            losses.append(weighted_caption_loss(model(batch), batch["tokens"], batch["lengths"]).item())
+        return np.mean(losses)
 
-    before = plain_ce()
-    result = train_pcmnet(model, batches, epochs=4, warmup_steps=8, clip_w=4.0, progress=False)
-    after = plain_ce()
+    before = plain_ce(initial)
+    model, _, result = runner.train_model(pcmnet, s, inputs, progress=False)
+    after = plain_ce(model)
     assert result["steps"] == 16 and len(result["epoch_loss"]) == 4
-    assert before > 10.0 and after < before - 3.0                      # plain CE over the 64 pairs
+    assert before > 10.0 and after < before - 3.0                                 # plain CE over the 61 pairs
     assert result["epoch_loss"][-1] < result["epoch_loss"][0]
-    assert 0.0 <= result["mean_clip_weight"] <= 1.0
-    texts = caption_batches(model, [{k: data[k][:2] for k in ("global", "patches")}], beam_size=3, max_len=12)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)   # may be empty this early
+    assert all(0.0 <= log["clip_weight"] <= 1.0 for log in result["logs"])         # Eq. 11's c_I, logged
+    texts = model.generate({"global": torch.from_numpy(every["global"][:2]),
+                            "patches": torch.from_numpy(every["patches"][:2])}, beam_size=3, max_len=12)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)             # may be empty this early
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
 
+TINY_TRAIN = {"hidden": 16, "heads": 2, "ffn_dim": 32, "encoder_layers": 3, "decoder_layers": 2, "dropout": 0.0,
+              "max_len": 12, "salient_k": 3, "mix_m": 2, "tau": 0.05}
+
+
 def test_checkpoint_round_trip(tok, tmp_path):
-    model = tiny_model()
+    train = cfg.parse(pcmnet.Train, TINY_TRAIN, "t")
+    words = [f"w{i}" for i in range(10)]
+    data = Data(clip={"name": "x"}, feature_dim=8, num_patches=6,
+                concepts=(words, np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)))
+    facts = pcmnet.facts(train, data)
+    assert facts == {"feature_dim": 8, "num_patches": 6, "concepts": words, "vocabulary": None}
+    torch.manual_seed(0)
+    model = pcmnet.create(train, facts, data).eval()
+    assert model.cfg == tiny_config(clip_w=2.5, noise_variance=0.016)
     path = tmp_path / "model.safetensors"
     identity = {"kind": "clip", "name": "x", "embed_dim": 8}
-    save_checkpoint(model, path, identity, [f"w{i}" for i in range(10)])
-    meta = checkpoint_meta(path)
-    assert meta["config"] == model.cfg and meta["clip_model"] == identity and meta["concepts"][3] == "w3"
-    loaded = load_checkpoint(path)
-    assert not loaded.training
+    runner.save_checkpoint(model, path, {"method": "pcmnet", "train": cfg.as_dict(train), "facts": facts,
+                                         "clip_model": identity})
+    header = runner.checkpoint_header(path)
+    assert header["facts"]["concepts"][3] == "w3" and header["clip_model"] == identity
+    loaded, parsed = runner.load_checkpoint(path)
+    assert not loaded.training and parsed["train"] == train and loaded.cfg == model.cfg
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert k == k2 and torch.equal(v, v2)
+        assert k == k2 and torch.equal(v, v2)                            # the concept buffer too: it captions alone
+    torch.testing.assert_close(loaded.concepts, torch.from_numpy(data.concepts[1]), rtol=0, atol=0)
     batch = tiny_batch(tok)
     assert loaded.generate(batch, 3, 8) == model.generate(batch, 3, 8)
     assert loaded.generate(batch, 1, 8) == model.generate(batch, 1, 8)
+    with pytest.raises(ValueError, match=r"max_len must be in \[2, 12\]"):
+        loaded.generate(batch, 1, 13)
 
 
 def test_load_rejects_foreign_safetensors(tmp_path):
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={"format": "other"})
-    with pytest.raises(ValueError, match=r"x.safetensors is not a synthcap.pcmnet.v1 checkpoint"):
-        load_checkpoint(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=r"x.safetensors is not a synthcap.checkpoint.v2 checkpoint"):
+        runner.load_checkpoint(tmp_path / "x.safetensors")
 
 
-# --- the pipeline entry points on stage-written artifacts --------------------------------------------
+# --- training and captioning through the runner, on stage-written artifacts ---------------------------
 
-def write_artifacts(root: Path, s: dict, monkeypatch) -> dict:
-    """corpus, features/{text,synthetic,eval/tiny} and concepts as the stages write them (16 rows a shard)."""
-    from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
-    from pipeline.data.shards import feature_array, write_sharded, write_table_atomic
-    from stages.corpus import CORPUS_SCHEMA
-
-    for name, rel in (("CORPUS", "corpus"), ("TEXT_FEATURES", "features/text"),
-                      ("SYNTHETIC_FEATURES", "features/synthetic"), ("EVAL_FEATURES", "features/eval"),
-                      ("CONCEPTS", "concepts")):
-        monkeypatch.setattr(paths, name, root / rel)
-    clip, folder = s["clip"], s["folder"]
-    rows = [r.to_dict() for r in s["captions"]]
-    meta = {"model": clip.identity, "dtype": "float16"}
-    corpus = lambda t: pa.Table.from_pylist(rows[t.start:t.stop], schema=CORPUS_SCHEMA)
-    write_sharded(paths.CORPUS, len(rows), 16, "corpus", corpus, {"model": None})
-    write_sharded(paths.TEXT_FEATURES, len(rows), 16, "text",
-                  lambda t: encode_text_table(corpus(t), clip, 16, "float16"), meta)
-
-    def synthetic(t):                                  # the captions' real photos stand in for synthetic images
-        part = rows[t.start:t.stop]
-        images = pa.table({"caption_id": [r["caption_id"] for r in part],
-                           "image": image_blobs(folder, [r["group_id"] for r in part])})
-        return encode_image_table(images, clip, "caption_id", 16, "float16")
-
-    write_sharded(paths.SYNTHETIC_FEATURES, len(rows), 16, "synthetic", synthetic, {**meta, **patch_grid(clip)})
-    eval_table = pa.table({"image_id": s["eval_images"], "image": image_blobs(folder, s["eval_images"])})
-    write_sharded(paths.EVAL_FEATURES / "tiny", len(s["eval_images"]), 16, "eval",
-                  lambda t: encode_image_table(eval_table.slice(t.start, t.stop - t.start), clip, "image_id", 16,
-                                               "float16"), {**meta, **patch_grid(clip)})
-    table = pa.table({"concept": s["words"], "count": pa.array(range(len(s["words"]), 0, -1), pa.int64()),
-                      "text_feature": feature_array(s["concepts"], "float16")})
-    write_table_atomic(paths.CONCEPTS / "concepts.parquet", table, {"model": clip.identity})
-    return {"evalsets": {"tiny": {"images": "unused"}}, "feature_dtype": "float16"}
+PIPELINE_TRAIN = {"mixup": True, "cxe": True, "salient_k": 5, "mix_m": 5, "tau": 0.01, "clip_w": 4.0,
+                  "noise_variance": 0.016, "hidden": 32, "heads": 4, "ffn_dim": 64, "encoder_layers": 2,
+                  "decoder_layers": 2, "dropout": 0.0, "max_len": 16, "epochs": 3, "batch_size": 16,
+                  "optim": {"name": "adam", "lr": 1.0, "betas": [0.9, 0.98], "eps": 1e-9, "schedule": "noam",
+                            "warmup_steps": 4}, "seed": 0}
 
 
-PIPELINE_CFG = {"method": "pcmnet", "mixup": True, "cxe": True, "salient_k": 5, "mix_m": 5, "tau": 0.01,
-                "clip_w": 4.0, "noise_variance": 0.016, "hidden": 32, "heads": 4, "ffn_dim": 64,
-                "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0, "max_len": 16, "epochs": 3,
-                "batch_size": 16, "warmup_steps": 4, "lr_factor": 1.0, "seed": 0, "beam_size": 3}
-
-
-def test_pipeline_train_and_caption(real_slice, tmp_path, monkeypatch):
+def test_pipeline_train_and_caption(art):
     from pipeline.data.shards import ModelMismatchError
-    p = write_artifacts(tmp_path / "artifacts", real_slice, monkeypatch)
-    module = method_module("pcmnet")
-    report = module.train("pcmnet", PIPELINE_CFG, p, tmp_path / "model")
+    from pipeline.data.vocabularies import read_concepts
+    instance = cfg.MethodInstance(method="pcmnet", train=cfg.parse(pcmnet.Train, PIPELINE_TRAIN, "t"),
+                                  caption=cfg.parse(pcmnet.Caption, {"beam_size": 3}, "c"))
+    report = runner.train("pcmnet", instance, "cpu", progress=False)
     assert report["variant"] == "Base+Mix-up+CXE" and "summary" in report
-    assert report["steps"] == 12 and report["training_pairs"] == 64 and report["num_concepts"] == 40
-    assert report["num_patches"] == 16 and report["clip_model"] == real_slice["clip"].identity
+    assert report["steps"] == 12 and report["training_rows"] == 61 and len(report["facts"]["concepts"]) == 40
+    assert report["facts"]["num_patches"] == 16 and report["clip_model"] == art["clip"]
     assert report["epoch_loss"][-1] < report["epoch_loss"][0]
-    meta = checkpoint_meta(tmp_path / "model" / "model.safetensors")
-    assert meta["concepts"] == real_slice["words"] and meta["config"].num_patches == 16
+    path = paths.model("pcmnet") / runner.MODEL_FILE
+    header = runner.checkpoint_header(path)
+    assert header["facts"]["concepts"] == read_concepts(paths.CONCEPTS, art["clip"])[0]
+    assert header["facts"]["num_patches"] == 16
 
-    captions = module.caption("pcmnet", PIPELINE_CFG, p, tmp_path / "model")
-    assert set(captions) == {"tiny"} and set(captions["tiny"]) == set(real_slice["eval_images"])
-    assert all(isinstance(c, str) for c in captions["tiny"].values())
+    captions = runner.caption("pcmnet", instance, "tiny", "cpu", progress=False)
+    assert set(captions) == set(art["eval_ids"])
+    assert all(isinstance(c, str) for c in captions.values())
 
-    model = load_checkpoint(tmp_path / "model" / "model.safetensors")      # trained on another CLIP: refused
-    (tmp_path / "other").mkdir()
-    save_checkpoint(model, tmp_path / "other" / "model.safetensors", {**real_slice["clip"].identity, "seed": 7},
-                    meta["concepts"])
-    with pytest.raises(ModelMismatchError):
-        module.caption("pcmnet", PIPELINE_CFG, p, tmp_path / "other")
+    model, _ = runner.load_checkpoint(path)                                 # trained on another CLIP: refused
+    paths.model("other").mkdir(parents=True)
+    runner.save_checkpoint(model, paths.model("other") / runner.MODEL_FILE,
+                           {**header, "clip_model": {**art["clip"], "seed": 7}})
+    with pytest.raises(ModelMismatchError, match="the model other cannot caption"):
+        runner.caption("other", instance, "tiny", "cpu", progress=False)

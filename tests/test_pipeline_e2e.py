@@ -1,4 +1,6 @@
-"""The whole pipeline through `dvc repro` on a slice of real Flickr8k data, in a scratch copy of the repo."""
+"""The whole pipeline through `dvc repro` on a slice of real Flickr8k data, in a scratch copy of the repo:
+resume after SIGKILL, an unchanged rerun does nothing, and every change reruns exactly what depends on
+it (a decoding setting, a training setting, a line of code, damaged bytes, an eval set edited or added)."""
 import hashlib
 import json
 import math
@@ -12,33 +14,41 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline.params import merge, render, resolve_profile
+from pipeline import config
+from pipeline.profiles import merge, render, resolve_profile
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["syntic", "pcmnet", "unsupervised-clipcap", "capdec", "decap"]
+EVALSET = "flickr8k-test"
 
 
-def small(p: dict, shared: Path) -> dict:
-    """The flickr8k profile, pointed at ``shared`` and cut down to run in about a minute."""
+def small(p: dict, text: Path, references: Path, images: Path) -> dict:
+    """The flickr8k profile on copies of its text files, cut down to run in about a minute."""
     return merge(p, {
         "rows_per_shard": 8,
-        "corpus": {"path": str(shared / "flickr8k/Flickr8k.token.txt"),
-                   "split_file": str(shared / "flickr8k/Flickr_8k.trainImages.txt"), "max_captions": 48},
-        "evalsets": {"flickr8k-test": {"images": str(shared / "flickr8k/images"),
-                                       "references": str(shared / "flickr8k/Flickr8k.token.txt"),
-                                       "exclude_split_file": str(shared / "flickr8k/Flickr_8k.trainImages.txt"),
-                                       "max_images": 6}},
+        "corpus": {"path": str(text), "max_captions": 48},
+        "evalsets": {EVALSET: {"images": str(images), "references": str(references), "max_images": 6}},
         "generate": {"steps": 2, "batch_size": 4},
         "optimize": {"steps": 3},
         "concepts": {"size": 40},
-        "methods": {"syntic": {"epochs": 1, "beam_size": 2, "decoder": {"width": 32, "layers": 2, "heads": 2}},
-                    "pcmnet": {"epochs": 1, "beam_size": 2, "hidden": 32, "heads": 2, "ffn_dim": 64},
-                    **{m: {"epochs": 1, "beam_size": 2} for m in ("unsupervised-clipcap", "capdec", "decap")}},
-        "mixup": {"evalset": "flickr8k-test", "lambdas": [0.0, 1.0]},
-        "evaluate": {"gallery_size": 3},
+        "methods": {"syntic": {"train": {"epochs": 1, "decoder": {"width": 32, "layers": 2, "heads": 2}},
+                               "caption": {"beam_size": 2}},
+                    "pcmnet": {"train": {"epochs": 1, "hidden": 32, "heads": 2, "ffn_dim": 64},
+                               "caption": {"beam_size": 2}},
+                    **{m: {"train": {"epochs": 1}, "caption": {"beam_size": 2}}
+                       for m in ("unsupervised-clipcap", "capdec", "decap")}},
+        "modality_gap": {"evalset": EVALSET, "lambdas": [0.0, 1.0]},
+        "report": {"gallery_size": 3},
     })
+
+
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(render(config.as_dict(config.from_dict(params)), "flickr8k"))
+
+
+def read_params(root: Path) -> dict:
+    return config.read_yaml(root / "params.yaml")
 
 
 def digests(folder: Path) -> dict:
@@ -48,11 +58,19 @@ def digests(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("repo")
-    for item in ("dvc.yaml", "pipeline", "stages", "profiles", "data"):
+    for item in ("dvc.yaml", ".dvcignore", ".gitignore", "pipeline", "stages", "profiles", "data", "docs"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
-    (root / "params.yaml").write_text(render(small(resolve_profile("flickr8k"), shared_data), "flickr8k"))
+    # the corpus and the eval references each read their own copy of the Flickr8k text folder, so a test
+    # may edit a reference; the photos are read in place
+    for folder in ("corpus-text", "eval-text"):
+        (root / "inputs" / folder).mkdir(parents=True)
+        for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt"):
+            shutil.copy(shared_data / "flickr8k" / name, root / "inputs" / folder / name)
+    write_params(root, small(resolve_profile("flickr8k"), root / "inputs/corpus-text", root / "inputs/eval-text",
+                             shared_data / "flickr8k/images"))
     subprocess.run(dvc_cmd("init", "--no-scm", "-q"), cwd=root, check=True, env=env())
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")      # dvc init wrote its own
     return root
 
 
@@ -64,14 +82,23 @@ def dvc_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def repro(root: Path, *args) -> list[str]:
+def repro(root: Path, *args) -> tuple[list[str], str]:
     out = subprocess.run(dvc_cmd("repro", *args), cwd=root, capture_output=True, text=True, env=env())
     assert out.returncode == 0, f"dvc repro failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return re.findall(r"Running stage '([^']+)'", out.stdout)
+    return re.findall(r"Running stage '([^']+)'", out.stdout), out.stdout
+
+
+def status(root: Path) -> set[str]:
+    out = subprocess.run(dvc_cmd("status", "--json"), cwd=root, capture_output=True, text=True, env=env(), check=True)
+    return set(json.loads(out.stdout))
+
+
+def method_stages(method: str) -> set[str]:
+    return {f"caption@{method}-{EVALSET}", f"evaluate@{method}-{EVALSET}"}
 
 
 def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(workdir):
-    assert repro(workdir, "corpus") == ["corpus"]
+    assert repro(workdir, "corpus")[0] == ["corpus"]
     shards = workdir / "artifacts" / "synthetic"
     proc = subprocess.Popen(dvc_cmd("repro", "generate"), cwd=workdir, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,54 +111,174 @@ def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(workdir)
     survivors = digests(shards)
     assert 1 <= len(survivors) < 6
 
-    assert "generate" in repro(workdir, "generate")
+    ran, out = repro(workdir, "generate")
+    assert "generate" in ran and f"{len(survivors)} kept" in out
     resumed = digests(shards)
     assert len(resumed) == 6 and all(resumed[name] == d for name, d in survivors.items())
 
     for shard in shards.glob("part-*.parquet"):
         shard.unlink()
-    subprocess.run([sys.executable, "-m", "stages.generate"], cwd=workdir, env=env(), check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.generate"], cwd=workdir, env=env(), check=True, capture_output=True)
     assert digests(shards) == resumed
 
 
 def test_full_pipeline_produces_every_artifact_and_finite_metrics(workdir):
     repro(workdir)
     art = workdir / "artifacts"
-    for folder in ["corpus", "evalsets/flickr8k-test", "synthetic", "features/text", "features/synthetic",
-                   "features/eval/flickr8k-test", "tags/synthetic", "tags/eval/flickr8k-test", "optimized"]:
+    for folder in ["corpus", f"evalsets/{EVALSET}", "synthetic", "features/text", "features/synthetic",
+                   f"features/eval/{EVALSET}", "tags/synthetic", f"tags/eval/{EVALSET}", "optimized"]:
         manifest = json.loads((art / folder / "_manifest.json").read_text())
         assert manifest["num_rows"] > 0 and manifest["shards"], folder
     assert json.loads((art / "corpus/_manifest.json").read_text())["num_rows"] == 48
-    assert json.loads((art / "evalsets/flickr8k-test/_manifest.json").read_text())["num_rows"] == 6
-    support = json.loads((art / "support/report.json").read_text())
+    assert json.loads((art / f"evalsets/{EVALSET}/_manifest.json").read_text())["num_rows"] == 6
+    support = json.loads((art / "supports/corpus/report.json").read_text())
     assert support["support_size"] == 48
     assert all(0.9 < v["mean_cosine"] <= 1.0 + 1e-6 for v in support["top_k_vs_exact_cosine"].values())
     assert (art / "concepts/concepts.parquet").stat().st_size > 0
     for method in METHODS:
         assert (art / f"methods/{method}/model/model.safetensors").stat().st_size > 0, method
-        captions = json.loads((art / f"methods/{method}/captions/flickr8k-test.json").read_text())
+        captions = json.loads((art / f"methods/{method}/captions/{EVALSET}.json").read_text())
         assert len(captions) == 6 and all(isinstance(c, str) for c in captions.values()), method
-        metrics = json.loads((art / f"methods/{method}/metrics.json").read_text())["flickr8k-test"]
+        metrics = json.loads((art / f"methods/{method}/metrics/{EVALSET}.json").read_text())
         for name in ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore"]:
             assert isinstance(metrics[name], float) and math.isfinite(metrics[name]), (method, name)
-        evaluation = json.loads((art / f"methods/{method}/evaluation.json").read_text())["flickr8k-test"]
-        assert "SPICE" in metrics or "SPICE" in evaluation["skipped"]
-    mixup = json.loads((art / "methods/unsupervised-clipcap/mixup.json").read_text())
-    assert (art / "methods/unsupervised-clipcap/mixup.png").stat().st_size > 0
-    assert "CIDEr" in json.dumps(mixup) and "1.0" in json.dumps(mixup)
+        assert (metrics["images_evaluated"], metrics["images_skipped"]) == (6, 0)
+        evaluation = json.loads((art / f"methods/{method}/evaluation/{EVALSET}.json").read_text())
+        assert "SPICE" in metrics or "SPICE" in evaluation["skipped_metrics"]
+    gap = json.loads((art / "methods/unsupervised-clipcap/modality_gap.json").read_text())
+    assert (art / "methods/unsupervised-clipcap/modality_gap.png").stat().st_size > 0
+    assert [r["lambda"] for r in gap["results"]] == [0.0, 1.0] and "CIDEr" in gap["results"][0]
     html = (art / "report/index.html").read_text()
     assert all(method in html for method in METHODS) and html.count("data:image/jpeg;base64,") == 3
+    assert "6 images evaluated, 0 skipped" in html
 
-    assert repro(workdir) == [], "an unchanged pipeline must not rerun anything"
+    assert repro(workdir)[0] == [], "an unchanged pipeline must not rerun anything"
 
 
-@pytest.mark.parametrize("method, key", [("syntic", "lr"), ("pcmnet", "lr_factor")])
-def test_changing_one_method_parameter_reruns_only_that_methods_stages(workdir, method, key):
-    params_path = workdir / "params.yaml"
-    p = yaml.safe_load(params_path.read_text())
-    p["methods"][method][key] *= 2
-    params_path.write_text(yaml.safe_dump(p, sort_keys=False))
-    ran = repro(workdir)
-    assert {f"train@{method}", f"caption@{method}", "report"} <= set(ran)
-    assert set(ran) <= {f"train@{method}", f"caption@{method}", f"evaluate@{method}", "report"}
+def test_a_decoding_change_reruns_captioning_and_evaluation_but_never_training(workdir):
+    params = read_params(workdir)
+    params["methods"]["syntic"]["caption"]["beam_size"] = 1
+    write_params(workdir, params)
+    assert status(workdir) == {f"caption@syntic-{EVALSET}", "report"}
+    ran, _ = repro(workdir)
+    assert set(ran) <= method_stages("syntic") | {"report"} and f"caption@syntic-{EVALSET}" in ran
+
+
+@pytest.mark.parametrize("method, key", [("syntic", "lr"), ("pcmnet", "lr")])
+def test_changing_one_training_parameter_reruns_only_that_methods_stages(workdir, method, key):
+    params = read_params(workdir)
+    params["methods"][method]["train"]["optim"][key] *= 2
+    write_params(workdir, params)
+    assert status(workdir) == {f"train@{method}", "report"}
+    ran, _ = repro(workdir)
+    assert {f"train@{method}", f"caption@{method}-{EVALSET}", "report"} <= set(ran)
+    assert set(ran) <= {f"train@{method}"} | method_stages(method) | {"report"}
+
+
+def test_a_code_change_redoes_the_shards_it_affects_and_nothing_downstream(workdir):
+    before = {a: digests(workdir / "artifacts" / a) for a in ("features/text", "features/synthetic")}
+    with open(workdir / "pipeline/extract/encode.py", "a") as f:
+        f.write("# a comment changes the code version\n")
+    ran, out = repro(workdir)
+    assert set(ran) == {"encode_text", "encode_synthetic", f"encode_eval@{EVALSET}"}
+    assert len(re.findall(r"shards: 0 kept", out)) == 3, out
+    # the comment changes no value: the features come out byte-identical, so nothing downstream reruns
+    assert {a: digests(workdir / "artifacts" / a) for a in before} == before
+
+
+def test_damaged_shard_bytes_are_redone_and_the_artifact_ends_byte_identical(workdir):
+    shards = workdir / "artifacts" / "synthetic"
+    before = digests(shards)
+    target = shards / "part-00003.parquet"
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    target.write_bytes(bytes(data))
+    ran, out = repro(workdir)
+    assert ran == ["generate"] and "redone (damaged: part-00003.parquet)" in out
+    assert digests(shards) == before
+
+
+def git(root: Path, *args) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def dvc_json(root: Path, *args):
+    out = subprocess.run(dvc_cmd(*args, "--json"), cwd=root, capture_output=True, text=True, env=env())
+    assert out.returncode == 0 and "failed to load" not in out.stderr, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_experiments_and_revisions_compare_metrics_without_retraining(workdir):
+    """dvc exp run of a decoding change trains nothing; dvc exp show and dvc metrics diff read every
+    method's metrics of the experiment and of main (metrics are cached outputs: any revision's
+    dvc.lock finds them in the DVC cache)."""
+    git(workdir, "init", "-q", "-b", "main")
+    subprocess.run(dvc_cmd("config", "core.no_scm", "false"), cwd=workdir, check=True, env=env())
+    git(workdir, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git(workdir, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "baseline")
+    out = subprocess.run(dvc_cmd("exp", "run", "-n", "beam3", "-S", "methods.pcmnet.caption.beam_size=3"),
+                         cwd=workdir, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    ran = re.findall(r"Running stage '([^']+)'", out.stdout)
+    assert f"caption@pcmnet-{EVALSET}" in ran and not [s for s in ran if s.startswith("train@")]
+
+    rows = dvc_json(workdir, "exp", "show")
+    metric_file = f"artifacts/methods/pcmnet/metrics/{EVALSET}.json"
+    found = {}
+    for row in rows:
+        for exp in [row] + [e for group in (row.get("experiments") or []) for e in group.get("revs", [])]:
+            data = exp.get("data") or {}
+            cider = (data.get("metrics") or {}).get(metric_file, {}).get("data", {}).get("CIDEr")
+            found[data.get("name") or exp.get("rev")] = cider
+    assert "beam3" in found and all(isinstance(v, float) for v in found.values()), found
+
+    git(workdir, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git(workdir, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "beam 3")
+    diff = dvc_json(workdir, "metrics", "diff", "main~1", "--all")
+    assert {f"artifacts/methods/{m}/metrics/{EVALSET}.json" for m in METHODS} <= set(diff) | {metric_file}
+    assert "CIDEr" in diff[metric_file]
+
+
+def test_editing_one_eval_reference_reruns_that_eval_sets_stages_and_trains_nothing(workdir):
+    images = json.loads((workdir / "artifacts" / f"evalsets/{EVALSET}/_manifest.json").read_text())
+    token_file = workdir / "inputs/eval-text/Flickr8k.token.txt"
+    first = sorted(json.loads((workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json").read_text()))[0]
+    lines = token_file.read_text().splitlines(keepends=True)
+    i = next(k for k, line in enumerate(lines) if line.startswith(first + "#0"))
+    lines[i] = f"{first}#0\ta reference rewritten by the test\n"
+    token_file.write_text("".join(lines))
+    assert images["num_rows"] == 6
+    assert status(workdir) == {f"evalset@{EVALSET}"}
+    ran, _ = repro(workdir)
+    assert not [s for s in ran if s.startswith("train@")]
+    assert f"evalset@{EVALSET}" in ran and {f"evaluate@{m}-{EVALSET}" for m in METHODS} <= set(ran)
+
+
+def test_adding_an_eval_set_trains_nothing(workdir):
+    params = read_params(workdir)
+    params["evalsets"]["flickr8k-more"] = {**params["evalsets"][EVALSET], "max_images": 3}
+    write_params(workdir, params)
+    stale = status(workdir)
+    assert "evalset@flickr8k-more" in stale and not [s for s in stale if s.startswith("train@")]
+
+
+def test_the_toy_method_of_the_adding_a_method_guide_trains_captions_and_evaluates(workdir):
+    """docs/ADDING_A_METHOD.md's example, as written, is a method: dropped into pipeline/methods/ and
+    named in params.yaml, it trains, captions and evaluates through the same runner and stages."""
+    code = re.search(r"```python\n(.*?)```", (REPO / "docs/ADDING_A_METHOD.md").read_text(), re.S).group(1)
+    assert len(code.splitlines()) < 100
+    (workdir / "pipeline/methods/toy.py").write_text(code)
+    params = read_params(workdir)
+    params["methods"]["toy"] = {"method": "toy", "train": {"hidden": 32, "epochs": 2}, "caption": {}}
+    (workdir / "params.yaml").write_text(render(params, "flickr8k"))      # validated by the stages' own copy
+    ran, _ = repro(workdir, f"evaluate@toy-{EVALSET}")
+    assert ran == ["train@toy", f"caption@toy-{EVALSET}", f"evaluate@toy-{EVALSET}"]
+    report = json.loads((workdir / "artifacts/methods/toy/model/train_report.json").read_text())
+    assert report["variant"] == "GRU 32" and report["epoch_loss"][1] < report["epoch_loss"][0]
+    captions = json.loads((workdir / f"artifacts/methods/toy/captions/{EVALSET}.json").read_text())
+    assert len(captions) == 6 and all(isinstance(c, str) for c in captions.values())
+    metrics = json.loads((workdir / f"artifacts/methods/toy/metrics/{EVALSET}.json").read_text())
+    assert math.isfinite(metrics["CIDEr"]) and metrics["images_evaluated"] == 6

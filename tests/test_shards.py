@@ -17,7 +17,7 @@ import pytest
 from pipeline.data import provenance
 from pipeline.data.locks import ArtifactLockedError, _mentions_dvc, exclusive_writer
 from pipeline.data.provenance import code_version
-from pipeline.data.shards import (JOURNAL, MANIFEST, CorruptShardError, IncompleteArtifactError, ModelMismatchError,
+from pipeline.data.shards import (FINGERPRINTS, JOURNAL, MANIFEST, CorruptShardError, IncompleteArtifactError, ModelMismatchError,
                                   ShardedArtifact, feature_array, feature_numpy, fingerprint, read_meta,
                                   require_same_model, write_sharded, write_table_atomic)
 
@@ -180,7 +180,23 @@ def test_manifest_records_each_shards_sha256_size_and_stage(tmp_path):
     for shard in manifest["shards"]:
         data = (tmp_path / shard["file"]).read_bytes()
         assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["size"] == len(data)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST] + [f"part-0000{i}.parquet" for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FINGERPRINTS, MANIFEST] + [
+        f"part-0000{i}.parquet" for i in range(5)]
+    assert "fingerprint" not in json.dumps(manifest)     # what was made, not how: content only
+
+
+def test_artifact_bytes_depend_on_content_not_on_how_it_was_made(tmp_path):
+    """Another fingerprint (a code change that changes no value) rewrites every shard to the same bytes:
+    the manifest and shards are byte-identical, so DVC sees an unchanged output and nothing downstream
+    reruns; only the bookkeeping beside them (_fingerprints.json, ignored by DVC) changes."""
+    write_sharded(tmp_path, N, 10, "code-v1", make_features, {"model": MODEL_A})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != FINGERPRINTS}
+    redone = []
+    result = write_sharded(tmp_path, N, 10, "code-v2", recording(redone), {"model": MODEL_A})
+    assert redone == [0, 1, 2, 3, 4] and result["redone_stale"] == 5
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != FINGERPRINTS} == before
+    assert ShardedArtifact(tmp_path).fingerprint == fingerprint(N, [r["sha256"] for r in result["shards"]],
+                                                                {"model": MODEL_A})
 
 
 def test_code_change_redoes_shards(tmp_path):
@@ -291,6 +307,7 @@ def test_shards_without_a_recorded_hash_are_redone(tmp_path):
     for shard in manifest["shards"]:  # as an older version wrote it
         del shard["sha256"], shard["size"]
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / FINGERPRINTS).unlink()   # e.g. fresh from `dvc pull`: nothing says how the shards were made
     with pytest.raises(CorruptShardError, match="no recorded sha256"):
         ShardedArtifact(tmp_path)
     redone = []

@@ -1,4 +1,5 @@
-"""Eq. 3 (feature projection onto the text support set) against a direct float64 computation."""
+"""Eq. 3 (feature projection onto the text support set) against a direct float64 computation; a support
+set's own tau and top-k (``project(queries)`` uses them; ``top_k=None`` is the exact projection)."""
 import json
 
 import numpy as np
@@ -48,10 +49,10 @@ def test_topk_equal_to_n_is_exact():
     queries, support = data()
     ss = SupportSet.build(support)
     np.testing.assert_allclose(ss.project(queries, 0.05, top_k=len(support)),
-                               ss.project(queries, 0.05), atol=2e-6)
+                               ss.project(queries, 0.05, top_k=None), atol=2e-6)
     # k larger than N is clamped to N
     np.testing.assert_allclose(ss.project(queries, 0.05, top_k=10 * len(support)),
-                               ss.project(queries, 0.05), atol=2e-6)
+                               ss.project(queries, 0.05, top_k=None), atol=2e-6)
 
 
 def test_topk_agreement_reported_and_high_for_small_tau():
@@ -95,17 +96,43 @@ def test_ivf_exhaustive_equals_flat():
                                flat.project(queries, 0.02, top_k=20), atol=1e-6)
 
 
+MODEL = {"kind": "clip", "name": "synthcap-tiny-vit", "pretrained": None, "seed": 0, "weights_sha256": "ab" * 32,
+         "embed_dim": 16}
+
+
+def test_project_uses_the_sets_own_tau_and_top_k_unless_given():
+    queries, support = data(n=400, q=12, seed=4)
+    ss = SupportSet.build(support, tau=0.05, top_k=7, model=MODEL)
+    assert (ss.tau, ss.top_k, ss.model) == (0.05, 7, MODEL)
+    np.testing.assert_array_equal(ss.project(queries), ss.project(queries, 0.05, top_k=7))
+    np.testing.assert_array_equal(ss.project(queries, 0.2), ss.project(queries, 0.2, top_k=7))   # own top-k
+    np.testing.assert_array_equal(ss.project(queries, top_k=3), ss.project(queries, 0.05, top_k=3))  # own tau
+    exact = ss.project(queries, top_k=None)                                   # the exact Eq. 3, own tau
+    np.testing.assert_allclose(exact, naive_projection(queries, support, 0.05), atol=2e-6, rtol=1e-5)
+    assert np.abs(exact - ss.project(queries)).max() > 1e-4                   # top-7 is not the exact projection
+    chunked = ss.project(queries, top_k=None, chunk_size=50, query_chunk_size=5)   # streamed in both directions
+    np.testing.assert_allclose(chunked, exact, atol=2e-6, rtol=1e-5)
+    whole = SupportSet.build(support, tau=0.05)                               # top_k None: exact by default
+    np.testing.assert_array_equal(whole.project(queries), exact)
+    with pytest.raises(ValueError, match="tau"):
+        SupportSet.build(support, tau=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        ss.project(queries, top_k=0)
+
+
 def test_save_load_round_trip(tmp_path):
     queries, support = data(n=500, q=10, seed=2)
-    ss = SupportSet.build(support, "IVF4,Flat", nprobe=2)
+    ss = SupportSet.build(support, "IVF4,Flat", nprobe=2, tau=0.02, top_k=8, model=MODEL)
     ss.save(tmp_path / "s")
     meta = json.loads((tmp_path / "s" / "support.json").read_text())
-    assert meta == {"n": 500, "dim": 16, "index": "IVF4,Flat", "nprobe": 2}
+    assert meta == {"n": 500, "dim": 16, "index": "IVF4,Flat", "nprobe": 2, "tau": 0.02, "top_k": 8, "model": MODEL}
     back = SupportSet.load(tmp_path / "s")
     assert back.nprobe == 2 and back.n == 500 and back.dim == 16
+    assert (back.tau, back.top_k, back.model) == (0.02, 8, MODEL)             # the set's own Eq. 3 settings
     np.testing.assert_array_equal(back.features, ss.features)
     np.testing.assert_array_equal(back.project(queries, 0.02, top_k=8), ss.project(queries, 0.02, top_k=8))
-    np.testing.assert_array_equal(back.project(queries, 0.02), ss.project(queries, 0.02))
+    np.testing.assert_array_equal(back.project(queries), ss.project(queries, 0.02, top_k=8))
+    np.testing.assert_array_equal(back.project(queries, 0.02, top_k=None), ss.project(queries, 0.02, top_k=None))
 
 
 def test_load_rejects_inconsistent_files(tmp_path):
@@ -127,7 +154,7 @@ def test_dim_mismatch_error_states_both_dims():
     ss = SupportSet.build(support)
     bad = np.zeros((3, 12), np.float32)
     with pytest.raises(ValueError, match=r"12.*16"):
-        ss.project(bad, 0.01)
+        ss.project(bad, 0.01, top_k=None)
     with pytest.raises(ValueError, match=r"12.*16"):
         ss.project(bad, 0.01, top_k=3)
     with pytest.raises(ValueError, match=r"12.*16"):

@@ -1,17 +1,27 @@
-"""SynTIC: Eq. 2 (feature optimisation), Eq. 5 (auxiliary feature), the captioner, checkpoints."""
+"""SynTIC: Eq. 2 (feature optimisation), Eq. 4-5 (auxiliary feature), the captioner, the method contract
+(needs / prepare / batch: FO, FP with the support set's own tau and top-k, AF), checkpoints through the
+runner, and training and captioning (with "-TT") through the runner on real captions."""
 import json
 from dataclasses import asdict
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.methods.syntic import (AuxiliaryFusion, SynTICCaptioner, SynTICConfig,
-                                     caption_batches, contrastive_loss, load_checkpoint,
-                                     minibatches, optimize_features, optimize_minibatch,
-                                     save_checkpoint, train_syntic)
-from pipeline.nn.prefix_decoder import CaptionTokenizer, DecoderConfig
+from pipeline import config as cfg
+from pipeline import paths, runner
+from pipeline.data.shards import feature_array
+from pipeline.data.vocabularies import TagVocabulary
+from pipeline.methods import Data, Step, syntic
+from pipeline.methods.syntic import (AuxiliaryFusion, SynTICCaptioner, SynTICConfig, contrastive_loss, minibatches,
+                                     optimize_features, optimize_minibatch)
+from pipeline.nn import schedules
+from pipeline.nn.prefix_decoder import DecoderConfig
+from pipeline.nn.schedules import Optim
+from pipeline.nn.tokenizer import CaptionTokenizer
+from pipeline.support import SupportSet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,8 +103,8 @@ def test_optimize_features_is_per_minibatch_so_it_can_be_sharded():
     assert sorted(np.concatenate(batches).tolist()) == list(range(21))
     assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 1]
     for idx in reversed(batches):                                              # any order, any worker
-        raw = optimize_minibatch(s[idx], t[idx], 0.1, 1e-2, 5)
-        part = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        raw = optimize_minibatch(s[idx], t[idx], 0.1, 1e-2, 5).astype(np.float64)
+        part = raw / np.linalg.norm(raw, axis=1, keepdims=True)              # normalised in float64 (pipeline/vectors)
         np.testing.assert_array_equal(part.astype(np.float32), out[idx])
     # the batch of one: returned as its normalised input
     single = batches[-1]
@@ -191,6 +201,25 @@ def test_fusion_ignores_padding_and_no_object_when_tags_exist(fusion):
     assert (u2[~has] - u[~has]).abs().max() > 1e-3
 
 
+# ---- Eq. 4: tag features from the tag vocabulary ---------------------------------------------
+def tag_vocabulary(labels=("dog", "cat", "person", "kite"), dim=16, seed=0):
+    feats = np.random.default_rng(seed).standard_normal((len(labels), dim)).astype(np.float32)
+    return TagVocabulary(pa.table({"label": list(labels), "text_feature": feature_array(feats, "float32")})), feats
+
+
+def test_tag_vocabulary_pads_and_masks_and_refuses_unknown_tags():
+    vocab, feats = tag_vocabulary()
+    tag_feats, mask = vocab.batch([["cat", "kite"], [], ["person"]])                    # O^t = {CLIP_t(o_i)}
+    assert tag_feats.shape == (3, 2, 16) and mask.tolist() == [[True, True], [False, False], [True, False]]
+    np.testing.assert_array_equal(tag_feats[0], feats[[1, 3]])
+    np.testing.assert_array_equal(tag_feats[2, 0], feats[2])
+    assert not tag_feats[1].any() and not tag_feats[2, 1].any()                         # padding is zero
+    empty_feats, empty_mask = vocab.batch([[], []])
+    assert empty_feats.shape == (2, 0, 16) and empty_mask.shape == (2, 0)
+    with pytest.raises(KeyError, match="'zebra'"):
+        vocab.batch([["zebra"]])
+
+
 # ---- the captioner --------------------------------------------------------------------------
 CAPTIONS = ["a cat sitting on a wooden bench", "two people flying a kite on the beach",
             "a bowl of fruit on a kitchen table", "a train stopped at a station platform"]
@@ -201,9 +230,16 @@ def tok():
     return CaptionTokenizer()
 
 
-def config(use_aux=True, dropout=0.0):
+@pytest.fixture(scope="module")
+def small():
+    """The decoder vocabulary of the captions (vocabulary: corpus): fast to train, same code."""
+    return CaptionTokenizer.for_corpus("corpus", CAPTIONS)
+
+
+def config(use_aux=True, dropout=0.0, vocab_size=49408):
     return SynTICConfig(feature_dim=16, aux_heads=2, use_aux=use_aux,
-                        decoder=DecoderConfig(width=32, layers=1, heads=2, max_len=12, dropout=dropout))
+                        decoder=DecoderConfig(vocab_size=vocab_size, width=32, layers=1, heads=2, max_len=12,
+                                              dropout=dropout))
 
 
 def make_batch(tok, captions, seed=0, M=3):
@@ -216,17 +252,27 @@ def make_batch(tok, captions, seed=0, M=3):
             "tokens": tokens, "lengths": lengths}
 
 
+def captioner(tok, **kw):
+    torch.manual_seed(0)
+    return SynTICCaptioner(config(vocab_size=tok.vocab_size, **kw), tok)
+
+
+def infer(batch):
+    return {k: v for k, v in batch.items() if k not in ("tokens", "lengths")}
+
+
 def test_config_sets_prefix_len_and_round_trips_json():
     assert config(True).decoder.prefix_len == 2 and config(False).decoder.prefix_len == 1
     c = config(False)
-    back = SynTICConfig(**json.loads(json.dumps(asdict(c))))  # as a checkpoint header stores it
+    back = SynTICConfig(**json.loads(json.dumps(asdict(c))))  # a config as plain JSON
     assert back == c and isinstance(back.decoder, DecoderConfig)
+    with pytest.raises(ValueError, match="vocab_size 49408 != tokenizer's"):
+        SynTICCaptioner(config(), CaptionTokenizer.for_corpus("corpus", CAPTIONS))
 
 
 @pytest.mark.parametrize("use_aux", [True, False])
 def test_prefix_shapes_and_aux_matters(tok, use_aux):
-    torch.manual_seed(0)
-    model = SynTICCaptioner(config(use_aux)).eval()
+    model = captioner(tok, use_aux=use_aux).eval()
     batch = make_batch(tok, CAPTIONS)
     assert model.prefix(batch).shape == (4, 2 if use_aux else 1, 32)
     other = dict(batch, tag_feats=batch["tag_feats"] + 1.0)
@@ -234,56 +280,183 @@ def test_prefix_shapes_and_aux_matters(tok, use_aux):
     assert (changed > 1e-6) == use_aux
 
 
-def test_train_then_caption_reproduces_the_corpus(tok):
-    torch.manual_seed(0)
-    model = SynTICCaptioner(config())
-    batch = make_batch(tok, CAPTIONS)
-    hist = train_syntic(model, lambda epoch: [batch], epochs=100, lr=1e-2, weight_decay=0.0,
-                        warmup_steps=5, seed=0, progress=False)
+def syntic_optimizer(model, lr=1e-2, weight_decay=0.0, warmup_steps=5):
+    """SynTIC's training setup: AdamW, linear warm-up then constant, gradient norm clipped at 1."""
+    return schedules.build(model, Optim(name="adamw", lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps))
+
+
+def test_train_then_caption_reproduces_the_corpus(small):
+    model = captioner(small)
+    batch = make_batch(small, CAPTIONS)
+    result = runner.fit(model, lambda epoch: [batch], 100, *syntic_optimizer(model), grad_clip=1.0, progress=False)
+    hist = result["epoch_loss"]
     assert len(hist) == 100 and hist[-1] < 0.05 < hist[0]
     assert not model.training
-    infer = {k: v for k, v in batch.items() if k not in ("tokens", "lengths")}
-    assert caption_batches(model, [infer], beam_size=1, tokenizer=tok) == CAPTIONS
-    assert caption_batches(model, [infer], beam_size=3, max_len=12, tokenizer=tok) == CAPTIONS
+    assert model.generate(infer(batch), beam_size=1) == CAPTIONS
+    assert model.generate(infer(batch), beam_size=3, max_len=12) == CAPTIONS
 
 
-def test_train_is_seeded_and_averages_over_captions(tok):
-    batches = [make_batch(tok, CAPTIONS[:3], seed=1), make_batch(tok, CAPTIONS[3:], seed=2)]
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = SynTICCaptioner(config(dropout=0.1))
-        runs.append(train_syntic(model, lambda e: batches, epochs=2, lr=1e-3, weight_decay=0.01,
-                                 warmup_steps=2, seed=7, progress=False))
-    assert runs[0] == runs[1]
-    # epoch loss = caption-weighted mean of the batch losses (checked with lr = 0)
-    torch.manual_seed(0)
-    model = SynTICCaptioner(config())
-    (loss,) = train_syntic(model, lambda e: batches, epochs=1, lr=0.0, progress=False)
+def test_epoch_loss_averages_over_captions_and_generate_checks_max_len(small):
+    batches = [make_batch(small, CAPTIONS[:3], seed=1), make_batch(small, CAPTIONS[3:], seed=2)]
+    model = captioner(small)
     with torch.no_grad():
         expected = (3 * model.loss(batches[0]).item() + 1 * model.loss(batches[1]).item()) / 4
-    assert loss == pytest.approx(expected, rel=1e-6)
+    (loss,) = runner.fit(model, lambda e: batches, 1, *syntic_optimizer(model, lr=0.0, warmup_steps=0),
+                         progress=False)["epoch_loss"]                      # lr 0: the weights stay put
+    assert loss == pytest.approx(expected, rel=1e-6)                        # caption-weighted mean of batch losses
+    for bad in (1, 13):
+        with pytest.raises(ValueError, match=r"max_len must be in \[2, 12\]"):
+            model.generate(infer(batches[0]), max_len=bad)
 
 
-def test_checkpoint_round_trip(tok, tmp_path):
+# ---- the method contract: needs, prepare, batch ------------------------------------------------
+TRAIN = {"aux_heads": 2, "vocabulary": "corpus",
+         "decoder": {"width": 32, "layers": 1, "heads": 2, "max_len": 12, "dropout": 0.0}}
+
+
+def train_settings(**kw):
+    return cfg.parse(syntic.Train, {**TRAIN, **kw}, "methods.syntic.train")
+
+
+def test_needs_and_variant_follow_the_table_4_switches():
+    full = syntic.needs(train_settings())
+    assert full.rows == {"text": "corpus.text", "image": "synthetic.global", "optimized": "optimized.global",
+                         "tags": "synthetic_tags.labels"}
+    assert full.support == "corpus" and full.tag_vocabulary and full.corpus == ("text",)
+    base = syntic.needs(train_settings(fo=False, fp=False, af=False, vocabulary="full"))
+    assert base.rows == {"text": "corpus.text", "image": "synthetic.global"}
+    assert base.support is None and not base.tag_vocabulary and base.corpus == ()
+    tt = syntic.Caption(support="coco")
+    assert syntic.needs(train_settings(), tt).rows == {"image": "image.global", "tags": "image_tags.labels"}
+    assert syntic.needs(train_settings(), tt).support == "coco"                    # "-TT": the target support set
+    assert syntic.needs(train_settings(fp=False), tt).support is None
+    assert syntic.variant(train_settings(), None) == "FO+FP+AF"
+    assert syntic.variant(train_settings(fo=False, af=False), None) == "FP"
+    assert syntic.variant(train_settings(fo=False, fp=False, af=False), None) == "Baseline"
+    assert syntic.variant(train_settings(), tt) == "FO+FP+AF-TT"
+    assert syntic.variant(train_settings(), syntic.Caption()) == "FO+FP+AF"
+    assert syntic.variant(train_settings(fp=False), tt) == "FO+AF"                 # no projection, no -TT
+
+
+@pytest.fixture(scope="module")
+def contract_data():
+    rng = np.random.default_rng(3)
+    support = SupportSet.build(rng.standard_normal((50, 16)).astype(np.float32), tau=0.05, top_k=4)
+    vocab, _ = tag_vocabulary()
+    rows = {"caption_id": [f"c{i}" for i in range(4)], "text": CAPTIONS,
+            "image": rng.standard_normal((4, 16)).astype(np.float32),
+            "optimized": rng.standard_normal((4, 16)).astype(np.float32),
+            "tags": [["cat"], [], ["person", "kite"], ["dog", "cat", "kite"]]}
+    return Data(clip={"name": "x"}, feature_dim=16, corpus={"text": CAPTIONS}, support=support,
+                tag_vocabulary=vocab), rows
+
+
+def test_prepare_picks_fo_features_and_projects_with_the_support_sets_own_tau_and_top_k(contract_data):
+    data, rows = contract_data
+    step = Step(epoch=0, shard=0, offset=0, seed=0)
+    out = syntic.prepare(rows, train_settings(), data, step)
+    np.testing.assert_array_equal(out["v"], data.support.project(rows["optimized"], 0.05, top_k=4))   # FO + Eq. 3
+    np.testing.assert_array_equal(out["query"], rows["optimized"])                # Eq. 5 query: s^v
+    projected = syntic.prepare(rows, train_settings(aux_query="projected"), data, step)
+    np.testing.assert_array_equal(projected["query"], out["v"])
+    no_fo = {k: v for k, v in rows.items() if k != "optimized"}                   # needs() reads none without FO
+    np.testing.assert_array_equal(syntic.prepare(no_fo, train_settings(fo=False), data, step)["v"],
+                                  data.support.project(rows["image"], 0.05, top_k=4))
+    np.testing.assert_array_equal(syntic.prepare(rows, train_settings(fp=False), data, step)["v"], rows["optimized"])
+    at_caption = syntic.prepare({"image": rows["image"], "tags": rows["tags"]}, train_settings(), data, None)
+    np.testing.assert_array_equal(at_caption["v"], data.support.project(rows["image"]))   # real image -> Eq. 3
+
+
+def test_batch_holds_projected_features_tag_features_and_tokens(contract_data):
+    data, rows = contract_data
+    train = train_settings()
+    facts = syntic.facts(train, data)
+    assert facts == {"feature_dim": 16, "vocabulary": CaptionTokenizer.for_corpus("corpus", CAPTIONS).vocabulary}
+    model = syntic.create(train, facts)
+    prepared = syntic.prepare(rows, train, data, Step(0, 0, 0, 0))
+    idx = np.array([3, 1, 2])
+    batch = syntic.batch(model, prepared, idx, train, data, Step(0, 0, 0, 0))
+    np.testing.assert_array_equal(batch["feature"].numpy(), prepared["v"][idx])
+    np.testing.assert_array_equal(batch["aux_query"].numpy(), rows["optimized"][idx])
+    tag_feats, tag_mask = data.tag_vocabulary.batch([rows["tags"][i] for i in idx])          # Eq. 4
+    np.testing.assert_array_equal(batch["tag_feats"].numpy(), tag_feats)
+    assert batch["tag_mask"].tolist() == tag_mask.tolist()
+    tokens, lengths = model.tokenizer.encode([CAPTIONS[i] for i in idx], 12)
+    assert torch.equal(batch["tokens"], tokens) and torch.equal(batch["lengths"], lengths)
+    assert model.loss(batch).isfinite()
+    assert "tag_feats" not in syntic.batch(syntic.create(train_settings(af=False), facts), prepared, idx,
+                                           train_settings(af=False), data, Step(0, 0, 0, 0))
+
+
+# ---- checkpoints (the runner's) -------------------------------------------------------------
+def test_checkpoint_round_trip(tmp_path, contract_data):
+    data, _ = contract_data
+    train = train_settings(fo=False)
+    facts = syntic.facts(train, data)
     torch.manual_seed(0)
-    cfg = config()
-    model = SynTICCaptioner(cfg).eval()
-    batch = make_batch(tok, CAPTIONS)
-    path = tmp_path / "syntic.safetensors"
-    save_checkpoint(model, cfg, path)
-    back = load_checkpoint(path)
-    assert back.cfg == cfg and not back.training
+    model = syntic.create(train, facts).eval()
+    batch = make_batch(model.tokenizer, CAPTIONS)
+    path = tmp_path / "model.safetensors"
+    runner.save_checkpoint(model, path, {"method": "syntic", "train": cfg.as_dict(train), "facts": facts,
+                                         "clip_model": {"name": "x"}})
+    back, header = runner.load_checkpoint(path)
+    assert header["train"] == train and back.cfg == model.cfg and not back.training
+    assert back.tokenizer.vocabulary == model.tokenizer.vocabulary
     torch.testing.assert_close(back.decoder(back.prefix(batch), batch["tokens"]),
                                model.decoder(model.prefix(batch), batch["tokens"]), rtol=0, atol=0)
     assert back.generate(batch, beam_size=2) == model.generate(batch, beam_size=2)
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()["synthcap"])["config"]["decoder"]["width"] == 32
+    assert runner.checkpoint_header(path)["train"]["decoder"]["width"] == 32
 
 
 def test_load_rejects_foreign_safetensors(tmp_path):
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match=r"other.safetensors is not a synthcap.syntic.v1 checkpoint"):
-        load_checkpoint(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"other.safetensors is not a synthcap.checkpoint.v2 checkpoint"):
+        runner.load_checkpoint(tmp_path / "other.safetensors")
+
+
+# ---- training and captioning through the runner, on real captions -----------------------------
+PIPELINE_TRAIN = {"aux_heads": 2, "vocabulary": "corpus",
+                  "decoder": {"width": 32, "layers": 2, "heads": 2, "max_len": 24, "dropout": 0.1},
+                  "epochs": 4, "batch_size": 16,
+                  "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.01, "warmup_steps": 4, "grad_clip": 1.0},
+                  "seed": 0}
+
+
+def pipeline_instance(support="corpus", **train):
+    return cfg.MethodInstance(method="syntic", train=cfg.parse(syntic.Train, {**PIPELINE_TRAIN, **train}, "t"),
+                              caption=cfg.parse(syntic.Caption, {"beam_size": 2, "support": support}, "c"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_data):
+    from test_runner import build_real_artifacts
+    return build_real_artifacts(tmp_path_factory.mktemp("syntic-artifacts"), shared_data,
+                                {"optimized", "tags", "support", "target"})
+
+
+def test_pipeline_train_and_caption_on_real_captions(built, artifacts_root):
+    from test_runner import use_real_artifacts
+    art = use_real_artifacts(built, artifacts_root)
+    inst = pipeline_instance()
+    report = runner.train("syntic", inst, "cpu", progress=False)
+    loss = report["epoch_loss"]
+    assert report["variant"] == "FO+FP+AF" and report["training_rows"] == 61 and report["steps"] == 16
+    assert report["clip_model"] == art["clip"] and report["facts"]["feature_dim"] == 64
+    assert all(np.isfinite(loss)) and loss[-1] < loss[0] - 1.0, loss               # loss goes down on real captions
+    # seeded: training again from the same inputs gives the saved weights
+    model, _ = runner.load_checkpoint(paths.model("syntic") / runner.MODEL_FILE)
+    again, _, _ = runner.train_model(syntic, inst.train, runner.Inputs(syntic.needs(inst.train), "cpu"),
+                                     progress=False)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+    captions = runner.caption("syntic", inst, "tiny", "cpu", progress=False)
+    assert sorted(captions) == art["eval_ids"] and all(isinstance(c, str) for c in captions.values())
+    tt = pipeline_instance(support="coco")                                         # "-TT": a target support set
+    assert syntic.variant(tt.train, tt.caption) == "FO+FP+AF-TT"
+    target = runner.caption("syntic", tt, "tiny", "cpu", progress=False)
+    assert sorted(target) == art["eval_ids"]
+    # what the eval images are projected onto at inference: each support set with its own tau and top-k
+    inputs = runner.Inputs(syntic.needs(tt.train, tt.caption), "cpu", evalset="tiny")
+    assert (inputs.data.support.tau, inputs.data.support.top_k, inputs.data.support.n) == (0.0125, 8, 200)

@@ -4,16 +4,23 @@ An artifact is a folder of ``part-00000.parquet``, ``part-00001.parquet``, ... p
 ``_manifest.json`` written last. Every shard is a pure function of its inputs and is written to a
 temporary name and renamed when complete, so a stage killed half-way keeps its finished shards:
 rerun, it redoes only the missing, stale or damaged ones and the folder ends byte-identical to an
-uninterrupted run. A shard is reused only if its footer carries the same *fingerprint* (a hash of
-everything that went into it: inputs, parameters, model identity and, when the stage adds
-``provenance.code_version``, code) AND its bytes still have the sha256 recorded when it was written.
+uninterrupted run.
 
-Integrity: the manifest lists each shard's sha256 and size. While a run is in progress (the manifest
-is deleted at its start) the hashes live in ``_journal.jsonl``: rewritten from the previous manifest
-and journal at the start, one fsynced line appended per finished shard, removed once the new manifest
-is written. The final folder is shards + manifest only, whatever the history. Readers check sizes on
-open and each shard's sha256 when they read it (``CorruptShardError`` names the file and the stage to
-rerun).
+What a shard holds depends only on its content: the manifest lists each shard's rows, sha256 and
+size (and the producer's metadata); the footer holds the producer's metadata. How it was made is
+recorded beside it, in ``_fingerprints.json``: each shard's *fingerprint* (a hash of everything that
+went into it: inputs, parameters, model identity and the code, ``provenance.code_version``) with the
+sha256 it produced. A shard is reused only if its fingerprint is the task's AND its bytes still have
+that sha256. ``_fingerprints.json`` is not part of the artifact (``.dvcignore``): a code change that
+changes no value rewrites every shard to the same bytes, so DVC sees an unchanged output and nothing
+downstream reruns. An artifact without it (e.g. fresh from ``dvc pull``) is redone if its stage runs.
+``ShardedArtifact.fingerprint`` is the artifact's content id (its shards' hashes): what a downstream
+stage's fingerprint takes from it.
+
+Integrity: readers check sizes on open and each shard's sha256 when they read it
+(``CorruptShardError`` names the file and the stage to rerun). While a run is in progress the records
+live in ``_journal.jsonl``: rewritten from the previous state at the start, one fsynced line appended
+per finished shard, removed once the manifest and ``_fingerprints.json`` are written.
 
 One writer per folder: ``write_sharded`` holds ``locks.exclusive_writer`` (an flock on
 ``<folder>/.lock``, removed at the end) for its whole run.
@@ -41,6 +48,7 @@ from pipeline.data.locks import ArtifactLockedError, exclusive_writer, remove_st
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 MANIFEST = "_manifest.json"
+FINGERPRINTS = "_fingerprints.json"
 JOURNAL = "_journal.jsonl"
 META_KEY = b"synthcap"
 
@@ -156,13 +164,6 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _footer_fingerprint(path: Path) -> str | None:
-    try:
-        return read_meta(path).get("fingerprint")
-    except (OSError, ValueError, pa.ArrowException):
-        return None  # unreadable or truncated
-
-
 @dataclass(frozen=True)
 class ShardTask:
     """One shard to produce: its index, its row range in the aligned input, and where it goes."""
@@ -195,18 +196,18 @@ def _append_journal(journal: Path, record: dict) -> None:
 
 
 def _read_records(out_dir: Path) -> dict[str, dict]:
-    """{file: {sha256, size, fingerprint}} from the previous manifest, overridden by the journal.
+    """{file: {sha256, size, fingerprint}} from the previous run's _fingerprints.json, overridden by
+    the journal.
 
-    The journal is always at least as recent as the manifest (a run rewrites it before deleting
-    the manifest, and deletes it only after writing the new manifest). A torn last line (a crash
+    The journal is always at least as recent (a run rewrites it before deleting the manifest, and
+    deletes it only after writing the new manifest and fingerprints). A torn last line (a crash
     mid-append) is ignored: its shard is then simply redone.
     """
     records: dict[str, dict] = {}
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        for shard in manifest.get("shards", []):
-            if "sha256" in shard and "size" in shard:
-                records[shard["file"]] = {k: shard[k] for k in ("file", "sha256", "size", "fingerprint")}
+        saved = json.loads((out_dir / FINGERPRINTS).read_text())
+        for rec in saved.get("shards", []):
+            records[rec["file"]] = {k: rec[k] for k in ("file", "sha256", "size", "fingerprint")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     try:
@@ -236,8 +237,7 @@ def run_shard(task: ShardTask, make_table: Callable[[ShardTask], pa.Table], meta
     Returns its record ``{"file", "sha256", "size", "fingerprint", "rows"}``.
     """
     table = make_table(task)
-    written = write_table_atomic(task.path, table, {**meta, "fingerprint": task.fingerprint,
-                                                    "shard": task.index, "rows": [task.start, task.stop]})
+    written = write_table_atomic(task.path, table, {**meta, "shard": task.index, "rows": [task.start, task.stop]})
     record = {"file": task.path.name, "fingerprint": task.fingerprint, **written}
     if journal is not None:
         _append_journal(Path(journal), record)
@@ -253,7 +253,7 @@ def _shard_state(task: ShardTask, record: dict | None) -> str:
         return "new"
     if record is None or record.get("fingerprint") != task.fingerprint:
         return "stale"
-    if size != record.get("size") or _footer_fingerprint(path) != task.fingerprint:
+    if size != record.get("size"):
         return "corrupt"
     try:
         actual = file_sha256(path)
@@ -270,8 +270,8 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
     ``make_table(task)`` must be a pure function of the task (its rows of the aligned inputs):
     that is what makes the result independent of crashes, reruns and of the executor.
 
-    A shard is kept only if its footer fingerprint is the task's AND its bytes match the sha256
-    recorded when it was written (manifest or journal); otherwise it is redone. ``stage`` (the DVC
+    A shard is kept only if its recorded fingerprint is the task's AND its bytes match the sha256
+    recorded when it was written (_fingerprints.json or journal); otherwise it is redone. ``stage`` (the DVC
     stage that writes ``out_dir``) goes into the manifest, so readers can say what to rerun.
     The folder is locked for the whole run (``exclusive_writer``): a second writer fails at once.
 
@@ -283,7 +283,6 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
     out_dir = Path(out_dir)
     with exclusive_writer(out_dir):
         remove_stale_temp_files(out_dir)  # leftovers of dead writers
-        (out_dir / f".{MANIFEST}.tmp").unlink(missing_ok=True)  # left by older versions
         records = _read_records(out_dir)
         _rewrite_journal(out_dir, records)  # durable before the manifest goes
         (out_dir / MANIFEST).unlink(missing_ok=True)  # the artifact is incomplete until the end
@@ -306,10 +305,13 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
         for extra in out_dir.glob("part-*.parquet"):
             if extra.name not in wanted:
                 extra.unlink()
-        manifest = {"meta": meta, "num_rows": num_rows, "fingerprint": base_fingerprint, "stage": stage,
-                    "shards": [{"file": t.path.name, "rows": t.stop - t.start, "fingerprint": t.fingerprint,
+        manifest = {"meta": meta, "num_rows": num_rows, "stage": stage,
+                    "shards": [{"file": t.path.name, "rows": t.stop - t.start,
                                 "sha256": records[t.path.name]["sha256"], "size": records[t.path.name]["size"]}
                                for t in tasks]}
+        made = {"fingerprint": base_fingerprint,
+                "shards": [{**records[t.path.name], "fingerprint": t.fingerprint} for t in tasks]}
+        _write_file_atomic(out_dir / FINGERPRINTS, json.dumps(made, indent=1, sort_keys=True).encode())
         _write_file_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         (out_dir / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(out_dir)
@@ -346,9 +348,10 @@ class ShardedArtifact:
         self.manifest = json.loads(manifest_path.read_text())
         self.meta: dict = self.manifest["meta"]
         self.num_rows: int = self.manifest["num_rows"]
-        self.fingerprint: str = self.manifest["fingerprint"]
         self.stage: str | None = self.manifest.get("stage")
         self.records: list[dict] = self.manifest["shards"]
+        # the content id: what a downstream stage's fingerprint takes from this artifact
+        self.fingerprint: str = fingerprint(self.num_rows, [r.get("sha256") for r in self.records], self.meta)
         self.paths = [self.folder / s["file"] for s in self.records]
         for path, record in zip(self.paths, self.records):
             if "sha256" not in record or "size" not in record:

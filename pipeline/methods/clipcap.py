@@ -236,7 +236,7 @@ class Caption:
     projection_renormalize: bool = opt(True, "DeCap renormalises the projected embedding")
     support: str = opt("corpus", "projection support set: corpus | a target_supports name")
     beam_size: int = opt(1, "beam search width (1 = greedy)", check=at_least(1))
-    batch_size: int = opt(64, "images per decoding batch", check=at_least(1), speed_only=True)
+    batch_size: int = opt(64, "images per decoding batch", check=at_least(1))
 
 
 def needs(train: Train, caption: Caption | None = None) -> Needs:

@@ -339,7 +339,7 @@ class Train:
 class Caption:
     beam_size: int = opt(3, "beam search width", check=at_least(1))
     max_len: int | None = opt(None, "longest caption in tokens (null = as trained)", check=at_least(2))
-    batch_size: int = opt(32, "images per decoding batch", check=at_least(1), speed_only=True)
+    batch_size: int = opt(32, "images per decoding batch", check=at_least(1))
 
 
 def needs(train: Train, caption: Caption | None = None) -> Needs:

@@ -198,7 +198,7 @@ class Caption:
     beam_size: int = opt(3, "beam search width (1 = greedy)", check=at_least(1))
     support: str = opt("corpus", "Eq. 3 support set at inference: corpus | a target_supports name (\"-TT\")")
     max_len: int | None = opt(None, "longest caption in tokens (null = as trained)", check=at_least(2))
-    batch_size: int = opt(64, "images per decoding batch", check=at_least(1), speed_only=True)
+    batch_size: int = opt(64, "images per decoding batch", check=at_least(1))
 
 
 def needs(train: Train, caption: Caption | None = None) -> Needs:
