@@ -274,7 +274,8 @@ class CaptionSource:
 
 @dataclass(frozen=True, kw_only=True)
 class Corpus(CaptionSource):
-    source: str | None = opt(None, "a name for the corpus (reports)")
+    source: str | None = opt(None, "the dataset it is (coco, flickr30k, ...): the report compares a method trained "
+                                   "on it with the papers' rows of the same dataset")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,6 +290,8 @@ class EvalSet:
     max_images: int | None = opt(None, "the first N images (sorted by name)", check=at_least(1))
     max_pixels: int = opt(89_478_485, "larger images are skipped, never decoded (decompression bombs)",
                           check=at_least(1))
+    dataset: str | None = opt(None, "the dataset it is (coco, flickr30k, ...): the report puts the papers' numbers "
+                                    "on it beside this run's")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,9 +321,11 @@ class Optimize:
     """SynTIC Eq. 2 (the stage `optimize`)."""
     tau: float = opt(0.01, "Eq. 2 temperature", check=positive)
     lr: float = opt(1e-5, "Adam learning rate", check=positive)
-    steps: int = opt(100, "Adam steps per mini-batch (not given in the paper)", check=at_least(0))
-    batch_size: int = opt(64, "b, pairs per mini-batch (not given in the paper)", check=at_least(1))
-    seed: int = opt(0, "seed of the mini-batch draw")
+    epochs: int = opt(100, "passes over the corpus, one Adam step per mini-batch (not given in the paper)",
+                      check=at_least(0))
+    batch_size: int = opt(64, "b, pairs per mini-batch, drawn corpus-wide each epoch (not given in the paper)",
+                          check=at_least(1))
+    seed: int = opt(0, "seed of the mini-batch draws")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,6 +371,16 @@ class ModalityGap:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExternalResult:
+    """A published result file of another system, scored by the stage score@NAME with the same
+    protocol as the method instances and shown beside them in the report."""
+    path: str = opt(doc="the predictions: COCO results [{image_id, caption}], Karpathy-style [{image_name, "
+                        "prediction}] or JSON Lines from `synthcap caption` (a DVC dependency of the stage)")
+    evalset: str = opt(doc="the eval set its captions are of")
+    label: str | None = opt(None, "how the report names it (default: its key)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Evaluate:
     clipscore_w: float = opt(2.5, "CLIPScore weight w (Hessel et al. 2021)", check=positive)
 
@@ -404,10 +419,37 @@ class MethodInstance:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RayTask:
+    """What each Ray task of one shard stage asks for (``executor: ray``; docs/RAY.md)."""
+    num_gpus: float | None = opt(None, "GPUs per shard task; null = 1 when `device` is cuda, else 0 (a fraction "
+                                       "such as 0.5 lets two tasks share a GPU)", check=non_negative, speed_only=True)
+    num_cpus: float | None = opt(None, "CPUs per shard task; null = `threads_per_task`", check=non_negative,
+                                 speed_only=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ray:
+    """How the shard stages run with ``executor: ray`` (pipeline/data/executors.py, docs/RAY.md). Speed
+    only: none of it changes a byte, so none of it is a DVC param or in a fingerprint."""
+    generate: RayTask = opt(RayTask(), "resources of a `generate` shard task", speed_only=True)
+    encode: RayTask = opt(RayTask(), "resources of an `encode_*` shard task", speed_only=True)
+    tag: RayTask = opt(RayTask(), "resources of a `tag_synthetic` / `tag_eval` shard task", speed_only=True)
+    max_in_flight: int | None = opt(None, "shard tasks submitted at once: their inputs and results sit in Ray's "
+                                          "object store; null = twice as many as the cluster can run at once",
+                                    check=at_least(1), speed_only=True)
+    max_retries: int = opt(3, "reruns of a shard task whose worker or node died (a failing input is not retried)",
+                           check=non_negative, speed_only=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     profile: str = opt(doc="the profile params.yaml was made from")
     executor: Literal["local", "ray"] = opt("local", "local | ray: where shard functions run (same bytes)",
                                             speed_only=True)
+    threads_per_task: int = opt(1, "torch intra-op threads of one shard task, with either executor; a parameter "
+                                   "of every shard stage (float sums split over more threads can differ in the "
+                                   "last bit)", check=at_least(1))
+    ray: Ray = opt(Ray(), "resources of the shard stages' Ray tasks (executor: ray)", speed_only=True)
     device: str = opt("cpu", "cpu | cuda | cuda:N")
     rows_per_shard: int = opt(2000, "rows per Parquet shard", check=at_least(1))
     feature_dtype: Literal["float16", "float32"] = opt("float16", "how features are stored")
@@ -422,6 +464,7 @@ class Config:
     concepts: Concepts = opt(Concepts())
     target_supports: dict[str, TargetSupport] = opt({}, "support sets over other caption files (\"-TT\")")
     methods: dict[str, MethodInstance] = opt({}, "method instances by name")
+    external_results: dict[str, ExternalResult] = opt({}, "other systems' result files, scored like the methods")
     modality_gap: ModalityGap = opt(ModalityGap())
     evaluate: Evaluate = opt(Evaluate())
     report: Report = opt(Report())
@@ -430,13 +473,20 @@ class Config:
         if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
             raise ConfigError(f"`device` must be cpu, cuda, cuda:N or mps, got {self.device!r}")
         for section, names in (("evalsets", self.evalsets), ("target_supports", self.target_supports),
-                               ("methods", self.methods)):
+                               ("methods", self.methods), ("external_results", self.external_results)):
             for name in names:
                 problem = _name(name)
                 if problem:
                     raise ConfigError(f"`{section}.{name}`: the name {problem} (it names folders and DVC stages)")
         if "corpus" in self.target_supports:
             raise ConfigError("`target_supports.corpus`: the name `corpus` is the corpus's own support set")
+        for name, external in self.external_results.items():
+            if name in self.methods:
+                raise ConfigError(f"`external_results.{name}`: the name is a method instance's too (both write "
+                                  f"artifacts/methods/{name})")
+            if external.evalset not in self.evalsets:
+                raise ConfigError(f"`external_results.{name}.evalset` must name an eval set ({', '.join(self.evalsets)}), "
+                                  f"got {external.evalset!r}")
         for name in self.modality_gap.models:
             if name not in self.methods:
                 raise ConfigError(f"`modality_gap.models` names {name!r}, which is not in `methods`")
@@ -489,22 +539,24 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "corpus": ("corpus", "rows_per_shard"),
     "demo_photos": (),
     "evalset": ("evalsets.{name}", "rows_per_shard"),
-    "generate": ("models.diffusion", "generate", "rows_per_shard", "device"),
-    "encode_text": ("models.clip", "feature_dtype", "rows_per_shard", "device"),
-    "encode_synthetic": ("models.clip", "feature_dtype", "rows_per_shard", "device"),
-    "encode_eval": ("models.clip", "feature_dtype", "rows_per_shard", "device"),
+    "generate": ("models.diffusion", "generate", "rows_per_shard", "device", "threads_per_task"),
+    "encode_text": ("models.clip", "feature_dtype", "rows_per_shard", "device", "threads_per_task"),
+    "encode_synthetic": ("models.clip", "feature_dtype", "rows_per_shard", "device", "threads_per_task"),
+    "encode_eval": ("models.clip", "feature_dtype", "rows_per_shard", "device", "threads_per_task"),
     "tag_vocabulary": ("models.detector", "models.clip", "feature_dtype", "device"),
-    "tag_synthetic": ("models.detector", "tag", "rows_per_shard", "device"),
-    "tag_eval": ("models.detector", "tag", "rows_per_shard", "device"),
-    "optimize": ("optimize", "feature_dtype", "rows_per_shard"),
+    "tag_synthetic": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
+    "tag_eval": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
+    "optimize": ("optimize", "feature_dtype", "rows_per_shard", "threads_per_task"),
     "support": ("support",),
     "target_support": ("target_supports.{name}", "models.clip", "device"),
     "concepts": ("concepts", "models.clip", "feature_dtype", "device"),
     "train": ("methods.{name}.method", "methods.{name}.train", "device"),
     "caption": ("methods.{name}.method", "methods.{name}.caption", "device"),
     "evaluate": ("evaluate", "models.clip", "device"),
+    "score": ("external_results.{name}", "evaluate", "models.clip", "device"),
     "modality_gap": ("modality_gap.evalset", "modality_gap.lambdas", "methods.{name}", "models.clip", "device"),
-    "report": ("report", "methods", "evalsets", "modality_gap.models", "profile", "models"),
+    "report": ("report", "methods", "evalsets", "external_results", "modality_gap.models", "profile", "models",
+               "corpus.source"),
 }
 
 

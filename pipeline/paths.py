@@ -18,6 +18,7 @@ SYNTHETIC_TAGS = TAGS / "synthetic"                    # detector labels/scores/
 EVAL_TAGS = TAGS / "eval"                              # eval/NAME
 TAG_VOCABULARY = TAGS / "vocabulary" / "vocabulary.parquet"   # CLIP text feature of every detector label
 OPTIMIZED = ARTIFACTS / "optimized"                    # SynTIC Eq. 2 features (aligned with corpus)
+OPTIMIZE_REPORT = ARTIFACTS / "metrics" / "optimize.json"   # how far Eq. 2 moved them (DVC metrics)
 SUPPORTS = ARTIFACTS / "supports"                      # supports/corpus and supports/NAME: Eq. 3 support sets
 CONCEPTS = ARTIFACTS / "concepts" / "concepts.parquet"  # PCM-Net concept vocabulary + CLIP text features
 METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,captions,metrics,evaluation}

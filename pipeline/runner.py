@@ -14,6 +14,10 @@ and the sha256 of each file. ``train`` keeps a model whose fingerprint is unchan
 still match: DVC may rerun ``train@NAME`` when an artifact that this method does not read changes
 (dvc.yaml lists the union of what methods read); the fingerprint covers exactly what this instance
 reads, so such a rerun ends in seconds.
+
+Frozen pretrained submodules (a model's ``frozen_pretrained``, pipeline/methods/__init__.py) are left
+out of ``model.safetensors``: the header's ``frozen`` records their identities, ``create`` loads them
+again, and ``load_checkpoint`` refuses reloaded weights whose sha256 differs from the recorded one.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from pipeline import config as cfg
@@ -38,6 +42,7 @@ from pipeline.data.provenance import code_version
 from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, fingerprint, require_same_model
 from pipeline.data.vocabularies import TagVocabulary, read_concepts
 from pipeline.methods import Data, Needs, Step
+from pipeline.models import weights_sha256
 from pipeline.models.clip import clip_from_identity
 from pipeline.nn import schedules
 from pipeline.support import SupportSet
@@ -48,7 +53,7 @@ REPORT_FILE = "train_report.json"
 FINGERPRINTS_FILE = "_fingerprints.json"
 CHECKPOINT_FORMAT = "synthcap.checkpoint.v2"
 HEADER_KEY = "synthcap"
-FEATURE_COLUMNS = ("global", "patches", "cls_attention", "text_feature")
+FEATURE_COLUMNS = ("global", "patches", "cls_attention", "attention", "text_feature")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +103,9 @@ class Inputs:
             source = next(s for s, c in specs.values() if c == "patches")
             num_patches = patch_count(self.artifacts[source], dim)
         self.data = Data(clip=clip, feature_dim=dim, num_patches=num_patches, device=device)
+        if any(column == "attention" for _, column in specs.values()):
+            source = next(s for s, c in specs.values() if c == "attention")
+            self.data.num_tokens = token_count(self.artifacts[source], num_patches)
         d = self.data
         if needs.corpus:
             corpus = self.artifacts["corpus"]
@@ -125,18 +133,26 @@ class Inputs:
         return [int(s["rows"]) for s in art.manifest["shards"]]
 
     def shards(self, order: list[int] | None = None) -> Iterator[tuple[int, dict]]:
-        """(shard index, {name: column}) in ``order``; features float32 [n, D], patches [n, N_p, D]."""
+        """(shard index, {name: column}) in ``order``; features float32 [n, D], patches [n, N_p, D],
+        cls_attention [n, N_p], attention [n, N_p + 1, N_p + 1]; a row id asked for by name (e.g.
+        ``image.image_id``) as a list."""
         order = list(range(self.num_shards)) if order is None else order
         id_column = "image_id" if self.evalset is not None else "caption_id"
-        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items()]
+        ids_as = [name for name, (_, c) in self.specs.items() if c == id_column]     # the row id, by another name
+        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items() if c != id_column]
         d = self.data
         for k, shard in zip(order, aligned_shards(id_column, columns, order)):
+            for name in ids_as:
+                shard[name] = list(shard[id_column])
             for name, (source, column) in self.specs.items():
-                if column in FEATURE_COLUMNS and column != "patches" and column != "cls_attention":
+                if column in ("global", "text_feature"):
                     check_dim(shard[name], d.feature_dim, f"{source} {column} of shard {k}")
                 elif column == "patches":
                     check_dim(shard[name], d.num_patches * d.feature_dim, f"{source} patches of shard {k}")
                     shard[name] = shard[name].reshape(-1, d.num_patches, d.feature_dim)
+                elif column == "attention":
+                    check_dim(shard[name], d.num_tokens * d.num_tokens, f"{source} attention maps of shard {k}")
+                    shard[name] = shard[name].reshape(-1, d.num_tokens, d.num_tokens)
             yield k, shard
 
     def fingerprint(self) -> str:
@@ -163,6 +179,21 @@ def patch_count(artifact: ShardedArtifact, dim: int) -> int:
     if int(meta.get("dim", dim)) != dim:
         raise ValueError(f"{artifact.folder} holds {meta['dim']}-dimensional patches but the CLIP dim is {dim}")
     return int(meta["num_patches"])
+
+
+def token_count(artifact: ShardedArtifact, num_patches: int | None = None) -> int:
+    """N_p + 1 (the attention map's side) from an image-feature artifact's metadata, checked against N_p
+    when the patches are read too."""
+    meta = artifact.meta
+    if not meta.get("num_tokens"):
+        raise ValueError(f"{artifact.folder} records no attention map (num_tokens): this method needs a ViT CLIP's "
+                         f"last-layer attention over all tokens, cached for eval images (rerun the stage that "
+                         f"writes it)")
+    n = int(meta["num_tokens"])
+    if num_patches is not None and n != num_patches + 1:
+        raise ValueError(f"{artifact.folder} records {n} attention tokens for {num_patches} patches (expected "
+                         f"{num_patches + 1}: the patches and CLS)")
+    return n
 
 
 def open_support(name: str, clip: dict) -> SupportSet:
@@ -269,7 +300,9 @@ def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | 
     model, facts, result = train_model(module, s, inputs, progress)
     variant = module.variant(s, None)
     history = result["epoch_loss"]
+    frozen = frozen_parts(model)
     report = {"method": instance.method, "variant": variant, **result, "clip_model": inputs.data.clip,
+              **({"frozen": frozen} if frozen else {}),
               "training_rows": sum(inputs.shard_rows()), "facts": facts,
               "summary": f"{variant}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs "
                          f"({result['steps']} steps)"}
@@ -283,10 +316,71 @@ def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | 
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(model: torch.nn.Module, path: Path, header: dict) -> None:
     """Weights as safetensors (tied tensors stored once), ``header`` as JSON in its metadata. The same
-    weights and header give the same bytes."""
-    save_model(model, str(path), metadata={"format": CHECKPOINT_FORMAT,
-                                           HEADER_KEY: json.dumps(header, sort_keys=True)})
+    weights and header give the same bytes. A model's frozen pretrained submodules
+    (``frozen_pretrained``) are left out; the header records their identities under ``frozen``."""
+    frozen = frozen_parts(model)
+    if not frozen:
+        save_model(model, str(path), metadata={"format": CHECKPOINT_FORMAT,
+                                               HEADER_KEY: json.dumps(header, sort_keys=True)})
+    else:
+        for prefix, identity in frozen.items():
+            now = weights_sha256(model.get_submodule(prefix))
+            if now != identity.get("weights_sha256"):
+                raise ValueError(f"the frozen submodule {prefix!r} ({_model_name(identity)}) has weights {now[:12]}, "
+                                 f"not the {str(identity.get('weights_sha256'))[:12]} it was loaded with: training "
+                                 f"changed it, so it cannot be left out of the checkpoint")
+        state = _without_frozen(model.state_dict(), frozen)
+        header = {**header, "frozen": frozen}
+        save_file(state, str(path), metadata={"format": CHECKPOINT_FORMAT,
+                                              HEADER_KEY: json.dumps(header, sort_keys=True)})
     _sort_metadata(Path(path))
+
+
+def frozen_parts(model: torch.nn.Module) -> dict[str, dict]:
+    """{submodule name: identity} of the model's frozen pretrained submodules (empty: none)."""
+    frozen = dict(getattr(model, "frozen_pretrained", None) or {})
+    for prefix, identity in frozen.items():
+        try:
+            model.get_submodule(prefix)
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__}.frozen_pretrained names {prefix!r}, which is not a "
+                             f"submodule") from None
+        if not isinstance(identity, dict) or not identity.get("weights_sha256"):
+            raise ValueError(f"{type(model).__name__}.frozen_pretrained[{prefix!r}] must be an identity with a "
+                             f"weights_sha256 (as pipeline/models loaders record it), got {identity!r}")
+    return frozen
+
+
+def _in_frozen(key: str, frozen) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in frozen)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Tensors with the same key are the same tensor (tied weights)."""
+    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
+
+
+def _without_frozen(state: dict[str, torch.Tensor], frozen) -> dict[str, torch.Tensor]:
+    """The state dict without the frozen submodules' tensors, each remaining tensor once (a tied tensor
+    under its first name in sorted order, as safetensors' save_model keeps it), contiguous."""
+    kept, seen = {}, set()
+    for key in sorted(state):
+        if _in_frozen(key, frozen):
+            continue
+        tensor = state[key]
+        ident = _storage_key(tensor)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        kept[key] = tensor.detach().contiguous()
+    return kept
+
+
+def _model_name(identity: dict) -> str:
+    pretrained = identity.get("pretrained")
+    source = f"pretrained={pretrained}" if pretrained else f"seed={identity.get('seed')}"
+    return f"{identity.get('name')} ({source})"
 
 
 def _sort_metadata(path: Path) -> None:
@@ -324,13 +418,49 @@ def checkpoint_header(path: Path) -> dict:
 
 def load_checkpoint(path: Path, device: str = "cpu"):
     """-> (model in eval mode, header with ``train`` parsed back into the method's Train settings).
-    Loads tensors only (safetensors): nothing is unpickled."""
+    Loads tensors only (safetensors): nothing is unpickled. Frozen pretrained submodules left out of
+    the file are the ones ``create`` loaded again, checked to have the weights recorded at training."""
     header = checkpoint_header(path)
     module = methods.get(header["method"])
     s = cfg.parse(module.Train, header["train"], f"{path}: train")
     model = module.create(s, header["facts"])
-    load_model(model, str(path), strict=True, device=str(device))
+    recorded = header.get("frozen") or {}
+    if not recorded:
+        if frozen_parts(model):
+            raise ValueError(f"{path} holds a whole {header['method']} model, but this code builds it with frozen "
+                             f"submodules ({', '.join(frozen_parts(model))}): retrain it (`dvc repro train@NAME`)")
+        load_model(model, str(path), strict=True, device=str(device))
+    else:
+        _load_without_frozen(model, path, recorded, device)
     return model.to(device).eval(), {**header, "train": s}
+
+
+def _load_without_frozen(model: torch.nn.Module, path: Path, recorded: dict, device: str) -> None:
+    """Load a checkpoint saved without its frozen submodules into ``model``, whose frozen submodules
+    ``create`` loaded again: refuses other weights than those recorded at training, naming both."""
+    present = frozen_parts(model)
+    if set(present) != set(recorded):
+        raise ValueError(f"{path} was trained with the frozen submodules {sorted(recorded)}, but the model built "
+                         f"now has {sorted(present)}: retrain it (`dvc repro train@NAME`)")
+    for prefix, identity in recorded.items():
+        loaded = weights_sha256(model.get_submodule(prefix))
+        if loaded != identity.get("weights_sha256"):
+            raise ValueError(
+                f"{path}: its frozen {prefix!r} was {_model_name(identity)} with weights sha256 "
+                f"{identity['weights_sha256'][:12]} at training, but {_model_name(present[prefix])} loads now with "
+                f"weights {loaded[:12]}: provide the same weights (or retrain with `dvc repro train@NAME`)")
+    state = load_file(str(path), device=str(device))
+    model_state = model.state_dict()
+    stray = sorted(k for k in state if _in_frozen(k, recorded) or k not in model_state)
+    if stray:
+        raise RuntimeError(f"{path}: unexpected tensors {', '.join(stray[:5])} for a {type(model).__name__}")
+    _, unexpected = model.load_state_dict(state, strict=False)
+    loaded_storage = {_storage_key(model_state[k]) for k in state}
+    missing = sorted(k for k, t in model_state.items()
+                     if k not in state and not _in_frozen(k, recorded) and _storage_key(t) not in loaded_storage)
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not match a {type(model).__name__}: missing {', '.join(missing[:5])}; "
+                           f"unexpected {', '.join(unexpected[:5])}")
 
 
 def write_model_folder(out_dir: Path, model, header: dict, report: dict, fp: str) -> None:
@@ -389,7 +519,7 @@ def caption_shards(model, header: dict, c, inputs: Inputs, progress: bool = True
     out: dict[str, str] = {}
     shards = tqdm(inputs.shards(), total=inputs.num_shards, desc="caption", unit="shard", disable=not progress)
     for _, rows in shards:
-        ids = rows.pop("image_id")
+        ids = rows["image_id"] if "image_id" in inputs.specs else rows.pop("image_id")
         rows = prepare(rows, s, data, None) if prepare else rows
         idx = np.arange(len(ids))
         for start in range(0, len(ids), c.batch_size):

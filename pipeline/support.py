@@ -32,6 +32,11 @@ FEATURES_FILE = "features.npy"
 META_FILE = "support.json"
 
 
+def gpu_count() -> int:
+    """GPUs the installed FAISS can use (0 with faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 def _check_2d(name: str, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
@@ -184,6 +189,20 @@ class SupportSet:
         cos = np.clip((approx * exact).sum(axis=1) / np.maximum(norms, 1e-300), -1.0, 1.0)
         return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                 "n": int(cos.shape[0]), "top_k": int(min(top_k, self.n)), "tau": float(tau)}
+
+    # ---- device -------------------------------------------------------------------------------
+    def to_device(self, device: str) -> "SupportSet":
+        """The same set searched on ``device``: a CUDA device moves the FAISS index to the GPU when the
+        installed FAISS has GPU support (``pip install -e '.[gpu]'``: faiss-gpu); otherwise (CPU, or a
+        CPU-only FAISS) the index stays on the CPU. Projections give the same neighbours either way for
+        an exact (Flat) index."""
+        if not device.startswith("cuda") or gpu_count() == 0:
+            return self
+        gpu = int(device.split(":")[1]) if ":" in device else 0
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, self.index)
+        out = SupportSet(self.features, index, self.index_factory, tau=self.tau, top_k=self.top_k, model=self.model)
+        out.nprobe = self.nprobe
+        return out
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -2,45 +2,63 @@
 of their synthetic images, and of eval set NAME's real images.
 
     python -m stages.encode text | synthetic | eval NAME
+
+Per image, the columns its readers use (pipeline/methods/__init__.py TRAIN_SOURCES / CAPTION_SOURCES):
+synthetic images get ``global`` and ``patches`` (no method reads their attention, and skipping it saves
+the extra attention pass on every synthetic image); eval images also get ``cls_attention`` and the
+last layer's whole ``attention`` map (MacCap's sub-region aggregation, Eq. 10-13).
 """
 import sys
 
 from pipeline import paths
+from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
 from pipeline.models.clip import clip_for
 from pipeline.stage import base_fingerprint, say, shard_summary, start
 
+SYNTHETIC_COLUMNS = ("global", "patches")
+EVAL_COLUMNS = ("global", "patches", "cls_attention", "attention")
+
 
 def main(kind: str, name: str | None = None) -> None:
     stage = {"text": "encode_text", "synthetic": "encode_synthetic", "eval": "encode_eval"}[kind]
     config = start(stage)
+    executor = executor_for(config, "encode")
     c, batch, dtype = config.models.clip, config.encode.batch_size, config.feature_dtype
 
-    def clip():  # resolved in the process that runs the shard (a Ray worker loads it once)
+    def clip():  # loaded in the process that runs the shard, once per process (lru_cache)
         return clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
 
     if kind == "text":
-        source, out, meta = ShardedArtifact(paths.CORPUS), paths.TEXT_FEATURES, {}
+        source, out, meta, columns = ShardedArtifact(paths.CORPUS), paths.TEXT_FEATURES, {}, ("text_feature",)
 
-        def make_table(task):
-            return encode_text_table(source.read_shard(task.index, ["caption_id", "text"]), clip(), batch, dtype)
+        inputs = ["caption_id", "text"]
+
+        def make_table(task, rows):
+            return encode_text_table(rows, clip(), batch, dtype)
     else:
         id_column = "caption_id" if kind == "synthetic" else "image_id"
         source = ShardedArtifact(paths.SYNTHETIC_IMAGES if kind == "synthetic" else paths.evalset(name))
         out = paths.SYNTHETIC_FEATURES if kind == "synthetic" else paths.eval_features(name)
-        meta = patch_grid(clip())
+        columns = SYNTHETIC_COLUMNS if kind == "synthetic" else EVAL_COLUMNS
+        meta = patch_grid(clip(), columns)
 
-        def make_table(task):
-            return encode_image_table(source.read_shard(task.index, [id_column, "image"]), clip(), id_column,
-                                      batch, dtype)
+        inputs = [id_column, "image"]
+
+        def make_table(task, rows):
+            return encode_image_table(rows, clip(), id_column, batch, dtype, columns)
+
+    def read_inputs(task):  # in the stage's process: workers get the rows, never the files
+        return source.read_shard(task.index, inputs)
 
     identity = clip().identity
     dvc_stage = stage if name is None else f"{stage}@{name}"
     manifest = write_sharded(out, source.num_rows, config.rows_per_shard,
-                  base_fingerprint(stage, config, name, source.fingerprint, identity, module="stages.encode"),
-                  make_table, {"model": identity, "dtype": dtype, **meta}, executor=config.executor,
-                  stage=dvc_stage, desc=dvc_stage)
+                  base_fingerprint(stage, config, name, source.fingerprint, identity, list(columns),
+                                   module="stages.encode"),
+                  make_table, {"model": identity, "dtype": dtype, **meta}, executor=executor,
+                  stage=dvc_stage, desc=dvc_stage, read_inputs=read_inputs)
     say(f"{dvc_stage}: {source.num_rows} rows with {identity['name']} ({shard_summary(manifest)}) -> {out}")
 
 

@@ -1,5 +1,6 @@
 """Stage generate: one synthetic image per corpus caption (text-to-image), in shards aligned with the corpus."""
 from pipeline import paths
+from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.generate import generate_table
 from pipeline.models.diffusion import text_to_image_for
@@ -8,21 +9,24 @@ from pipeline.stage import base_fingerprint, say, shard_summary, start
 
 def main() -> None:
     config = start("generate")
+    executor = executor_for(config, "generate")
     g, m = config.generate, config.models.diffusion
     corpus = ShardedArtifact(paths.CORPUS)
 
-    def model():  # resolved in the process that runs the shard (a Ray worker loads it once)
+    def model():  # loaded in the process that runs the shard, once per process (lru_cache)
         return text_to_image_for(m.name, m.pretrained, m.seed, m.precision, config.device, g.resolution)
 
-    def make_table(task):
-        captions = corpus.read_shard(task.index, ["caption_id", "text"])
+    def read_inputs(task):  # in the stage's process: workers get the rows, never the files
+        return corpus.read_shard(task.index, ["caption_id", "text"])
+
+    def make_table(task, captions):
         return generate_table(captions, model(), g.steps, g.guidance_scale, g.batch_size, g.seed, g.image_format)
 
     identity = model().identity
     manifest = write_sharded(paths.SYNTHETIC_IMAGES, corpus.num_rows, config.rows_per_shard,
                              base_fingerprint("generate", config, None, corpus.fingerprint, identity),
-                             make_table, {"model": identity}, executor=config.executor, stage="generate",
-                             desc="generate")
+                             make_table, {"model": identity}, executor=executor, stage="generate",
+                             desc="generate", read_inputs=read_inputs)
     say(f"generate: {manifest['num_rows']} images ({shard_summary(manifest)}) -> {paths.SYNTHETIC_IMAGES}")
 
 

@@ -125,7 +125,8 @@ def test_speed_only_settings_change_no_fingerprint_and_no_dvc_param(offline):
     assert "generate.batch_size" not in config.dvc_params("generate", base)
     assert config.stage_params("generate", config.from_dict(edited(offline, "generate.steps", 5))) != \
         config.stage_params("generate", base)
-    assert config.dvc_params("encode_text", base) == ["models.clip", "feature_dtype", "rows_per_shard", "device"]
+    assert config.dvc_params("encode_text", base) == ["models.clip", "feature_dtype", "rows_per_shard", "device",
+                                                     "threads_per_task"]
 
 
 @pytest.mark.parametrize("dotted, value, key", [

@@ -23,7 +23,11 @@ def test_params_yaml_is_the_rendered_offline_profile_with_every_key_explicit():
     assert config.read_yaml(PARAMS) == expanded      # DVC sees every value a stage reads, defaults included
 
 
-@pytest.mark.parametrize("profile", ["offline", "flickr8k", "paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k"])
+PROFILES = ["offline", "flickr8k", "paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k", "paper-capdec-coco",
+            "paper-pcmnet-l14-coco"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_is_a_valid_configuration(profile):
     config.from_dict(resolve_profile(profile))
 
@@ -85,36 +89,86 @@ def test_paper_profile_has_the_syntic_hyper_parameters_of_methods_md(methods_md)
     assert p["corpus"]["max_words"] is None and p["corpus"]["deduplicate"] is False   # COCO's captions as given
 
 
+def typed(profile: str) -> config.Config:
+    return config.from_dict(resolve_profile(profile))
+
+
 def test_paper_coco_profile_has_pcmnet_hyper_parameters_of_methods_md():
     md = methods_section("## 2. PCM-Net", "## 3. MacCap")
-    p = {name: {**m.get("train", {}), **m.get("caption", {})} for name, m in resolve_profile("paper-coco")["methods"].items()}
-    pcm = p["pcmnet"]
-    assert pcm["salient_k"] == int(re.search(r"K = (\d+) salient concepts", md).group(1))
-    assert pcm["mix_m"] == int(re.search(r"top-M \(M = (\d+)\)", md).group(1))
-    assert pcm["encoder_layers"] == int(re.search(r"N_e = (\d+)", md).group(1))
+    instance = typed("paper-coco").methods["pcmnet"]
+    pcm, cap = instance.train, instance.caption
+    assert pcm.salient_k == int(re.search(r"K = (\d+) salient concepts", md).group(1))
+    assert pcm.mix_m == int(re.search(r"top-M \(M = (\d+)\)", md).group(1))
+    assert pcm.encoder_layers == int(re.search(r"N_e = (\d+)", md).group(1))
     decoder_layers, hidden = re.search(r"N_d = (\d+), hidden (\d+)", md).group(1, 2)
-    assert (pcm["decoder_layers"], pcm["hidden"]) == (int(decoder_layers), int(hidden))
-    assert pcm["noise_variance"] == float(re.search(r"σ² = ([\d.]+)", md).group(1))
-    assert pcm["clip_w"] == float(re.search(r"w = ([\d.]+) for ViT-B/32", md).group(1))
+    assert (pcm.decoder_layers, pcm.hidden) == (int(decoder_layers), int(hidden))
+    assert pcm.noise_variance == float(re.search(r"σ² = ([\d.]+)", md).group(1))
+    assert pcm.clip_w == float(re.search(r"w = ([\d.]+) for ViT-B/32", md).group(1)) == 2.5
     epochs, warmup, batch, beam = re.search(
         r"(\d+) epochs, Noam schedule with (\d+)k warm-up, batch (\d+); beam size (\d+)", md).group(1, 2, 3, 4)
-    assert (pcm["epochs"], pcm["optim"]["warmup_steps"], pcm["batch_size"], pcm["beam_size"]) == (
+    assert (pcm.epochs, pcm.optim.warmup_steps, pcm.batch_size, cap.beam_size) == (
         int(epochs), int(warmup) * 1000, int(batch), int(beam))
-    assert {(p[n]["mixup"], p[n]["cxe"]) for n in ("pcmnet", "pcmnet-base", "pcmnet-mixup", "pcmnet-cxe")} == {
-        (True, True), (False, False), (True, False), (False, True)}, "Table 3's four rows"
+    # the released loss and recipe (METHODS.md: "label smoothing 0.1", "(1 − p_target)^γ, γ = 2", ...)
+    assert pcm.label_smoothing == float(re.search(r"label smoothing ([\d.]+)", md).group(1)) == 0.1
+    assert pcm.focal_gamma == float(re.search(r"γ = (\d+)", md).group(1)) == 2
+    drops = re.search(r"dropouts embedding ([\d.]+),\s+hidden/FFN ([\d.]+), attention ([\d.]+), predictor ([\d.]+)",
+                      md).group(1, 2, 3, 4)
+    assert (pcm.embedding_dropout, pcm.dropout, pcm.attention_dropout, pcm.predictor_dropout) == tuple(map(float, drops))
+    assert pcm.optim.betas == (0.9, 0.999) and pcm.optim.eps == 1e-8 and pcm.optim.grad_clip_value == 0.1
+    assert pcm.vocabulary == "words" and pcm.vocabulary_size == 10200 and pcm.max_len == 22   # 20 words + start, end
+    assert pcm.mix_select == "pairs" and pcm.embedding_relu and pcm.w_g_layernorm
+    assert cap.length_normalize is False                                   # "beams ranked by summed log-prob"
+
+
+def test_pcmnet_table_3_is_the_vit_l14_run_with_w_4():
+    md = methods_section("## 2. PCM-Net", "## 3. MacCap")
+    p = typed("paper-pcmnet-l14-coco")
+    assert p.models.clip.name == "ViT-L-14" and "4 for ViT-L/14" in md
+    assert {name: (m.train.mixup, m.train.cxe) for name, m in p.methods.items()} == {
+        "pcmnet": (True, True), "pcmnet-base": (False, False), "pcmnet-mixup": (True, False),
+        "pcmnet-cxe": (False, True)}, "Table 3's four rows"
+    assert {m.train.clip_w for m in p.methods.values()} == {4.0}
 
 
 def test_paper_coco_profile_has_the_text_feature_family_of_methods_md():
     md = methods_section("## 4. Unsupervised-ClipCap", "## 5. CMSA")
-    instances = resolve_profile("paper-coco")["methods"]
-    p = {name: {"method": m["method"], **m.get("train", {}), **m.get("caption", {})} for name, m in instances.items()}
+    m = typed("paper-coco").methods
     sigma2 = float(re.search(r"Gaussian noise on the text feature \(σ² = ([\d.]+)\)", md).group(1))
-    assert p["capdec"]["noise_variance"] == sigma2 and not p["capdec"]["matched"]
-    assert p["unsupervised-clipcap"]["matched"] and p["unsupervised-clipcap"]["correction"] == "mean"
-    assert p["decap"]["correction"] == "projection" and p["decap"]["noise_variance"] == 0
-    assert p["unsupervised-clipcap"]["language_model"]["pretrained"] == "gpt2"
-    table4 = {(m["fo"], m["fp"], m["af"]) for m in p.values() if m["method"] == "syntic"}
+    # Table 1's main row (C 74.6) is matched captions with NO correction; the ablations are rows of their own
+    assert "matched captions, **no**\n  correction" in md or "no** correction" in md.replace("\n  ", " ")
+    main = m["unsupervised-clipcap"]
+    assert main.train.matched and main.caption.correction == "none"
+    assert not m["unsupervised-clipcap-unmatched"].train.matched
+    assert m["unsupervised-clipcap-mean"].caption.correction == "mean" and m["unsupervised-clipcap-mean"].train.matched
+    assert main.train.language_model.pretrained == "gpt2"
+    # CapDec's released setting: RN50x4, transformer mapper of 8 layers, prefix 40, batch 34, lr 2e-5, 10 epochs,
+    # AdamW without weight decay, noise variance 0.016, beam 5
+    capdec = m["capdec"]
+    layers, prefix, batch, lr, epochs, beam = re.search(
+        r"transformer mapper of\s+(\d+) layers with prefix length (\d+), batch (\d+), lr (\S+), (\d+) epochs, AdamW "
+        r"without weight decay, noise\s+variance [\d.]+, beam (\d+)", md).group(1, 2, 3, 4, 5, 6)
+    assert (capdec.train.mapper, capdec.train.mapper_layers, capdec.train.prefix_length) == (
+        "transformer", int(layers), int(prefix))
+    assert (capdec.train.batch_size, capdec.train.optim.lr, capdec.train.epochs, capdec.caption.beam_size) == (
+        int(batch), float(lr), int(epochs), int(beam))
+    assert capdec.train.optim.weight_decay == 0 and capdec.train.noise_variance == sigma2 and not capdec.train.matched
+    assert typed("paper-capdec-coco").models.clip.name == "RN50x4" and "RN50x4" in md
+    # DeCap: no weight decay, 64 on each of 2 GPUs (128), label smoothing 0.1, 1,000 warm-up steps
+    decap = m["decap"]
+    assert decap.caption.correction == "projection" and decap.train.noise_variance == 0
+    assert (decap.train.optim.weight_decay, decap.train.batch_size, decap.train.label_smoothing,
+            decap.train.optim.warmup_steps) == (0.0, 128, 0.1, 1000)
+    table4 = {(i.train.fo, i.train.fp, i.train.af) for i in m.values() if i.method == "syntic"}
     assert len(table4) == 8, "Table 4: Baseline, +FO, +FP, +AF, the three pairs and SynTIC"
+    assert {i.train.optim.name for i in m.values() if i.method == "syntic"} == {"adam"}   # "Optimiser: Adam (paper)"
+
+
+def test_paper_corpora_keep_every_caption():
+    for profile in ("paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k", "paper-capdec-coco",
+                    "paper-pcmnet-l14-coco"):
+        c = typed(profile)
+        assert c.corpus.max_words is None and not c.corpus.deduplicate, profile
+        assert all(t.max_words is None and not t.deduplicate for t in c.target_supports.values()), profile
 
 
 def test_cross_domain_profile_projects_onto_target_captions_with_their_own_tau():
@@ -134,7 +188,7 @@ def test_switching_profiles_rewrites_params_yaml(tmp_path):
     assert target.read_text() == PARAMS.read_text()
 
 
-@pytest.mark.parametrize("profile", ["paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k"])
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p.startswith("paper-")])
 def test_paper_profile_dry_run_plans_every_stage(tmp_path, profile):
     for item in ("dvc.yaml", "pipeline", "stages", "profiles", "data"):
         src = REPO / item

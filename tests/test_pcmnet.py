@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline import config as cfg
 from pipeline import paths, runner
@@ -214,17 +215,23 @@ def test_base_variant_feeds_the_patch_map_as_it_is(tok):
         PCMNet(tiny_config(num_concepts=0), tok)
 
 
-def test_noise_only_on_the_global_input_at_training(tok):
+def test_noise_goes_on_the_unit_global_input_at_training_and_is_renormalised(tok):
+    """The released noise_injection: normalise, add N(0, 0.016 I), normalise again (training only)."""
     cfg = tiny_config(feature_dim=8, noise_variance=0.016)
     model = tiny_model(cfg)
     batch = tiny_batch(tok, cfg=cfg)
-    batch["global"] = torch.zeros(4, 8)
+    batch["global"] = 3 * torch.randn(4, 8)
     g, *_ = model.encoder_inputs(batch)
     assert torch.equal(g, batch["global"])                             # eval: clean
     model.train()
-    big = dict(batch, **{"global": torch.zeros(64, 8), "patches": torch.randn(64, 6, 8)})
+    big = dict(batch, **{"global": 3 * torch.randn(4096, 8), "patches": torch.randn(4096, 6, 8)})
+    torch.manual_seed(7)
     g, tokens, types, positions = model.encoder_inputs(big)
-    assert g.var().item() == pytest.approx(0.016, rel=0.15)
+    torch.manual_seed(7)
+    noise = torch.randn_like(big["global"]) * 0.016 ** 0.5
+    torch.testing.assert_close(g, F.normalize(F.normalize(big["global"], dim=-1) + noise, dim=-1))
+    torch.testing.assert_close(g.norm(dim=-1), torch.ones(4096))
+    assert noise.var().item() == pytest.approx(0.016, rel=0.05)
     clean = pcm(big["global"], big["patches"], model.concepts, 3, 2, cfg.tau, training=True)
     assert torch.equal(tokens, clean[0])                               # PCM sees the clean features
 
@@ -313,9 +320,13 @@ def art(built, artifacts_root):
     return use_real_artifacts(built, artifacts_root)
 
 
+# the paper's model without the released recipe's extras (each switched off explicitly)
+PAPER_ONLY = {"vocabulary": "full", "label_smoothing": 0.0, "focal_gamma": 0.0, "mix_select": "patches",
+              "attention_dropout": 0.0, "embedding_dropout": 0.0, "predictor_dropout": 0.0, "embedding_relu": False,
+              "w_g_layernorm": False}
 SMALL = {"hidden": 32, "heads": 4, "ffn_dim": 64, "max_len": 24, "dropout": 0.0, "clip_w": 4.0, "epochs": 4,
          "batch_size": 16, "optim": {"name": "adam", "lr": 1.0, "betas": [0.9, 0.98], "eps": 1e-9,
-                                     "schedule": "noam", "warmup_steps": 8}}
+                                     "schedule": "noam", "warmup_steps": 8}, **PAPER_ONLY}
 
 
 def test_training_on_real_captions_lowers_the_loss(art, tok):
@@ -356,7 +367,7 @@ def test_training_on_real_captions_lowers_the_loss(art, tok):
 # --- checkpoints ------------------------------------------------------------------------------------
 
 TINY_TRAIN = {"hidden": 16, "heads": 2, "ffn_dim": 32, "encoder_layers": 3, "decoder_layers": 2, "dropout": 0.0,
-              "max_len": 12, "salient_k": 3, "mix_m": 2, "tau": 0.05}
+              "max_len": 12, "salient_k": 3, "mix_m": 2, "tau": 0.05, **PAPER_ONLY}
 
 
 def test_checkpoint_round_trip(tok, tmp_path):
@@ -368,7 +379,7 @@ def test_checkpoint_round_trip(tok, tmp_path):
     assert facts == {"feature_dim": 8, "num_patches": 6, "concepts": words, "vocabulary": None}
     torch.manual_seed(0)
     model = pcmnet.create(train, facts, data).eval()
-    assert model.cfg == tiny_config(clip_w=2.5, noise_variance=0.016)
+    assert model.cfg == tiny_config(clip_w=2.5, noise_variance=0.016, attention_dropout=0.0, embedding_dropout=0.0)
     path = tmp_path / "model.safetensors"
     identity = {"kind": "clip", "name": "x", "embed_dim": 8}
     runner.save_checkpoint(model, path, {"method": "pcmnet", "train": cfg.as_dict(train), "facts": facts,
@@ -428,3 +439,60 @@ def test_pipeline_train_and_caption(art):
                            {**header, "clip_model": {**art["clip"], "seed": 7}})
     with pytest.raises(ModelMismatchError, match="the model other cannot caption"):
         runner.caption("other", instance, "tiny", "cpu", progress=False)
+
+
+# --- the released recipe ---------------------------------------------------------------------------
+
+def test_released_loss_is_label_smoothed_kl_times_the_batch_mean_focal_factor():
+    """xmodaler WeightedLabelSmoothing (gamma_type "batch") against a direct loop over tokens:
+    mean_t(c_b * KL(q_t || p_t)) * mean_t((1 - p_target)^gamma) over the batch's target tokens."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V, ls, gamma = 3, 6, 7, 0.1, 2.0
+    logits = torch.randn(B, T, V, generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.tensor([6, 4, 2])
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    kl, focal = [], []
+    for b in range(B):
+        for i in range(lengths[b] - 1):                       # logits[:, i] predicts tokens[:, i + 1]
+            p = torch.softmax(logits[b, i].double(), -1)
+            y = int(tokens[b, i + 1])
+            q = torch.full((V,), ls / (V - 1), dtype=torch.double)
+            q[y] = 1 - ls
+            kl.append(weights[b].item() * float((q * (q.log() - p.log())).sum()))
+            focal.append(float((1 - p[y]) ** gamma))
+    expected = np.mean(kl) * np.mean(focal)
+    got = weighted_caption_loss(logits, tokens, lengths, weights, label_smoothing=ls, focal_gamma=gamma)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # both factors off: the plain CLIP-weighted cross-entropy of Eq. 11
+    plain = weighted_caption_loss(logits, tokens, lengths, weights)
+    nll = [-torch.log_softmax(logits[b, i], -1)[tokens[b, i + 1]].item() * weights[b].item()
+           for b in range(B) for i in range(lengths[b] - 1)]
+    assert plain.item() == pytest.approx(np.mean(nll), rel=1e-5)
+
+
+def test_pairs_selection_takes_the_patches_of_the_top_m_patch_concept_entries():
+    affinity = torch.tensor([[[0.9, 0.8], [0.1, 0.2], [0.85, 0.0], [0.3, 0.95]]])   # [1, Np=4, K=2]
+    assert sorted(related_patches(affinity, 2, "patches")[0].tolist()) == [0, 3]
+    # the top-3 entries are (3, 1) 0.95, (0, 0) 0.9, (2, 0) 0.85: patches 3, 0, 2
+    assert related_patches(affinity, 3, "pairs")[0].tolist() == [3, 0, 2]
+    # patch 0 holds two of the top-3 entries of this matrix: it is mixed once
+    affinity = torch.tensor([[[0.9, 0.88], [0.1, 0.2], [0.85, 0.0]]])
+    assert related_patches(affinity, 3, "pairs")[0].tolist() == [0, 0, 2]
+
+
+def test_released_recipe_switches_reach_the_model():
+    train = cfg.parse(pcmnet.Train, {"hidden": 16, "heads": 2, "ffn_dim": 32, "max_len": 12, "vocabulary": "words",
+                                     "vocabulary_size": 5}, "t")
+    data = Data(clip={"name": "x"}, feature_dim=8, num_patches=6,
+                concepts=(["dog"], np.ones((1, 8), np.float32)), corpus={"text": ["a dog runs", "a dog sits", "a cat"]})
+    facts = pcmnet.facts(train, data)
+    assert facts["vocabulary"] == ["a", "dog", "cat", "runs", "sits"]
+    model = pcmnet.create(train, facts, data)
+    assert model.tokenizer.decode(model.tokenizer.encode("A dog swims!", 12)[0][0]) == "a dog <unk>"
+    assert (model.cfg.label_smoothing, model.cfg.focal_gamma, model.cfg.mix_select) == (0.1, 2.0, "pairs")
+    attn = [m.self_attn.dropout for m in model.encoder.layers] + [m.multihead_attn.dropout for m in model.decoder.layers]
+    assert attn == [0.3] * len(attn) and model.encoder.drop.p == 0.5 and model.decoder.predictor_drop.p == 0.5
+    assert isinstance(model.encoder.w_g, torch.nn.Sequential) and model.encoder.w_g[0].bias is not None
+    assert model.encoder.emb_relu and train.optim.grad_clip_value == 0.1 and train.optim.betas == (0.9, 0.999)
+    assert pcmnet.Caption().length_normalize is False                 # beams ranked by summed log-prob

@@ -30,7 +30,7 @@ def small(p: dict, text: Path, references: Path, images: Path) -> dict:
         "corpus": {"path": str(text), "max_captions": 48},
         "evalsets": {EVALSET: {"images": str(images), "references": str(references), "max_images": 6}},
         "generate": {"steps": 2, "batch_size": 4},
-        "optimize": {"steps": 3},
+        "optimize": {"epochs": 3},
         "concepts": {"size": 40},
         "methods": {"syntic": {"train": {"epochs": 1, "decoder": {"width": 32, "layers": 2, "heads": 2}},
                                "caption": {"beam_size": 2}},
@@ -153,6 +153,68 @@ def test_full_pipeline_produces_every_artifact_and_finite_metrics(workdir):
     assert "6 images evaluated, 0 skipped" in html
 
     assert repro(workdir)[0] == [], "an unchanged pipeline must not rerun anything"
+
+
+def fresh_copy(workdir: Path, root: Path, remote: Path) -> Path:
+    """A colleague's checkout: the code, dvc.yaml, dvc.lock and params.yaml, no artifact, no cache."""
+    for item in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", "pipeline", "stages", "profiles", "data"):
+        src = workdir / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
+    subprocess.run(dvc_cmd("init", "--no-scm", "-q"), cwd=root, check=True, env=env())
+    shutil.copy(workdir / ".dvcignore", root / ".dvcignore")
+    subprocess.run(dvc_cmd("remote", "add", "-d", "store", str(remote)), cwd=root, check=True, env=env())
+    return root
+
+
+def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(workdir, tmp_path):
+    """dvc push from one checkout; dvc pull in another reproduces nothing. Pulling only the features,
+    a training change then trains and evaluates with `dvc repro --allow-missing`, never generating."""
+    remote = tmp_path / "remote"
+    subprocess.run(dvc_cmd("remote", "add", "-f", "-d", "store", str(remote)), cwd=workdir, check=True, env=env())
+    out = subprocess.run(dvc_cmd("push"), cwd=workdir, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+
+    full = fresh_copy(workdir, tmp_path / "b", remote)
+    out = subprocess.run(dvc_cmd("pull"), cwd=full, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    assert status(full) == set()
+    assert repro(full)[0] == []
+    assert digests(full / "artifacts/synthetic") == digests(workdir / "artifacts/synthetic")
+
+    features = fresh_copy(workdir, tmp_path / "c", remote)
+    stages = ["corpus", "encode_text", "encode_synthetic", f"encode_eval@{EVALSET}", f"evalset@{EVALSET}",
+              "tag_vocabulary", "tag_synthetic", f"tag_eval@{EVALSET}", "optimize", "support", "concepts"]
+    out = subprocess.run(dvc_cmd("pull", *stages), cwd=features, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    assert not (features / "artifacts/synthetic").exists()
+    params = read_params(features)
+    params["methods"]["syntic"]["train"]["epochs"] = 2
+    write_params(features, params)
+    ran, _ = repro(features, "--allow-missing", f"evaluate@syntic-{EVALSET}")
+    assert ran == ["train@syntic", f"caption@syntic-{EVALSET}", f"evaluate@syntic-{EVALSET}"]
+    assert not (features / "artifacts/synthetic").exists()
+
+
+def test_synthcap_score_gives_evaluates_numbers_and_names_missing_and_extra_images(workdir):
+    captions = json.loads((workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json").read_text())
+    expected = json.loads((workdir / f"artifacts/methods/syntic/metrics/{EVALSET}.json").read_text())
+    results = workdir / "syntic-results.json"                                  # COCO results format
+    results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()]))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", str(results), "--evalset", EVALSET],
+                         cwd=workdir, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    scores = dict(line.split("\t") for line in out.stdout.splitlines() if "\t" in line)
+    assert "6 images matched, 0 missing, 0 results matching no image" in out.stdout
+    for metric in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIPScore", "RefCLIPScore"):
+        assert float(scores[metric]) == pytest.approx(expected[metric], abs=1e-6), metric
+    first = sorted(captions)[0]
+    partial = [{"image_name": i, "prediction": c} for i, c in captions.items() if i != first]
+    results.write_text(json.dumps(partial + [{"image_name": "not-an-eval-image.jpg", "prediction": "a dog"}]))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", str(results), "--evalset", EVALSET],
+                         cwd=workdir, capture_output=True, text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    assert "5 images matched, 1 missing, 1 results matching no image" in out.stdout
+    assert f"missing: {first}" in out.stdout and "matching no image: not-an-eval-image.jpg" in out.stdout
 
 
 def test_a_decoding_change_reruns_captioning_and_evaluation_but_never_training(workdir):

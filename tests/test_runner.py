@@ -442,11 +442,11 @@ def build_real_artifacts(root: Path, shared: Path, parts: set[str], n_groups: in
         from pipeline.methods.syntic import optimize_features
         image = column(at["SYNTHETIC_FEATURES"], "global")
 
+        out, _ = optimize_features(image, text, tau=0.01, lr=1e-2, epochs=5, batch_size=8, seed=0)
+
         def optimized(t):
-            out = optimize_features(image[t.start:t.stop], text[t.start:t.stop], tau=0.01, lr=1e-2, steps=5,
-                                    batch_size=8, seed=t.index)
             return pa.table({"caption_id": [r["caption_id"] for r in rows[t.start:t.stop]],
-                             "global": feature_array(out, "float16")})
+                             "global": feature_array(out[t.start:t.stop], "float16")})
         sharded(at["OPTIMIZED"], len(rows), optimized, {"model": clip.identity})
     if "tags" in parts:
         from pipeline.extract.tag import tag_table, vocabulary_table

@@ -15,8 +15,8 @@ from pipeline import paths, runner
 from pipeline.data.shards import feature_array
 from pipeline.data.vocabularies import TagVocabulary
 from pipeline.methods import Data, Step, syntic
-from pipeline.methods.syntic import (AuxiliaryFusion, SynTICCaptioner, SynTICConfig, contrastive_loss, minibatches,
-                                     optimize_features, optimize_minibatch)
+from pipeline.methods.syntic import (AuxiliaryFusion, SynTICCaptioner, SynTICConfig, contrastive_loss,
+                                     epoch_minibatches, optimize_features)
 from pipeline.nn import schedules
 from pipeline.nn.prefix_decoder import DecoderConfig
 from pipeline.nn.schedules import Optim
@@ -76,60 +76,82 @@ def test_contrastive_gradient_matches_analytic(tau):
     np.testing.assert_allclose(S.grad.numpy(), analytic_grad(s, t, tau), rtol=1e-9, atol=1e-12)
 
 
-def mean_batch_loss(feats, text, batches, tau):
+def mean_loss(feats, text, batches, tau):
     return np.mean([contrastive_loss(torch.tensor(feats[i]), torch.tensor(text[i]), tau).item()
                     for i in batches if len(i) > 1])
 
 
-def test_optimize_features_lowers_loss_keeps_norm_and_is_deterministic():
+def test_optimize_features_lowers_loss_keeps_norm_reports_the_move_and_is_deterministic():
     s, t = pairs(n=40, d=16, seed=2, noise=2.0)
     s, t = s.astype(np.float32), t.astype(np.float32)
-    kw = dict(tau=0.1, lr=1e-2, steps=20, batch_size=8, seed=3)
-    out = optimize_features(s, t, **kw)
+    kw = dict(tau=0.1, lr=1e-2, epochs=20, batch_size=8, seed=3)
+    out, report = optimize_features(s, t, **kw)
     assert out.dtype == np.float32 and out.shape == s.shape
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
-    batches = minibatches(40, 8, seed=3)
-    before, after = mean_batch_loss(s, t, batches, 0.1), mean_batch_loss(out, t, batches, 0.1)
-    assert after < before - 0.1
-    assert optimize_features(s, t, **kw).tobytes() == out.tobytes()          # bitwise
-    assert optimize_features(s, t, **{**kw, "seed": 4}).tobytes() != out.tobytes()
+    batches = [b for e in range(3) for b in epoch_minibatches(40, 8, 99, e)]      # batches it never saw
+    assert mean_loss(out, t, batches, 0.1) < mean_loss(s, t, batches, 0.1) - 0.1
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)                # noqa: E731
+    assert report["steps"] == 20 * 5 and report["rows"] == 40
+    assert report["mean_move"] == pytest.approx(np.linalg.norm(out - unit(s), axis=1).mean(), rel=1e-5)
+    assert report["mean_cosine_to_own_caption_before"] == pytest.approx((unit(s) * unit(t)).sum(1).mean(), rel=1e-5)
+    assert report["mean_cosine_to_own_caption_after"] > report["mean_cosine_to_own_caption_before"]
+    again, _ = optimize_features(s, t, **kw)
+    assert again.tobytes() == out.tobytes()                                       # bitwise
+    assert optimize_features(s, t, **{**kw, "seed": 4})[0].tobytes() != out.tobytes()
 
 
-def test_optimize_features_is_per_minibatch_so_it_can_be_sharded():
-    s, t = pairs(n=21, d=8, seed=5)
+def test_each_feature_is_a_parameter_under_adam_updated_once_per_epoch():
+    """Against a direct computation: a per-row Adam (its own moments and step count) stepping the
+    rows of each of the epoch's mini-batches in turn."""
+    s, t = pairs(n=10, d=6, seed=5)
     s, t = s.astype(np.float32), t.astype(np.float32)
-    out = optimize_features(s, t, tau=0.1, lr=1e-2, steps=5, batch_size=4, seed=0)
-    batches = minibatches(21, 4, seed=0)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(21))
-    assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 1]
-    for idx in reversed(batches):                                              # any order, any worker
-        raw = optimize_minibatch(s[idx], t[idx], 0.1, 1e-2, 5).astype(np.float64)
-        part = raw / np.linalg.norm(raw, axis=1, keepdims=True)              # normalised in float64 (pipeline/vectors)
-        np.testing.assert_array_equal(part.astype(np.float32), out[idx])
-    # the batch of one: returned as its normalised input
-    single = batches[-1]
-    np.testing.assert_allclose(out[single], s[single] / np.linalg.norm(s[single]), atol=1e-7)
+    lr, tau, b = 1e-2, 0.2, 4
+    out, _ = optimize_features(s, t, tau=tau, lr=lr, epochs=3, batch_size=b, seed=1)
+    x, m, v, k = s.astype(np.float64), np.zeros_like(s, np.float64), np.zeros_like(s, np.float64), np.zeros(10)
+    for epoch in range(3):
+        for idx in epoch_minibatches(10, b, 1, epoch):
+            if len(idx) < 2:
+                continue                                                          # a batch of one: loss 0
+            X = torch.tensor(x[idx], requires_grad=True)
+            contrastive_loss(X, torch.tensor(t[idx], dtype=torch.float64), tau).backward()
+            g = X.grad.numpy()
+            m[idx] = 0.9 * m[idx] + 0.1 * g
+            v[idx] = 0.999 * v[idx] + 0.001 * g * g
+            k[idx] += 1
+            m_hat = m[idx] / (1 - 0.9 ** k[idx])[:, None]
+            v_hat = v[idx] / (1 - 0.999 ** k[idx])[:, None]
+            x[idx] -= lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+    np.testing.assert_allclose(out, x / np.linalg.norm(x, axis=1, keepdims=True), atol=2e-5)
+    assert (k == 3).sum() >= 7                                                    # almost every row, once per epoch
 
 
-def test_optimize_features_zero_steps_returns_normalised_inputs():
+def test_corpus_wide_batches_hold_captions_of_one_image_no_more_often_than_chance():
+    """Five captions per image sit in consecutive corpus rows; cutting fixed batches from consecutive
+    rows made them each other's negatives every time. Reshuffled corpus-wide, a pair of paraphrases
+    shares a batch with probability (b - 1) / (n - 1), as for any two captions."""
+    n, b, per_image = 1000, 50, 5
+    group = np.arange(n) // per_image
+    pairs_total = n // per_image * per_image * (per_image - 1) // 2
+    chance = pairs_total * (b - 1) / (n - 1)
+    counts = []
+    for epoch in range(20):
+        same = 0
+        for idx in epoch_minibatches(n, b, 0, epoch):
+            _, sizes = np.unique(group[idx], return_counts=True)
+            same += int((sizes * (sizes - 1) // 2).sum())
+        counts.append(same)
+    assert np.mean(counts) == pytest.approx(chance, rel=0.2)
+    consecutive = sum(int((np.unique(group[i:i + b], return_counts=True)[1] ** 2 - 5).sum() // 2)
+                      for i in range(0, n, b))
+    assert consecutive == pairs_total > 10 * chance                           # the old fixed batches
+    assert epoch_minibatches(n, b, 0, 0)[0].tolist() != epoch_minibatches(n, b, 0, 1)[0].tolist()
+
+
+def test_optimize_features_zero_epochs_returns_normalised_inputs():
     s, t = pairs(n=10, d=8, seed=6)
-    out = optimize_features(s.astype(np.float32), t.astype(np.float32), steps=0, batch_size=4)
+    out, report = optimize_features(s.astype(np.float32), t.astype(np.float32), epochs=0, batch_size=4)
     np.testing.assert_allclose(out, s / np.linalg.norm(s, axis=1, keepdims=True), atol=1e-7)
-
-
-def test_single_adam_step_moves_each_coordinate_by_lr():
-    s, t = pairs(n=6, d=8, seed=7, noise=2.0)
-    s, t = s.astype(np.float32), t.astype(np.float32)
-    lr, tau = 1e-3, 0.5
-    moved = optimize_minibatch(s, t, tau=tau, lr=lr, steps=1) - s
-    S = torch.tensor(s, requires_grad=True)
-    contrastive_loss(S, torch.tensor(t), tau).backward()
-    g = S.grad.numpy()
-    big = np.abs(g) > 1e-5                     # Adam step 1: lr * g / (|g| + eps) ~ lr * sign(g)
-    assert big.mean() > 0.9
-    np.testing.assert_allclose(np.abs(moved[big]), lr, rtol=2e-3)
-    assert (np.sign(moved[big]) == -np.sign(g[big])).all()
-    assert (np.abs(moved) <= lr * 1.002).all()
+    assert report["mean_move"] == pytest.approx(0.0, abs=1e-6)
 
 
 # ---- Eq. 5 ----------------------------------------------------------------------------------

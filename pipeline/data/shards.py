@@ -38,13 +38,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.locks import ArtifactLockedError, exclusive_writer, remove_stale_temp_files  # noqa: F401
+
+if TYPE_CHECKING:
+    from pipeline.data.executors import ShardExecutor
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 MANIFEST = "_manifest.json"
@@ -230,18 +233,23 @@ def _rewrite_journal(out_dir: Path, records: dict[str, dict]) -> None:
     _write_file_atomic(out_dir / JOURNAL, data)
 
 
-def run_shard(task: ShardTask, make_table: Callable[[ShardTask], pa.Table], meta: dict,
-              journal: str | Path | None = None) -> dict:
-    """Produce one shard (always: the caller decided it is needed) and record its hash in ``journal``.
+def write_shard(task: ShardTask, table: pa.Table, meta: dict, journal: str | Path | None = None) -> dict:
+    """Write one computed shard (atomically, see ``write_table_atomic``) and record its hash in ``journal``.
 
-    Returns its record ``{"file", "sha256", "size", "fingerprint", "rows"}``.
+    Runs in the process that holds the artifact's lock (the stage itself: with ``executor: ray``,
+    workers only compute tables). Returns its record ``{"file", "sha256", "size", "fingerprint", "rows"}``.
     """
-    table = make_table(task)
     written = write_table_atomic(task.path, table, {**meta, "shard": task.index, "rows": [task.start, task.stop]})
     record = {"file": task.path.name, "fingerprint": task.fingerprint, **written}
     if journal is not None:
         _append_journal(Path(journal), record)
     return {**record, "rows": table.num_rows}
+
+
+def run_shard(task: ShardTask, make_table: Callable[[ShardTask], pa.Table], meta: dict,
+              journal: str | Path | None = None) -> dict:
+    """Produce one shard here (always: the caller decided it is needed): ``make_table`` then ``write_shard``."""
+    return write_shard(task, make_table(task), meta, journal)
 
 
 def _shard_state(task: ShardTask, record: dict | None) -> str:
@@ -263,12 +271,22 @@ def _shard_state(task: ShardTask, record: dict | None) -> str:
 
 
 def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_fingerprint: str,
-                  make_table: Callable[[ShardTask], pa.Table], meta: dict,
-                  executor: str = "local", desc: str = "shards", stage: str | None = None) -> dict:
+                  make_table: Callable[..., pa.Table], meta: dict,
+                  executor: str | ShardExecutor = "local", desc: str = "shards", stage: str | None = None,
+                  read_inputs: Callable[[ShardTask], Any] | None = None) -> dict:
     """Produce every shard of an artifact (resuming), drop stale extra shards, write the manifest.
 
     ``make_table(task)`` must be a pure function of the task (its rows of the aligned inputs):
-    that is what makes the result independent of crashes, reruns and of the executor.
+    that is what makes the result independent of crashes, reruns and of the executor. With
+    ``read_inputs``, this process reads each shard's inputs (``read_inputs(task)``, e.g. its rows of an
+    upstream artifact) and the table is ``make_table(task, inputs)``: on Ray the inputs travel to the
+    worker through the object store, so workers need no access to the artifacts.
+
+    ``executor`` (``pipeline.data.executors``: "local", "ray" or a ``ShardExecutor`` with threads and
+    Ray resources) decides where ``make_table`` runs; every table comes back to this process, which
+    writes each shard (temp name, rename) and journals its hash as it arrives, in any order.
+    A failing shard raises its error restated with the shard (index, file, rows) and this artifact's
+    stage; the shards written before it stay journaled, so a rerun keeps them.
 
     A shard is kept only if its recorded fingerprint is the task's AND its bytes match the sha256
     recorded when it was written (_fingerprints.json or journal); otherwise it is redone. ``stage`` (the DVC
@@ -278,7 +296,7 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
     Returns the manifest plus, not in the file (it must not depend on history):
     ``kept_from_previous_run``, ``written_new``, ``redone_stale``, ``redone_corrupt``, ``corrupt_files``.
     """
-    from pipeline.data.executors import map_tasks
+    from pipeline.data.executors import run_shards
 
     out_dir = Path(out_dir)
     with exclusive_writer(out_dir):
@@ -294,13 +312,20 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
         if corrupt:
             print(f"{out_dir}: {len(corrupt)} shard(s) do not match the sha256 recorded when they were written "
                   f"and are redone: {', '.join(corrupt)}", file=sys.stderr, flush=True)
+        journal = out_dir / JOURNAL
+
+        def written(task: ShardTask, table: pa.Table) -> None:  # here, as each shard's table arrives
+            rec = write_shard(task, table, meta, journal)
+            records[rec["file"]] = {k: rec[k] for k in ("file", "sha256", "size", "fingerprint")}
+
+        def describe(task: ShardTask) -> str:
+            return f"{stage or desc}: shard {task.index} ({task.path}, rows {task.start}-{task.stop - 1})"
+
         try:
-            results = map_tasks(run_shard, todo, executor=executor, desc=desc, make_table=make_table,
-                                meta=meta, journal=str(out_dir / JOURNAL))
+            run_shards(make_table, todo, written, executor=executor, read_inputs=read_inputs, desc=desc,
+                       describe=describe)
         finally:
             remove_stale_temp_files(out_dir)  # ours (a crash mid-shard) and dead ones; never a live writer's
-        for rec in results:
-            records[rec["file"]] = {k: rec[k] for k in ("file", "sha256", "size", "fingerprint")}
         wanted = {t.path.name for t in tasks}
         for extra in out_dir.glob("part-*.parquet"):
             if extra.name not in wanted:

@@ -17,18 +17,27 @@ CLIPSCORE_PROMPT = "A photo depicts "  # Hessel et al. 2021 prefix every caption
 
 
 def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config) -> tuple[dict, dict]:
-    """-> (metrics: {metric: float, images_evaluated, images_skipped}, details: per-image scores,
-    skipped images and metrics with reasons)."""
+    """-> (metrics: {metric: float, images_evaluated, images_skipped, images_missing}, details:
+    per-image scores, skipped images and metrics with reasons). ``predictions`` maps eval image ids to
+    captions; images without one (a result file that misses some) are left out and counted."""
     images = ShardedArtifact(paths.evalset(evalset))
     features = ShardedArtifact(paths.eval_features(evalset))
     c = config.models.clip
     clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
     require_same_model(eval_image_features=features, clip_for_scoring=clip.identity)
-    ids = images.read_column("image_id").to_pylist()
-    references = dict(zip(ids, images.read_column("references").to_pylist()))
-    coco = caption_metrics(predictions, references)
+    all_ids = images.read_column("image_id").to_pylist()
+    unknown = sorted(set(predictions) - set(all_ids))
+    if unknown:
+        raise ValueError(f"captions of {len(unknown)} image(s) that eval set {evalset} does not hold, e.g. {unknown[:3]}")
+    keep = np.array([i in predictions for i in all_ids])
+    ids = [i for i in all_ids if i in predictions]
+    if not ids:
+        raise ValueError(f"no caption of any image of eval set {evalset}")
+    references = dict(zip(all_ids, images.read_column("references").to_pylist()))
+    references = {i: references[i] for i in ids}
+    coco = caption_metrics({i: predictions[i] for i in ids}, references)
 
-    image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])
+    image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])[keep]
     check_dim(image_features, clip.dim, f"eval image features of {evalset}")
     caption_features = clip.encode_texts([CLIPSCORE_PROMPT + predictions[i] for i in ids])
     flat = clip.encode_texts([CLIPSCORE_PROMPT + r for i in ids for r in references[i]])   # one batched pass
@@ -39,7 +48,8 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
     ref_s, ref_per_image = ref_clip_score(image_features, caption_features, reference_features, w=w)
     skipped_images = read_json(paths.evalset(evalset) / "report.json")["skipped"]
     metrics = {**{k: float(v) for k, v in coco["scores"].items()}, "CLIPScore": float(clip_s),
-               "RefCLIPScore": float(ref_s), "images_evaluated": len(ids), "images_skipped": len(skipped_images)}
+               "RefCLIPScore": float(ref_s), "images_evaluated": len(ids), "images_skipped": len(skipped_images),
+               "images_missing": len(all_ids) - len(ids)}
     details = {"skipped_metrics": coco["skipped"], "skipped_images": skipped_images, "clip_model": clip.identity["name"],
                "per_image": {i: {"CLIPScore": float(s), "RefCLIPScore": float(r)}
                              for i, s, r in zip(ids, clip_per_image, ref_per_image)}}

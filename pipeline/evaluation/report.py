@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from pipeline import methods, paths
 from pipeline.data.shards import ShardedArtifact
+from pipeline.evaluation import papers
 from pipeline.stage import read_json
 
 # (column, scale, decimals): the COCO metrics are printed ×100 with one decimal as in the papers.
@@ -55,8 +56,11 @@ def write_report(
     metrics_table: Sequence[Mapping],
     gallery: Sequence[Mapping],
     notes: Iterable[str] = (),
+    papers: Sequence[Mapping] = (),
+    images: Sequence[tuple[str, bytes]] = (),
 ) -> None:
-    """Write one self-contained HTML page with a metrics table, a gallery and notes.
+    """Write one self-contained HTML page with a metrics table, the papers' numbers, figures, a
+    gallery and notes.
 
     ``metrics_table`` rows: ``{"method", "eval_set", ["variant"], metric: value, ...,
     ["skipped": {metric: reason}]}`` with metrics from :data:`METRIC_COLUMNS` on the scale
@@ -67,12 +71,16 @@ def write_report(
     ``gallery`` items: ``{"image_id", "image": PNG/JPEG bytes, "predictions": {method: caption},
     "references": [caption, ...], ["tags": [...]]}``; images are embedded as JPEG thumbnails
     of at most 256 px on the long side.
+
+    ``papers`` rows: ``{"method", "eval_set", "paper", "source", "not_comparable": reason or None,
+    "metrics": [(metric, this run x100 or None, the paper's, difference or None), ...]}``.
+    ``images``: (caption, PNG bytes) figures embedded as they are (e.g. training curves).
     """
     for index, row in enumerate(metrics_table):
         _check_keys(row, ("method", "eval_set"), f"metrics_table[{index}]")
     for index, item in enumerate(gallery):
         _check_keys(item, ("image_id", "image", "predictions", "references"), f"gallery[{index}]")
-    page = _page(title, metrics_table, gallery, list(notes))
+    page = _page(title, metrics_table, gallery, list(notes), papers, images)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -85,12 +93,18 @@ def _check_keys(entry: Mapping, required: Sequence[str], where: str) -> None:
 
 
 def _page(title: str, metrics_table: Sequence[Mapping], gallery: Sequence[Mapping],
-          notes: list[str]) -> str:
+          notes: list[str], papers: Sequence[Mapping] = (), images: Sequence[tuple[str, bytes]] = ()) -> str:
     sections = [f"<h1>{_text(title)}</h1>", _metrics_section(metrics_table)]
-    if gallery:
-        sections.append(_gallery_section(gallery))
     if notes:
         sections.append(_notes_section(notes))
+    if papers:
+        sections.append(_papers_section(papers))
+    for caption, png in images:
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        sections.append(f'<figure><img src="{uri}" alt="{_text(caption)}"><figcaption>{_text(caption)}'
+                        f"</figcaption></figure>")
+    if gallery:
+        sections.append(_gallery_section(gallery))
     body = "\n".join(sections)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -145,6 +159,31 @@ def _metric_cell(value: object, scale: float, decimals: int, skip_reason: str | 
         return MISSING
     number = footnotes.setdefault(str(skip_reason), len(footnotes) + 1)
     return f'{MISSING}<sup><a href="#skip-{number}" title="{_text(skip_reason)}">{number}</a></sup>'
+
+
+# --- the papers' numbers --------------------------------------------------------------------------
+
+def _papers_section(rows: Sequence[Mapping]) -> str:
+    """One row per (method, eval set) that a paper reports: this run, the paper, the difference."""
+    body = []
+    for row in rows:
+        status = f"not comparable: {row['not_comparable']}" if row.get("not_comparable") else "comparable"
+        inner = "".join(f'<tr><td>{_text(metric)}</td><td class="score">{_fmt(here)}</td>'
+                        f'<td class="score">{paper:.1f}</td><td class="score">{_fmt(diff, signed=True)}</td></tr>'
+                        for metric, here, paper, diff in row["metrics"])
+        body.append(f"<tr><td>{_text(row['method'])}</td><td>{_text(row['eval_set'])}</td>"
+                    f"<td>{_text(row['paper'])}, {_text(row['source'])}</td><td>{_text(status)}</td>"
+                    f'<td><table class="metrics"><tr><th>metric</th><th>this run</th><th>paper</th>'
+                    f"<th>difference</th></tr>{inner}</table></td></tr>")
+    return ('<h2>Against the papers</h2>\n<table class="metrics"><thead><tr><th>Method</th><th>Eval set</th>'
+            "<th>Paper</th><th>Comparable</th><th>Metrics (x100)</th></tr></thead><tbody>\n"
+            + "\n".join(body) + "\n</tbody></table>")
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
 # --- gallery ------------------------------------------------------------------------------------
@@ -205,9 +244,21 @@ def _notes_section(notes: list[str]) -> str:
 # --- the pipeline's report ------------------------------------------------------------------------
 
 def build_report(config, out: Path) -> tuple[int, int]:
-    """Read every method instance's metrics, captions and the eval sets, write the report page.
-    Returns (result rows, gallery images)."""
-    rows, gallery = [], []
+    """Read every method instance's (and external result's) metrics, captions and the eval sets, put
+    the papers' numbers beside them, write the report page. Returns (result rows, gallery images)."""
+    rows, papers_rows, figures = [], [], []
+    notes = []
+    if config.models.clip.pretrained is None:
+        notes.append("What these numbers mean: this profile's models are small and randomly initialised "
+                     "(no pretrained weights can be downloaded here), so no caption follows its image. The "
+                     "numbers test the plumbing, not caption quality; a paper profile on real weights "
+                     "reproduces the papers.")
+    notes += [f"Profile: {config.profile}. CLIP: {config.models.clip.name} (pretrained: "
+              f"{config.models.clip.pretrained}); detector: {config.models.detector.name}; text-to-image: "
+              f"{config.models.diffusion.name}.",
+              "BLEU, METEOR, ROUGE-L, CIDEr (CIDEr-D) and SPICE are pycocoevalcap's, x100. CLIPScore and "
+              "RefCLIPScore (Hessel et al. 2021, w = 2.5) use the pipeline's CLIP model, so they compare methods "
+              "within one profile only."]
     for name, instance in config.methods.items():
         variant = methods.get(instance.method).variant(instance.train, instance.caption)
         for evalset in config.evalsets:
@@ -215,12 +266,22 @@ def build_report(config, out: Path) -> tuple[int, int]:
             details = read_json(paths.evaluation(name, evalset))
             rows.append({"method": name, "variant": variant, "eval_set": evalset, **scores,
                          "skipped": details["skipped_metrics"]})
-    notes = [f"Profile: {config.profile}. CLIP: {config.models.clip.name} (pretrained: "
-             f"{config.models.clip.pretrained}); detector: {config.models.detector.name}; text-to-image: "
-             f"{config.models.diffusion.name}.",
-             "BLEU, METEOR, ROUGE-L, CIDEr (CIDEr-D) and SPICE are pycocoevalcap's, x100. CLIPScore and "
-             "RefCLIPScore (Hessel et al. 2021, w = 2.5) use the pipeline's CLIP model, so they compare methods "
-             "within one profile only."]
+            row = papers.paper_row(instance.method, variant, config.corpus.source, config.evalsets[evalset].dataset)
+            if row is not None:
+                papers_rows.append({"method": name, "eval_set": evalset, "paper": row.paper, "source": row.source,
+                                    "not_comparable": papers.not_comparable(row, config.models.clip.name, instance),
+                                    "metrics": papers.comparison(scores, row)})
+        curve = paths.model(name) / "train_curve.png"
+        if curve.is_file():
+            figures.append((f"Training loss of {name}", curve.read_bytes()))
+    for name, external in config.external_results.items():
+        scores = read_json(paths.metrics(name, external.evalset))
+        rows.append({"method": external.label or name, "variant": "external result", "eval_set": external.evalset,
+                     **scores, "skipped": read_json(paths.evaluation(name, external.evalset))["skipped_metrics"]})
+        notes.append(f"{external.label or name}: the captions of {external.path}, scored with the same protocol "
+                     f"({scores['images_evaluated']} images matched, {scores['images_missing']} without a caption, "
+                     f"{scores['results_unmatched']} results matching no image).")
+    gallery = []
     for evalset in config.evalsets:
         images = ShardedArtifact(paths.evalset(evalset))
         tags = ShardedArtifact(paths.eval_tags(evalset))
@@ -241,10 +302,7 @@ def build_report(config, out: Path) -> tuple[int, int]:
         result = read_json(paths.method(name) / "modality_gap.json")
         curve = ", ".join(f"λ={r['lambda']:g}: {100 * r['CIDEr']:.1f}" for r in result["results"])
         notes.append(f"Modality-gap analysis of {name} on {result['evalset']} (CIDEr of "
-                     f"caption(normalize(λ·t + (1−λ)·v)); {result['caveat']}): {curve}. "
-                     f"Plot: methods/{name}/modality_gap.png.")
-    if config.models.clip.pretrained is None:
-        notes.append("The offline profile's models are small and randomly initialised: its numbers test the "
-                     "plumbing, not caption quality.")
-    write_report(out, f"SynthCap report ({config.profile})", rows, gallery, notes)
+                     f"caption(normalize(λ·t + (1−λ)·v)); {result['caveat']}): {curve}.")
+        figures.append((f"Modality gap of {name}", (paths.method(name) / "modality_gap.png").read_bytes()))
+    write_report(out, f"SynthCap report ({config.profile})", rows, gallery, notes, papers_rows, figures)
     return len(rows), len(gallery)

@@ -1,4 +1,5 @@
-"""CLIP features of images (global, projected patches, CLS attention) and of texts, as Arrow tables.
+"""CLIP features of images (global, projected patches, CLS attention, the last layer's attention map) and
+of texts, as Arrow tables.
 
 Image decoding and preprocessing of batch i+1 run on a background thread while CLIP encodes batch i.
 """
@@ -12,7 +13,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.models.clip import ClipEncoder
+from pipeline.models.clip import IMAGE_COLUMNS, ClipEncoder
 from pipeline.data.images import ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array
 
@@ -44,21 +45,22 @@ def _prefetched_pixels(clip: ClipEncoder, blobs: list[bytes], ids: list[str], ba
 
 
 def encode_image_table(images: pa.Table, clip: ClipEncoder, id_column: str, batch_size: int,
-                       dtype: str) -> pa.Table:
-    """images (id, image bytes) -> id, global [D], patches [Np*D], cls_attention [Np]."""
+                       dtype: str, columns: Sequence[str] = IMAGE_COLUMNS) -> pa.Table:
+    """images (id, image bytes) -> id and the ``columns`` asked for (pipeline/models/clip.py): global [D],
+    patches [Np*D], cls_attention [Np], attention [(Np+1)*(Np+1)], each a fixed-size list a row."""
+    columns = tuple(columns)
     ids = images.column(id_column).to_pylist()
     blobs = images.column("image").to_pylist()
-    parts: dict[str, list[np.ndarray]] = {"global": [], "patches": [], "cls_attention": []}
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in columns}
     batches = _prefetched_pixels(clip, blobs, ids, batch_size)
     for pixels in tqdm(batches, total=-(-len(ids) // batch_size), desc="  images", unit="batch", leave=False):
-        out = clip.encode_pixels(pixels)
+        out = clip.encode_pixels(pixels, columns)
         for key in parts:
             parts[key].append(out[key].reshape(len(pixels), -1))
-    width = clip.dim
-    empty = {"global": width, "patches": 0, "cls_attention": 0}
-    columns = {key: feature_array(np.concatenate(v) if v else np.zeros((0, empty[key]), np.float32), dtype)
-               for key, v in parts.items()}
-    return pa.table({id_column: ids, **columns})
+    empty = {"global": clip.dim, "patches": 0, "cls_attention": 0, "attention": 0}
+    table = {key: feature_array(np.concatenate(v) if v else np.zeros((0, empty[key]), np.float32), dtype)
+             for key, v in parts.items()}
+    return pa.table({id_column: ids, **table})
 
 
 def encode_text_table(captions: pa.Table, clip: ClipEncoder, batch_size: int, dtype: str) -> pa.Table:
@@ -68,9 +70,13 @@ def encode_text_table(captions: pa.Table, clip: ClipEncoder, batch_size: int, dt
     return pa.table({"caption_id": ids, "text_feature": feature_array(clip.encode_texts(texts, batch_size), dtype)})
 
 
-def patch_grid(clip: ClipEncoder) -> dict:
-    """Shape facts written beside the patch features so readers can unflatten them."""
+def patch_grid(clip: ClipEncoder, columns: Sequence[str] = IMAGE_COLUMNS) -> dict:
+    """Shape facts written beside the image features so readers can unflatten them: N_p and D, and
+    ``num_tokens`` = N_p + 1 (CLS first) when the ``attention`` map is among ``columns``."""
     visual = clip.model.visual
     grid = visual.grid_size if hasattr(visual, "grid_size") else None
     num_patches = int(grid[0] * grid[1]) if grid else None
-    return {"num_patches": num_patches, "dim": clip.dim}
+    facts = {"num_patches": num_patches, "dim": clip.dim}
+    if "attention" in columns and num_patches:
+        facts["num_tokens"] = num_patches + 1
+    return facts

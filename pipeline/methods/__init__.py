@@ -27,6 +27,16 @@ sets, and saves checkpoints). It defines:
 Optional: ``prepare(rows, train, data, step) -> rows`` runs once per shard before batching (e.g. a
 projection of the whole shard); ``step`` is None when captioning.
 
+Frozen pretrained submodules (optional): a model whose ``frozen_pretrained`` attribute maps submodule
+names (their state-dict prefixes, e.g. ``"lm"``) to the identity of the pretrained model each holds
+(a dict with at least ``name``, ``pretrained`` and ``weights_sha256``, as the loaders in
+pipeline/models record it) is saved WITHOUT those submodules' tensors: the checkpoint header records
+the identities instead (``frozen``), ``create`` loads the submodules again from their identity (the
+training settings name them), and the runner refuses a checkpoint whose reloaded submodule has other
+weights (sha256) than the one it was trained with, naming both. The runner also checks, when saving,
+that training left each such submodule bit-for-bit unchanged. A model without the attribute (or with
+an empty mapping, e.g. an LM that is fine-tuned) is saved whole.
+
 docs/ADDING_A_METHOD.md walks through a complete toy method.
 """
 from __future__ import annotations
@@ -41,15 +51,19 @@ REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", 
 # The per-row columns a method may ask for, by source. Training reads the corpus side (one row per
 # corpus caption: shard k of each covers the same captions); captioning reads the eval side (one
 # row per image).
+# ``global`` is the projected CLS token (L2-normalised), ``patches`` the patch tokens projected by CLIP's
+# own head (not normalised), ``cls_attention`` the last layer's CLS->patch attention and ``attention``
+# its whole map over the N_p + 1 tokens, CLS first (both averaged over heads; pipeline/models/clip.py).
+# Only what some method reads is cached: no method reads a synthetic image's attention.
 TRAIN_SOURCES = {
     "corpus": ("caption_id", "group_id", "text"),
     "text": ("text_feature",),                                   # CLIP text feature of the caption
-    "synthetic": ("global", "patches", "cls_attention"),         # CLIP features of its synthetic image
+    "synthetic": ("global", "patches"),                          # CLIP features of its synthetic image
     "synthetic_tags": ("labels", "scores", "boxes"),             # detector tags of its synthetic image
     "optimized": ("global",),                                    # SynTIC Eq. 2 features
 }
 CAPTION_SOURCES = {
-    "image": ("global", "patches", "cls_attention"),             # CLIP features of the real image
+    "image": ("image_id", "global", "patches", "cls_attention", "attention"),   # the real image: its id, CLIP features
     "image_tags": ("labels", "scores", "boxes"),                 # detector tags of the real image
 }
 
@@ -58,7 +72,8 @@ CAPTION_SOURCES = {
 class Needs:
     """What a method reads. ``rows`` maps the name the method uses to ``"source.column"`` (see
     TRAIN_SOURCES / CAPTION_SOURCES); feature columns arrive as float32 arrays [n, D] (``patches``
-    as [n, N_p, D]), others as lists."""
+    as [n, N_p, D], ``cls_attention`` as [n, N_p], ``attention`` as [n, N_p + 1, N_p + 1]), others
+    (ids, texts, tags) as lists."""
     rows: dict[str, str]
     corpus: tuple[str, ...] = ()          # corpus columns held whole (e.g. texts for a vocabulary)
     support: str | None = None            # a projection support set: "corpus" or a target support name
@@ -82,7 +97,8 @@ class Data:
     """Everything a method is handed besides per-row columns, checked to come from one CLIP model."""
     clip: dict                                   # identity of the CLIP model of every feature
     feature_dim: int
-    num_patches: int | None = None
+    num_patches: int | None = None               # N_p, when patches are read
+    num_tokens: int | None = None                # N_p + 1 (CLS first), when the attention map is read
     device: str = "cpu"
     corpus: dict[str, list] = field(default_factory=dict)
     support: object | None = None                # pipeline.support.SupportSet (its own tau and top_k)

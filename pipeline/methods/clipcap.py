@@ -4,8 +4,9 @@ Every instance trains on CLIP TEXT features of the corpus captions only (the cac
 ``artifacts/features/text``, L2-normalised) and captions real images from their CLIP image feature.
 Read top to bottom:
 
-1. ClipCap (Unsupervised-ClipCap Eq. 1): a prefix MLP h maps a CLIP feature to P embeddings of the
-   causal LM's width; the LM f_g decodes the caption after them,
+1. ClipCap (Unsupervised-ClipCap Eq. 1): a mapping network h (ClipCap's MLP, or its transformer
+   mapper: ``mapper``, CapDec's released default) maps a CLIP feature to P embeddings of the causal
+   LM's width; the LM f_g decodes the caption after them,
        p(y_i | x) = f_g(h(f(x)), y_<i),   L = sum_i CE(p(y_i | x), y_i)
    (``PrefixMLP``, ``ClipCapCaptioner``, ``CausalLM.prefix_loss``). LM and MLP are both trained
    unless ``freeze_lm``.
@@ -57,7 +58,7 @@ import torch.nn as nn
 
 from pipeline.config import ModelRef, at_least, non_negative, opt
 from pipeline.methods import Data, Needs, Step
-from pipeline.models.language_model import CausalLM, load_causal_lm
+from pipeline.models.language_model import CausalLM, corpus_vocabulary, load_causal_lm, tokenizer_of
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
 from pipeline.vectors import l2_normalize
@@ -149,11 +150,36 @@ class PrefixMLP(nn.Module):
         return self.net(features).view(features.shape[0], self.prefix_length, self.width)
 
 
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapping network (CapDec's released default): the feature mapped to
+    ``clip_length`` embeddings, followed by ``prefix_length`` learnable constants; a pre-LN Transformer
+    (8 heads, MLP ratio 2, ReLU, no dropout) runs over both, and the outputs at the constants' places
+    are the prefix [B, P, W]."""
+
+    def __init__(self, feature_dim: int, width: int, prefix_length: int, clip_length: int, layers: int = 8,
+                 heads: int = 8):
+        super().__init__()
+        self.clip_length, self.width = clip_length, width
+        self.linear = nn.Linear(feature_dim, clip_length * width)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="relu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.linear(features).view(features.shape[0], self.clip_length, self.width)
+        prefix = self.prefix_const.expand(features.shape[0], *self.prefix_const.shape)
+        return self.transformer(torch.cat([x, prefix], dim=1))[:, self.clip_length:]
+
+
 @dataclass
 class ClipCapConfig:
     feature_dim: int = 512
     prefix_length: int = 10
     prefix_hidden: int | None = None
+    mapper: str = "mlp"             # mlp | transformer
+    mapper_clip_length: int = 10    # transformer: embeddings the feature is mapped to
+    mapper_layers: int = 8          # transformer: layers
     max_len: int = 30
     freeze_lm: bool = False
     label_smoothing: float = 0.0
@@ -172,7 +198,11 @@ class ClipCapCaptioner(nn.Module):
         if limit is not None and cfg.prefix_length + cfg.max_len > limit:
             raise ValueError(f"prefix_length {cfg.prefix_length} + max_len {cfg.max_len} exceeds the language "
                              f"model's {limit} positions")
-        self.prefix_mlp = PrefixMLP(cfg.feature_dim, lm.width, cfg.prefix_length, cfg.prefix_hidden)
+        if cfg.mapper == "transformer":
+            self.prefix_mlp = TransformerMapper(cfg.feature_dim, lm.width, cfg.prefix_length, cfg.mapper_clip_length,
+                                                cfg.mapper_layers)
+        else:
+            self.prefix_mlp = PrefixMLP(cfg.feature_dim, lm.width, cfg.prefix_length, cfg.prefix_hidden)
         if cfg.freeze_lm:
             for param in self.lm.parameters():
                 param.requires_grad_(False)
@@ -216,9 +246,16 @@ class Train:
     noise_variance: float = opt(0.0, "CapDec's sigma^2 (0.016); 0 = off", check=non_negative)
     noise_renormalize: bool = opt(True, "normalize(t + n), as CapDec's released code")
     language_model: ModelRef = opt(ModelRef(name="gpt2", pretrained="gpt2"), "the causal LM (name, pretrained, seed)")
+    vocabulary: Literal["full", "corpus"] = opt("full", "an LM built from configuration predicts over all its "
+                                                        "tokenizer's ids | only those the corpus uses (fast on CPU)")
+    mapper: Literal["mlp", "transformer"] = opt("mlp", "the mapping network: ClipCap's MLP | its transformer "
+                                                       "(CapDec's released default)")
     prefix_length: int = opt(10, "prefix embeddings", check=at_least(1))
     prefix_hidden: int | None = opt(None, "MLP hidden width: null = P*W/2 (ClipCap), 0 = one Linear (DeCap)",
                                     check=non_negative)
+    mapper_clip_length: int = opt(10, "transformer mapper: embeddings the feature is mapped to (CapDec: 40)",
+                                  check=at_least(1))
+    mapper_layers: int = opt(8, "transformer mapper: layers (ClipCap, CapDec: 8)", check=at_least(1))
     freeze_lm: bool = opt(False, "train the prefix MLP only")
     max_len: int = opt(30, "caption tokens incl. the end token (training and decoding)", check=at_least(1))
     label_smoothing: float = opt(0.0, "label smoothing of the caption cross-entropy")
@@ -251,15 +288,22 @@ def needs(train: Train, caption: Caption | None = None) -> Needs:
 
 
 def facts(train: Train, data: Data) -> dict:
-    return {"feature_dim": data.feature_dim}
+    ref = train.language_model
+    vocabulary = None
+    if train.vocabulary == "corpus":
+        vocabulary = corpus_vocabulary(tokenizer_of(ref.name, ref.pretrained), data.corpus["text"])
+    return {"feature_dim": data.feature_dim, "vocabulary": vocabulary}
 
 
 def create(train: Train, facts: dict, data: Data | None = None) -> ClipCapCaptioner:
     ref = train.language_model
-    lm = load_causal_lm(ref.name, ref.pretrained, seed=ref.seed, device=data.device if data else "cpu")
+    lm = load_causal_lm(ref.name, ref.pretrained, seed=ref.seed, device=data.device if data else "cpu",
+                        vocabulary=facts.get("vocabulary"))
     torch.manual_seed(train.seed)                       # the prefix MLP's weights
     return ClipCapCaptioner(ClipCapConfig(feature_dim=facts["feature_dim"], prefix_length=train.prefix_length,
-                                          prefix_hidden=train.prefix_hidden, max_len=train.max_len,
+                                          prefix_hidden=train.prefix_hidden, mapper=train.mapper,
+                                          mapper_clip_length=train.mapper_clip_length,
+                                          mapper_layers=train.mapper_layers, max_len=train.max_len,
                                           freeze_lm=train.freeze_lm, label_smoothing=train.label_smoothing), lm)
 
 

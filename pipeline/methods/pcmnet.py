@@ -2,8 +2,8 @@
 
 Read top to bottom:
 1. Salient concepts (Eq. 1): the K concepts whose "A photo of {c}" CLIP text feature is closest
-   (cosine) to the image's global feature g_I. The vocabulary is built by stages/concepts.py
-   (pipeline/concepts.py: frequent corpus nouns).
+   (cosine) to the image's global feature g_I. The vocabulary is built by the `concepts` stage
+   (pipeline/extract/concepts.py: frequent corpus nouns).
 2. Patch-concept affinity (Eq. 2): a_jk = cos(v'_j, c_k). The cached patch tokens are already v'_j:
    CLIP's own ln_post + proj applied to the last layer's patch tokens (pipeline/models/clip.py).
 3. Textual feature map (Eq. 3): v^t_j = sum_k softmax_k(a_jk / tau) c_k.
@@ -12,15 +12,18 @@ Read top to bottom:
 5. Captioner (Eq. 4-8): [g_I; mixed patch map] -> fully connected to the hidden size -> N_e
    post-LN Transformer encoder blocks; inter-layer global feature g~ = W_g [g^(0); ..; g^(N_e)]
    (Eq. 6) replaces the global token in the encoder output (Eq. 7); N_d post-LN decoder blocks
-   with masked self-attention and cross-attention to it (Eq. 8); CLIP BPE vocabulary.
-6. CLIP-weighted cross-entropy (Eq. 11): per-pair weight c_I = min(1, w * cos(g_I, g_S)).
+   with masked self-attention and cross-attention to it (Eq. 8); a word vocabulary (released) or
+   CLIP BPE.
+6. CLIP-weighted cross-entropy (Eq. 11): per-pair weight c_I = min(1, w * cos(g_I, g_S)); the
+   released loss adds label smoothing and a batch-mean (1 - p_target)^gamma factor.
 7. Noam learning-rate schedule (pipeline/nn/schedules.py), Adam; beam search at inference.
 
 Choices where the paper is silent (each one a single place in the code):
 - tau (Eq. 3) is not given: default 0.01, CLIP's own logit scale (1/100), the temperature at which
   CLIP cosines (a narrow band around 0.2-0.3) give a peaked rather than uniform softmax.
-- "Most related" patches: patch j scores max_k a_jk (its affinity to its best-matching salient
-  concept); the top-M scores are mixed. Salient concepts and affinities use the clean features.
+- "Most related" patches (``mix_select``): the released code mixes the patches of the top-M
+  (patch, concept) entries of the affinity matrix (``pairs``, the default); ``patches`` scores
+  patch j by max_k a_jk and mixes the top-M. Salient concepts and affinities use the clean features.
 - The paper's visual patches live in CLIP's width (1,024 for ViT-L/14) and its textual patches in
   the joint space (768), each mapped to 512 "through a fully connected layer". Only projected
   patches are cached here, so both are D-dimensional, but each stream keeps its own FC (global,
@@ -29,11 +32,17 @@ Choices where the paper is silent (each one a single place in the code):
 - Token types: 0 global, 1 visual patch, 2 textual patch. Positions: 0 for the global token, j for
   patch j; a textual patch keeps the position of the patch it stands for, at training (where it
   replaces patch j) and at inference (where it is appended), so both see the same encoding.
-- Gaussian noise (sigma^2 = 0.016, CapDec) goes on the captioner's global input only, at training.
+- Gaussian noise (sigma^2 = 0.016, CapDec) goes on the captioner's global input only, at training:
+  normalise, add noise, normalise again (the released ``noise_injection``), so training sees unit
+  features as inference does.
 - Eq. 11 cites CLIPScore [11], which clips negative cosines at 0: c_I = min(1, w * max(cos, 0)).
-  The batch loss is sum_b c_b * sum_t NLL_bt / (number of target tokens in the batch): with
-  c = 1 (cxe: false) this is the usual token-averaged cross-entropy. The introduction's mention of
-  a per-word re-weighting by the predicted distribution has no equation; Eq. 11 is implemented.
+  The batch loss is the mean over the batch's target tokens of c_b * l_bt: with c = 1 (cxe: false)
+  the usual token-averaged cross-entropy. The introduction's "re-weighting each word by the
+  predicted distribution" has no equation; the released loss (``weighted_caption_loss``) is label
+  smoothing 0.1 and the loss times the batch mean of (1 - p_target)^2: both are switches.
+- The released recipe (dropouts 0.5 / 0.2 / 0.3 / 0.5, ReLU before the embedding LayerNorm, W_g with
+  bias + LayerNorm, Adam betas (0.9, 0.999), gradient value clipping 0.1, 10,200 words, beams ranked
+  by summed log-prob) is the default of ``Train`` / ``Caption``; each is a switch.
 - Encoder/decoder blocks are torch's post-LN TransformerEncoderLayer / TransformerDecoderLayer,
   which compute Eq. 5 and Eq. 8 exactly (ReLU as delta, as in the vanilla Transformer [39]); the
   output layer is tied to the word embedding.
@@ -52,11 +61,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import at_least, opt, positive
+from pipeline.config import at_least, non_negative, opt, positive
 from pipeline.methods import Data, Needs, Step
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
-from pipeline.nn.tokenizer import CaptionTokenizer
+from pipeline.nn.tokenizer import CaptionTokenizer, WordTokenizer
 
 GLOBAL, VISUAL, TEXTUAL = 0, 1, 2          # token types
 
@@ -84,9 +93,16 @@ def textual_feature_map(affinity: torch.Tensor, salient: torch.Tensor, tau: floa
     return torch.softmax(affinity / tau, dim=-1) @ F.normalize(salient, dim=-1)
 
 
-def related_patches(affinity: torch.Tensor, m: int) -> torch.Tensor:
-    """The M patches most related to the salient concepts: top-M of max_k a_jk -> indices [B, M]."""
-    return affinity.max(dim=-1).values.topk(min(m, affinity.shape[1]), dim=-1).indices
+def related_patches(affinity: torch.Tensor, m: int, select: str = "patches") -> torch.Tensor:
+    """The M patches most related to the salient concepts -> indices [B, M].
+    "patches" (the paper's reading): top-M of max_k a_jk. "pairs" (the released code): the top-M
+    (patch, concept) entries of the affinity matrix; a patch in several of them counts once, so fewer
+    than M distinct patches may result (repeated indices mark the same patch)."""
+    if select == "patches":
+        return affinity.max(dim=-1).values.topk(min(m, affinity.shape[1]), dim=-1).indices
+    B, Np, K = affinity.shape
+    flat = affinity.reshape(B, Np * K).topk(min(m, Np * K), dim=-1).indices
+    return torch.div(flat, K, rounding_mode="floor")
 
 
 def mix_up_train(visual: torch.Tensor, textual: torch.Tensor, idx: torch.Tensor
@@ -116,12 +132,12 @@ def mix_up_inference(visual: torch.Tensor, textual: torch.Tensor, idx: torch.Ten
 
 
 def pcm(global_feats: torch.Tensor, patches: torch.Tensor, concept_feats: torch.Tensor, k: int, m: int,
-        tau: float, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tau: float, training: bool, select: str = "patches") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 1-3 and the mix-up for one batch: global [B, D], patches [B, Np, D] -> (tokens, types, positions)."""
     _, salient = salient_concepts(global_feats, concept_feats, k)                      # Eq. 1
     affinity = patch_affinity(patches, salient)                                         # Eq. 2
     textual = textual_feature_map(affinity, salient, tau)                               # Eq. 3
-    idx = related_patches(affinity, m)
+    idx = related_patches(affinity, m, select)
     return (mix_up_train if training else mix_up_inference)(patches, textual, idx)
 
 
@@ -142,19 +158,35 @@ def clip_weights(image_feats: torch.Tensor, text_feats: torch.Tensor, w: float) 
 
 
 def weighted_caption_loss(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                          weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 9-11 over a batch: sum_b c_b * sum_t -log p(w_t | w_<t, I) / (target tokens in the batch).
-    Targets are tokens[:, 1:] up to and including <end_of_text> (prefix_decoder's convention:
-    logits[:, i] predicts tokens[:, i+1]); weights None means c_b = 1 (plain cross-entropy)."""
+                          weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                          focal_gamma: float = 0.0) -> torch.Tensor:
+    """Eq. 9-11 over a batch: the mean over the batch's target tokens of c_b * l_bt, where l_bt is the
+    token's cross-entropy (-log p(w_t | w_<t, I)) and c_b the caption's CLIP weight (None: c_b = 1).
+    Targets are tokens[:, 1:] up to and including the end token (logits[:, i] predicts tokens[:, i+1]).
+
+    The released loss (xmodaler WeightedLabelSmoothing, gamma_type "batch") adds two factors, both off
+    at 0: label smoothing, l_bt = KL(q_t || p) with q_t = 1 - ls on the target and ls / (V - 1)
+    elsewhere (the cross-entropy up to a constant); and "re-weighting each word by the predicted
+    distribution": the loss is multiplied by the batch mean of (1 - p_target)^gamma over the same
+    tokens (not detached, as released)."""
     logits = logits[:, :-1]
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)                             # [B, T-1]
+    target = tokens[:, 1:]
     pos = torch.arange(1, tokens.shape[1], device=tokens.device)
-    mask = (pos[None, :] < lengths[:, None]).to(nll.dtype)
-    per_caption = (nll * mask).sum(1)                                                   # -log p(S|I)
+    mask = (pos[None, :] < lengths[:, None]).to(logp.dtype)                            # [B, T-1]
+    if label_smoothing > 0:
+        q = torch.full_like(logp, label_smoothing / (logp.shape[-1] - 1))
+        q.scatter_(-1, target[..., None], 1.0 - label_smoothing)
+        per_token = F.kl_div(logp, q, reduction="none").sum(-1)
+    else:
+        per_token = -logp.gather(-1, target[..., None]).squeeze(-1)                    # NLL
     if weights is not None:
-        per_caption = per_caption * weights.to(per_caption.dtype)
-    return per_caption.sum() / mask.sum().clamp(min=1)
+        per_token = per_token * weights.to(per_token.dtype)[:, None]
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if focal_gamma > 0:
+        p_target = logp.gather(-1, target[..., None]).squeeze(-1).exp()
+        loss = loss * (((1 - p_target) ** focal_gamma) * mask).sum() / mask.sum().clamp(min=1)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +211,14 @@ class PCMNetConfig:
     tau: float = 0.01
     noise_variance: float = 0.016
     clip_w: float | None = 4.0      # w of Eq. 11; None = plain cross-entropy (Table 3 without CXE)
+    label_smoothing: float = 0.0
+    focal_gamma: float = 0.0
+    mix_select: str = "patches"     # "patches": top-M patches by max_k a_jk | "pairs": top-M (patch, concept) pairs
+    attention_dropout: float | None = None   # None: = dropout
+    embedding_dropout: float | None = None   # None: = dropout
+    predictor_dropout: float = 0.0
+    embedding_relu: bool = False    # ReLU on the stream FCs before the embedding LayerNorm (released)
+    w_g_layernorm: bool = False     # W_g as Linear with bias + LayerNorm (released) instead of a bias-free Linear
 
 
 class VisualSemanticEncoder(nn.Module):
@@ -194,12 +234,15 @@ class VisualSemanticEncoder(nn.Module):
         self.pos_emb = nn.Embedding(cfg.num_patches + 1, H)          # 0: global, j: patch j
         self.type_emb = nn.Embedding(3, H)                            # GLOBAL, VISUAL, TEXTUAL
         self.emb_ln = nn.LayerNorm(H)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.emb_relu = cfg.embedding_relu
+        self.drop = nn.Dropout(cfg.dropout if cfg.embedding_dropout is None else cfg.embedding_dropout)
         self.layers = nn.ModuleList([
             nn.TransformerEncoderLayer(H, cfg.heads, cfg.ffn_dim, cfg.dropout, activation="relu",
                                        batch_first=True, norm_first=False)
             for _ in range(cfg.encoder_layers)])
-        self.w_g = nn.Linear((cfg.encoder_layers + 1) * H, H, bias=False)   # W_g of Eq. 6
+        _set_attention_dropout(self.layers, cfg)
+        w_g = nn.Linear((cfg.encoder_layers + 1) * H, H, bias=cfg.w_g_layernorm)       # W_g of Eq. 6
+        self.w_g = nn.Sequential(w_g, nn.LayerNorm(H)) if cfg.w_g_layernorm else w_g
 
     def embed(self, global_feats, tokens, types, positions) -> torch.Tensor:
         """V^(0) = {g^(0), v^(0)_1..}: [B, 1+N, H]."""
@@ -207,6 +250,8 @@ class VisualSemanticEncoder(nn.Module):
         g = self.global_fc(global_feats)[:, None]
         v = torch.where((types == TEXTUAL)[..., None], self.textual_fc(tokens), self.visual_fc(tokens))
         x = torch.cat([g, v], dim=1)
+        if self.emb_relu:
+            x = F.relu(x)
         all_types = torch.cat([torch.full((B, 1), GLOBAL, device=types.device), types], dim=1)
         all_pos = torch.cat([torch.zeros(B, 1, dtype=positions.dtype, device=positions.device), positions], dim=1)
         return self.drop(self.emb_ln(x + self.pos_emb(all_pos) + self.type_emb(all_types)))
@@ -238,6 +283,8 @@ class SentenceDecoder(nn.Module):
             nn.TransformerDecoderLayer(H, cfg.heads, cfg.ffn_dim, cfg.dropout, activation="relu",
                                        batch_first=True, norm_first=False)
             for _ in range(cfg.decoder_layers)])
+        _set_attention_dropout(self.layers, cfg)
+        self.predictor_drop = nn.Dropout(cfg.predictor_dropout)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
@@ -250,13 +297,25 @@ class SentenceDecoder(nn.Module):
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device, dtype=h.dtype)
         for layer in self.layers:
             h = layer(h, memory, tgt_mask=causal, tgt_is_causal=True)
-        return F.linear(h, self.tok_emb.weight)
+        return F.linear(self.predictor_drop(h), self.tok_emb.weight)
+
+
+def _set_attention_dropout(layers: nn.ModuleList, cfg: PCMNetConfig) -> None:
+    """torch's Transformer layers take one dropout; the released recipe drops attention weights at
+    its own rate (MultiheadAttention reads its ``dropout`` attribute at every call)."""
+    if cfg.attention_dropout is None:
+        return
+    for layer in layers:
+        for attn in (getattr(layer, "self_attn", None), getattr(layer, "multihead_attn", None)):
+            if attn is not None:
+                attn.dropout = cfg.attention_dropout
 
 
 class PCMNet(nn.Module):
     """The concept features (Eq. 1's c_j) are a buffer, so a checkpoint captions on its own."""
 
-    def __init__(self, cfg: PCMNetConfig, tokenizer: CaptionTokenizer, concept_feats: torch.Tensor | None = None):
+    def __init__(self, cfg: PCMNetConfig, tokenizer: CaptionTokenizer | WordTokenizer,
+                 concept_feats: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.width = cfg.hidden                                      # the Noam schedule's d_model
@@ -278,11 +337,11 @@ class PCMNet(nn.Module):
         g, patches = batch["global"], batch["patches"]
         if self.cfg.mixup:
             tokens, types, positions = pcm(g, patches, self.concepts, self.cfg.salient_k, self.cfg.mix_m,
-                                           self.cfg.tau, self.training)
+                                           self.cfg.tau, self.training, self.cfg.mix_select)
         else:
             tokens, types, positions = no_mix(patches)
-        if self.training and self.cfg.noise_variance > 0:
-            g = g + torch.randn_like(g) * math.sqrt(self.cfg.noise_variance)
+        if self.training and self.cfg.noise_variance > 0:                  # normalise, add noise, normalise
+            g = F.normalize(F.normalize(g, dim=-1) + torch.randn_like(g) * math.sqrt(self.cfg.noise_variance), dim=-1)
         return g, tokens, types, positions
 
     def encode(self, batch: dict) -> torch.Tensor:
@@ -293,19 +352,21 @@ class PCMNet(nn.Module):
 
     def loss(self, batch: dict):
         """Eq. 11 with the CLIP weights c_I (cfg.clip_w), or plain cross-entropy (clip_w None)."""
-        if self.cfg.clip_w is None:
-            return weighted_caption_loss(self(batch), batch["tokens"], batch["lengths"])
-        weights = clip_weights(batch["global"], batch["text_feature"], self.cfg.clip_w)            # Eq. 11
-        loss = weighted_caption_loss(self(batch), batch["tokens"], batch["lengths"], weights)
-        return loss, {"clip_weight": weights.mean().item()}
+        cfg = self.cfg
+        weights = clip_weights(batch["global"], batch["text_feature"], cfg.clip_w) if cfg.clip_w else None  # Eq. 11
+        loss = weighted_caption_loss(self(batch), batch["tokens"], batch["lengths"], weights,
+                                     cfg.label_smoothing, cfg.focal_gamma)
+        return (loss, {"clip_weight": weights.mean().item()}) if weights is not None else loss
 
     @torch.no_grad()
-    def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None) -> list[str]:
+    def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None,
+                 length_normalize: bool = True) -> list[str]:
         max_len = self.cfg.max_len if max_len is None else max_len
         if not 2 <= max_len <= self.cfg.max_len:
             raise ValueError(f"max_len must be in [2, {self.cfg.max_len}], got {max_len}")
         t = self.tokenizer
-        ids = decoding.decode(self.decoder, self.encode(batch), t.sot_id, t.eot_id, max_len, beam_size)
+        ids = decoding.decode(self.decoder, self.encode(batch), t.sot_id, t.eot_id, max_len, beam_size,
+                              length_normalize)
         return [t.decode(row) for row in ids]
 
 
@@ -314,30 +375,48 @@ class PCMNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class Train:
+    """Defaults: the paper's values, and where the paper is silent the released ViT-B/32 recipe
+    (jianjieluo/PCM-Net configs/mscoco_sd/vit_b32/train.yaml, METHODS.md section 2)."""
     mixup: bool = opt(True, "Table 3 Mix-up: patch-wise cross-modal feature mix-up (false: Base)")
     cxe: bool = opt(True, "Table 3 CXE: CLIP-weighted cross-entropy, Eq. 11 (false: plain cross-entropy)")
     salient_k: int = opt(5, "K, salient concepts per image (Eq. 1; Fig. 4a)", check=at_least(1))
     mix_m: int = opt(5, "M, patches replaced (training) / appended (inference) (Fig. 4b)", check=at_least(0))
+    mix_select: Literal["patches", "pairs"] = opt("pairs", "the M mixed patches: top-M by max_k a_jk (the paper's "
+                                                           "reading) | the top-M (patch, concept) pairs (released)")
     tau: float = opt(0.01, "Eq. 3 temperature (not given in the paper: CLIP's 1/100)", check=positive)
     clip_w: float = opt(2.5, "w of Eq. 11 (released: 2.5 for ViT-B/32, 4 for ViT-L/14)", check=positive)
-    noise_variance: float = opt(0.016, "Gaussian noise on the global feature at training (CapDec's)")
+    label_smoothing: float = opt(0.1, "label smoothing of the caption loss (released)", check=non_negative)
+    focal_gamma: float = opt(2.0, "the loss times the batch mean of (1 - p_target)^gamma (released; 0 = off)",
+                             check=non_negative)
+    noise_variance: float = opt(0.016, "Gaussian noise on the global feature at training (CapDec's), renormalised")
     hidden: int = opt(512, "hidden size of every Transformer block", check=at_least(1))
     heads: int = opt(8, "attention heads (not given: the base Transformer's)", check=at_least(1))
     ffn_dim: int = opt(2048, "feed-forward width (not given: the base Transformer's)", check=at_least(1))
     encoder_layers: int = opt(3, "N_e", check=at_least(1))
     decoder_layers: int = opt(3, "N_d", check=at_least(1))
-    dropout: float = opt(0.1, "dropout")
-    max_len: int = opt(24, "caption tokens incl. start and end (CLIP BPE)", check=at_least(2))
-    vocabulary: Literal["full", "corpus"] = opt("full", "output over all of CLIP's BPE | the corpus's BPE ids")
-    epochs: int = opt(12, "passes over the corpus", check=at_least(1))
+    dropout: float = opt(0.2, "dropout of hidden states and feed-forward (released)", check=non_negative)
+    attention_dropout: float = opt(0.3, "dropout of attention weights (released)", check=non_negative)
+    embedding_dropout: float = opt(0.5, "dropout of the visual-semantic embeddings (released)", check=non_negative)
+    predictor_dropout: float = opt(0.5, "dropout before the output layer (released)", check=non_negative)
+    embedding_relu: bool = opt(True, "ReLU before the embedding LayerNorm (released)")
+    w_g_layernorm: bool = opt(True, "W_g (Eq. 6) as Linear with bias + LayerNorm (released)")
+    vocabulary: Literal["full", "corpus", "words"] = opt("words", "decoder output: all of CLIP's BPE | the corpus's "
+                                                                  "BPE ids | the corpus's most frequent words (released)")
+    vocabulary_size: int = opt(10200, "words kept with vocabulary: words (released: 10,200 on COCO)",
+                               check=at_least(1))
+    max_len: int = opt(22, "caption tokens incl. start and end (released: 20 words)", check=at_least(2))
+    epochs: int = opt(12, "passes over the corpus (released checkpoint: epoch 10 of 12)", check=at_least(1))
     batch_size: int = opt(32, "captions per step", check=at_least(1))
-    optim: Optim = opt(Optim(name="adam", lr=1.0, betas=(0.9, 0.98), eps=1e-9, schedule="noam", warmup_steps=10000))
+    optim: Optim = opt(Optim(name="adam", lr=1.0, betas=(0.9, 0.999), eps=1e-8, schedule="noam", warmup_steps=10000,
+                             grad_clip_value=0.1), "Adam with the Noam schedule (lr is Noam's factor); released "
+                                               "betas, eps and gradient value clipping")
     seed: int = opt(0, "seed of the weights, the data order, dropout and noise")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Caption:
     beam_size: int = opt(3, "beam search width", check=at_least(1))
+    length_normalize: bool = opt(False, "rank beams by mean per-token log-prob (false: summed, as released)")
     max_len: int | None = opt(None, "longest caption in tokens (null = as trained)", check=at_least(2))
     batch_size: int = opt(32, "images per decoding batch", check=at_least(1))
 
@@ -346,24 +425,37 @@ def needs(train: Train, caption: Caption | None = None) -> Needs:
     if caption is None:
         return Needs(rows={"text": "corpus.text", "text_feature": "text.text_feature",
                            "global": "synthetic.global", "patches": "synthetic.patches"},
-                     corpus=("text",) if train.vocabulary == "corpus" else (), concepts=True)
+                     corpus=("text",) if train.vocabulary != "full" else (), concepts=True)
     return Needs(rows={"global": "image.global", "patches": "image.patches"})
+
+
+def tokenizer_for(train: Train, vocabulary) -> CaptionTokenizer | WordTokenizer:
+    return WordTokenizer(vocabulary) if train.vocabulary == "words" else CaptionTokenizer(vocabulary)
 
 
 def facts(train: Train, data: Data) -> dict:
     words, _ = data.concepts
+    texts = data.corpus.get("text", ())
+    if train.vocabulary == "words":
+        vocabulary = WordTokenizer.for_corpus(texts, train.vocabulary_size).vocabulary
+    else:
+        vocabulary = CaptionTokenizer.for_corpus(train.vocabulary, texts).vocabulary
     return {"feature_dim": data.feature_dim, "num_patches": data.num_patches, "concepts": list(words),
-            "vocabulary": CaptionTokenizer.for_corpus(train.vocabulary, data.corpus.get("text", ())).vocabulary}
+            "vocabulary": vocabulary}
 
 
 def create(train: Train, facts: dict, data: Data | None = None) -> PCMNet:
-    tokenizer = CaptionTokenizer(facts["vocabulary"])
+    tokenizer = tokenizer_for(train, facts["vocabulary"])
     config = PCMNetConfig(
         feature_dim=facts["feature_dim"], num_patches=facts["num_patches"], vocab_size=tokenizer.vocab_size,
         hidden=train.hidden, heads=train.heads, ffn_dim=train.ffn_dim, encoder_layers=train.encoder_layers,
         decoder_layers=train.decoder_layers, dropout=train.dropout, max_len=train.max_len,
         num_concepts=len(facts["concepts"]), mixup=train.mixup, salient_k=train.salient_k, mix_m=train.mix_m,
-        tau=train.tau, noise_variance=train.noise_variance, clip_w=train.clip_w if train.cxe else None)
+        tau=train.tau, noise_variance=train.noise_variance, clip_w=train.clip_w if train.cxe else None,
+        label_smoothing=train.label_smoothing, focal_gamma=train.focal_gamma, mix_select=train.mix_select,
+        attention_dropout=train.attention_dropout, embedding_dropout=train.embedding_dropout,
+        predictor_dropout=train.predictor_dropout, embedding_relu=train.embedding_relu,
+        w_g_layernorm=train.w_g_layernorm)
     concepts = torch.from_numpy(data.concepts[1]) if data is not None else None
     return PCMNet(config, tokenizer, concepts)
 
@@ -379,7 +471,7 @@ def batch(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, data: Data, 
 
 
 def caption(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, caption: Caption, data: Data) -> list[str]:
-    return model.generate(_features(rows, idx), caption.beam_size, caption.max_len)
+    return model.generate(_features(rows, idx), caption.beam_size, caption.max_len, caption.length_normalize)
 
 
 def variant(train: Train, caption: Caption | None) -> str:

@@ -1,11 +1,17 @@
-"""Frozen CLIP through open_clip: global image features, projected patch tokens, CLS attention, text features.
+"""Frozen CLIP through open_clip: global image features, projected patch tokens, attention, text features.
 
-Per image (MacCap Eq. 10-11, PCM-Net Eq. 2 need the last two):
+Per image (MacCap Eq. 10-13 and PCM-Net Eq. 2 need more than the global feature), the columns of
+``IMAGE_COLUMNS``; ``encode_pixels(pixels, columns)`` computes only those asked for:
 - ``global``: the projected CLS token, L2-normalised (D = embed_dim).
 - ``patches``: the last layer's patch tokens mapped by CLIP's own head (``ln_post`` then ``proj``) into
   the joint space, NOT normalised (N_p x D).
 - ``cls_attention``: the last block's attention of the CLS token over the patches, averaged over
   heads (N_p).
+- ``attention``: the last block's whole attention map over the N_p + 1 tokens (CLS first), averaged
+  over heads ((N_p + 1) x (N_p + 1); row i is token i's attention, each row sums to 1). Its row 0
+  holds ``cls_attention`` (columns 1..N_p) and the CLS token's attention to itself (column 0).
+Both attention columns come from one extra pass of the last block's attention over its captured
+input; when neither is asked for, that pass is skipped.
 Per text: the projected EOT feature, L2-normalised.
 """
 from __future__ import annotations
@@ -25,6 +31,8 @@ from pipeline.vectors import l2_normalize_torch
 
 open_clip.add_model_config(CONFIG_DIR)
 
+IMAGE_COLUMNS = ("global", "patches", "cls_attention", "attention")
+
 
 @dataclass
 class ClipEncoder:
@@ -39,26 +47,39 @@ class ClipEncoder:
         return int(self.identity["embed_dim"])
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        """Preprocessed images [B,3,H,W] -> global [B,D], patches [B,Np,D], cls_attention [B,Np]."""
+    def encode_pixels(self, pixels: torch.Tensor, columns: Sequence[str] = IMAGE_COLUMNS) -> dict[str, np.ndarray]:
+        """Preprocessed images [B,3,H,W] -> the ``columns`` asked for (module docstring): global [B,D],
+        patches [B,Np,D], cls_attention [B,Np], attention [B,Np+1,Np+1]."""
+        unknown = [c for c in columns if c not in IMAGE_COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown image feature column(s) {unknown} (known: {', '.join(IMAGE_COLUMNS)})")
         visual = self.model.visual
         last_block = visual.transformer.resblocks[-1]
+        want_attention = "cls_attention" in columns or "attention" in columns
         captured: dict[str, torch.Tensor] = {}
-        hook = last_block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
+        hook = last_block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0])) \
+            if want_attention else None
         previous, visual.output_tokens = visual.output_tokens, True
         try:
             pooled, tokens = visual(pixels.to(self.device, self._dtype))
         finally:
             visual.output_tokens = previous
-            hook.remove()
-        x = last_block.ln_1(captured["x"])
-        _, attention = last_block.attn(x, x, x, need_weights=True, average_attn_weights=True)
-        patches = tokens @ visual.proj if visual.proj is not None else tokens  # ln_post already applied
-        return {
-            "global": l2_normalize_torch(pooled).float().cpu().numpy(),
-            "patches": patches.float().cpu().numpy(),
-            "cls_attention": attention[:, 0, 1:].float().cpu().numpy(),
-        }
+            if hook is not None:
+                hook.remove()
+        out: dict[str, np.ndarray] = {}
+        if "global" in columns:
+            out["global"] = l2_normalize_torch(pooled).float().cpu().numpy()
+        if "patches" in columns:
+            patches = tokens @ visual.proj if visual.proj is not None else tokens  # ln_post already applied
+            out["patches"] = patches.float().cpu().numpy()
+        if want_attention:     # one pass: the last block's attention over its own input, heads averaged
+            x = last_block.ln_1(captured["x"])
+            _, attention = last_block.attn(x, x, x, need_weights=True, average_attn_weights=True)
+            if "cls_attention" in columns:
+                out["cls_attention"] = attention[:, 0, 1:].float().cpu().numpy()
+            if "attention" in columns:
+                out["attention"] = attention.float().cpu().numpy()
+        return {c: out[c] for c in columns}
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

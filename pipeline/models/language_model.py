@@ -40,6 +40,18 @@ class CausalLM:
     model: torch.nn.Module          # a transformers *ForCausalLM (GPT2LMHeadModel, OPTForCausalLM, ...)
     tokenizer: object               # the matching transformers tokenizer
     identity: dict                  # {kind, name, pretrained, seed, weights_sha256, ...}
+    vocabulary: list[int] | None = None   # the tokenizer ids the model predicts (None: all); model id = position
+
+    def __post_init__(self):
+        self._to_model = {t: m for m, t in enumerate(self.vocabulary)} if self.vocabulary is not None else None
+
+    def model_id(self, token_id: int) -> int:
+        if self._to_model is None:
+            return int(token_id)
+        if token_id not in self._to_model:
+            raise KeyError(f"token {self.tokenizer.convert_ids_to_tokens(int(token_id))!r} ({token_id}) is not in "
+                           f"this language model's vocabulary")
+        return self._to_model[token_id]
 
     # ---- shape facts ----------------------------------------------------------------------------
     @property
@@ -58,12 +70,12 @@ class CausalLM:
 
     @property
     def eos_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
+        return self.model_id(int(self.tokenizer.eos_token_id))
 
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+        return self.model_id(int(pad if pad is not None else self.tokenizer.eos_token_id))
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +93,7 @@ class CausalLM:
         ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
         lengths = torch.empty(len(texts), dtype=torch.long)
         for b, seq in enumerate(encoded):
-            seq = list(seq[: max_len - 1]) + [self.eos_id]
+            seq = [self.model_id(t) for t in seq[: max_len - 1]] + [self.eos_id]
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             lengths[b] = len(seq)
         return ids, lengths
@@ -94,6 +106,8 @@ class CausalLM:
         ids = [int(i) for i in ids]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
+        if self.vocabulary is not None:
+            ids = [self.vocabulary[i] for i in ids]
         return " ".join(self.tokenizer.decode(ids, skip_special_tokens=True).split())
 
     # ---- the prefix interface -------------------------------------------------------------------
@@ -135,7 +149,7 @@ def _offline_tokenizer(kind: str):
     return clip_bpe_tokenizer()
 
 
-def _build_from_config(name: str, seed: int):
+def _build_from_config(name: str, seed: int, vocabulary: list[int] | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = config_path(name)
@@ -151,6 +165,11 @@ def _build_from_config(name: str, seed: int):
     wrong = {k: (getattr(config, k, None), v) for k, v in expected.items() if getattr(config, k, None) != v}
     if wrong:
         raise ValueError(f"{path}: config does not match its tokenizer (config, tokenizer): {wrong}")
+    if vocabulary is not None:            # predict over these tokenizer ids only: model id = position
+        position = {t: m for m, t in enumerate(vocabulary)}
+        config.vocab_size = len(vocabulary)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, key, position[getattr(config, key)])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model, tokenizer
@@ -170,12 +189,39 @@ def _load_pretrained(name: str, pretrained: str):
     return model, tokenizer
 
 
-def load_causal_lm(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu") -> CausalLM:
-    """A causal LM + tokenizer from a hub id / local folder, or built from ``configs/{name}.json``
-    with weights drawn from ``seed``. Returned in eval mode on ``device``."""
+def tokenizer_of(name: str, pretrained: str | None):
+    """The tokenizer a language model uses, without building the model."""
     if pretrained is None:
-        model, tokenizer = _build_from_config(name, seed)
+        path = config_path(name)
+        spec = json.loads(path.read_text()) if path.is_file() else {}
+        return _offline_tokenizer(spec.get("tokenizer", "open_clip_bpe"))
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(pretrained)
+    except Exception as err:
+        raise missing_model_error(KIND, name, pretrained, err) from err
+
+
+def corpus_vocabulary(tokenizer, texts) -> list[int]:
+    """The tokenizer ids that ``texts`` use, with the special tokens, sorted."""
+    ids = {i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    ids |= {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    return sorted(ids)
+
+
+def load_causal_lm(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu",
+                   vocabulary: list[int] | None = None) -> CausalLM:
+    """A causal LM + tokenizer from a hub id / local folder, or built from ``configs/{name}.json``
+    with weights drawn from ``seed``. Returned in eval mode on ``device``. ``vocabulary`` (tokenizer
+    ids, e.g. ``corpus_vocabulary``) builds a model from configuration that predicts only those: on
+    a small corpus this shrinks the output layer from 49,408 rows to a few thousand, which is what
+    lets a small LM learn within a CPU demo (a pretrained model keeps its own vocabulary)."""
+    if pretrained is None:
+        model, tokenizer = _build_from_config(name, seed, vocabulary)
     else:
+        if vocabulary is not None:
+            raise ValueError(f"language model {name!r}: a restricted vocabulary applies only to a model built from "
+                             f"configuration (pretrained: null), not to {pretrained!r}")
         model, tokenizer = _load_pretrained(name, str(pretrained))
     model = model.to(device).eval()
     identity = {"kind": KIND, "name": name, "pretrained": None if pretrained is None else str(pretrained),
@@ -183,4 +229,4 @@ def load_causal_lm(name: str, pretrained: str | None = None, seed: int = 0, devi
                 "model_class": type(model).__name__, "tokenizer": type(tokenizer).__name__,
                 "vocab_size": int(model.get_input_embeddings().num_embeddings),
                 "width": int(model.get_input_embeddings().embedding_dim)}
-    return CausalLM(model, tokenizer, identity)
+    return CausalLM(model, tokenizer, identity, vocabulary)

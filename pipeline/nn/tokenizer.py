@@ -1,10 +1,14 @@
 """Captions <-> token ids for the decoders trained from scratch (SynTIC, PCM-Net): CLIP's BPE
-(open_clip's bundled vocabulary, so it works offline) with start and end tokens and 0-padding.
+(open_clip's bundled vocabulary, so it works offline), or whole words over a corpus (PCM-Net's
+released recipe), with start and end tokens and 0-padding.
 
 A caption is encoded as ``<start_of_text> w_1 .. w_L <end_of_text>``, right-padded with 0 to
 ``max_len``; ``lengths[b]`` counts the real tokens including both special tokens.
 """
 from __future__ import annotations
+
+import re
+from collections import Counter
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -78,3 +82,60 @@ class CaptionTokenizer:
         if vocabulary == "corpus":
             return cls(cls().corpus_vocabulary(texts))
         raise ValueError(f"vocabulary must be 'full' or 'corpus', got {vocabulary!r}")
+
+
+class WordTokenizer:
+    """Whole words over a corpus's most frequent ones (PCM-Net's released recipe: 10,200 words on
+    COCO, captions of at most 20 words), the same interface as CaptionTokenizer.
+
+    Words are the lower-cased runs of letters, digits and apostrophes of a caption; a word outside the
+    vocabulary is ``<unk>``. Ids: 0 ``<pad>``, 1 ``<unk>``, then the words by frequency (ties by the
+    word), then ``<start>`` and ``<end>`` as the last two ids (the decoders' convention). ``max_len``
+    counts the start and end tokens, so 20 words take max_len 22.
+    """
+    SPECIALS = ("<pad>", "<unk>")
+    WORD = re.compile(r"[a-z0-9']+")
+
+    def __init__(self, words: list[str]):
+        self.words = list(words)
+        self.itos = list(self.SPECIALS) + self.words + ["<start>", "<end>"]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("a word vocabulary must not repeat a word or use a special token")
+        self.vocab_size = len(self.itos)
+        self.pad_id, self.unk_id, self.sot_id, self.eot_id = 0, 1, self.vocab_size - 2, self.vocab_size - 1
+        self.vocabulary = self.words
+
+    @classmethod
+    def split(cls, text: str) -> list[str]:
+        return cls.WORD.findall(text.lower())
+
+    @classmethod
+    def for_corpus(cls, texts, size: int) -> "WordTokenizer":
+        counts = Counter(w for text in texts for w in cls.split(text))
+        return cls([w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[:size]])
+
+    def encode(self, texts: list[str] | str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (start and end tokens), got {max_len}")
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        lengths = torch.empty(len(texts), dtype=torch.long)
+        for b, text in enumerate(texts):
+            words = [self.stoi.get(w, self.unk_id) for w in self.split(text)][: max_len - 2]
+            seq = [self.sot_id] + words + [self.eot_id]
+            ids[b, : len(seq)] = torch.tensor(seq)
+            lengths[b] = len(seq)
+        return ids, lengths
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            if i == self.eot_id:
+                break
+            if i not in (self.sot_id, self.pad_id):
+                out.append(self.itos[int(i)])
+        return " ".join(out)

@@ -1,0 +1,132 @@
+"""The papers' numbers beside this run's: the table agrees with METHODS.md, every paper profile's rows
+find their paper row with the paper's settings, and the report renders the comparison."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline import config, paths
+from pipeline.data.evalsets import EVAL_SCHEMA
+from pipeline.data.shards import write_sharded
+from pipeline.evaluation import papers
+from pipeline.evaluation.report import build_report
+from pipeline.methods import get
+from pipeline.profiles import resolve_profile
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
+PAPER_PROFILES = ["paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k", "paper-capdec-coco",
+                  "paper-pcmnet-l14-coco"]
+
+
+@pytest.fixture(scope="module")
+def methods_md() -> str:
+    if not METHODS_MD.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must check the paper table against {METHODS_MD}")
+        pytest.skip(f"{METHODS_MD} not found")
+    return METHODS_MD.read_text(encoding="utf-8")
+
+
+def row(id_: str) -> papers.PaperRow:
+    return next(r for r in papers.table() if r.id == id_)
+
+
+def test_the_headline_numbers_are_in_the_table():
+    headline = {"syntic-coco": 101.1, "pcmnet-coco-b32": 103.8, "pcmnet-coco-l14": 113.6, "capdec-coco": 91.8,
+                "decap-coco": 91.2, "unsupervised-clipcap-coco": 74.6, "maccap-coco": 69.7, "cmsa-coco": 100.2}
+    assert {id_: row(id_).metrics["CIDEr"] for id_ in headline} == headline
+
+
+@pytest.mark.parametrize("id_, section, pattern", [
+    ("syntic-coco", "## 1. SynTIC", r"Reported: COCO B4 ([\d.]+) M ([\d.]+) R ([\d.]+) C ([\d.]+) S ([\d.]+)"),
+    ("pcmnet-coco-b32", "## 2. PCM-Net", r"\(ViT-B/32\): COCO B4 ([\d.]+) M ([\d.]+) R ([\d.]+) C ([\d.]+) S ([\d.]+)"),
+    ("unsupervised-clipcap-coco", "## 4. Unsupervised",
+     r"COCO B4 ([\d.]+) M ([\d.]+) R ([\d.]+) C ([\d.]+) S ([\d.]+)"),
+    ("cmsa-coco", "## 5. CMSA", r"COCO ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+)"),
+])
+def test_the_table_quotes_methods_md(methods_md, id_, section, pattern):
+    text = methods_md[methods_md.index(section):]
+    numbers = [float(x) for x in re.search(pattern, text).groups()]
+    assert [row(id_).metrics[m] for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")] == numbers
+
+
+def test_maccap_and_the_text_feature_family_quote_methods_md(methods_md):
+    maccap = methods_md[methods_md.index("## 3. MacCap"):]
+    b1, b4, m, r, c, s = map(float, re.search(
+        r"COCO B1 ([\d.]+) B4 ([\d.]+) M ([\d.]+) R ([\d.]+) C ([\d.]+) S ([\d.]+)", maccap).groups())
+    assert row("maccap-coco").metrics == {"BLEU-1": b1, "BLEU-4": b4, "METEOR": m, "ROUGE-L": r, "CIDEr": c, "SPICE": s}
+    assert f"C {row('unsupervised-clipcap-coco-unmatched').metrics['CIDEr']}" in methods_md
+    assert f"C {row('decap-coco').metrics['CIDEr']}" in methods_md
+    assert f"CIDEr {row('capdec-coco').metrics['CIDEr']}" in methods_md
+
+
+@pytest.mark.parametrize("profile", PAPER_PROFILES)
+def test_every_paper_profile_row_matches_its_paper_row_with_the_papers_settings(profile):
+    """A main row of a paper profile finds its paper row and is comparable, unless its CLIP model
+    differs from the paper's (CapDec on ViT-B/32 in paper-coco): then it says so."""
+    c = config.from_dict(resolve_profile(profile))
+    matched = 0
+    for name, instance in c.methods.items():
+        variant = get(instance.method).variant(instance.train, instance.caption)
+        for evalset in c.evalsets.values():
+            paper = papers.paper_row(instance.method, variant, c.corpus.source, evalset.dataset)
+            if paper is None:
+                continue
+            matched += 1
+            reason = papers.not_comparable(paper, c.models.clip.name, instance)
+            if paper.clip == c.models.clip.name:
+                assert reason is None, f"{profile}: {name} against {paper.id}: {reason}"
+            else:
+                assert reason.startswith(f"CLIP {c.models.clip.name} here, {paper.clip} in the paper")
+    assert matched >= 1, f"{profile} has no row the papers report"
+
+
+def test_a_setting_that_differs_from_the_papers_makes_the_row_not_comparable():
+    c = config.from_dict(resolve_profile("paper-capdec-coco"))
+    capdec = c.methods["capdec"]
+    assert papers.not_comparable(row("capdec-coco"), "RN50x4", capdec) is None
+    mlp = config.MethodInstance(method="clipcap", train=config.parse(type(capdec.train), {
+        **config.as_dict(capdec.train), "mapper": "mlp", "prefix_length": 10}, "t"), caption=capdec.caption)
+    assert papers.not_comparable(row("capdec-coco"), "RN50x4", mlp) == (
+        "train.mapper is 'mlp' here, 'transformer' in the paper; train.prefix_length is 10 here, 40 in the paper")
+
+
+def test_the_report_of_a_paper_profile_puts_the_papers_numbers_beside_this_runs(artifacts_root, tmp_path):
+    c = config.from_dict(resolve_profile("paper-coco"))
+    evalset = "coco-test"
+    rows = [{"image_id": "COCO_val2014_000000000001.jpg", "image": _png(), "width": 4, "height": 4,
+             "references": ["a cat"]}]
+    write_sharded(paths.evalset(evalset), 1, 8, "fp", lambda t: pa.Table.from_pylist(rows, schema=EVAL_SCHEMA),
+                  {"model": None})
+    (paths.evalset(evalset) / "report.json").write_text(json.dumps({"skipped": {}}))
+    tags = pa.table({"image_id": ["COCO_val2014_000000000001.jpg"], "labels": pa.array([["cat"]])})
+    write_sharded(paths.eval_tags(evalset), 1, 8, "fp", lambda t: tags, {"model": None})
+    fake = {"BLEU-4": 0.30, "METEOR": 0.25, "ROUGE-L": 0.5, "CIDEr": 1.0, "CLIPScore": 0.7, "RefCLIPScore": 0.7,
+            "images_evaluated": 1, "images_skipped": 0, "images_missing": 0}
+    for name in c.methods:
+        for path, value in ((paths.metrics(name, evalset), fake), (paths.evaluation(name, evalset),
+                                                                   {"skipped_metrics": {}}),
+                            (paths.captions(name, evalset), {"COCO_val2014_000000000001.jpg": "a cat"})):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(value))
+    (paths.method("unsupervised-clipcap") / "modality_gap.png").write_bytes(_png())
+    (paths.method("unsupervised-clipcap") / "modality_gap.json").write_text(json.dumps(
+        {"evalset": evalset, "caveat": "c", "results": [{"lambda": 0.0, "CIDEr": 0.1}]}))
+    build_report(c, tmp_path / "index.html")
+    html = (tmp_path / "index.html").read_text()
+    assert "Against the papers" in html
+    assert "SynTIC (Liu et al., AAAI 2024), Table 1 (MSCOCO)" in html and "101.1" in html and "-1.1" in html
+    assert "103.8" in html and "74.6" in html and "91.2" in html
+    assert "not comparable: CLIP ViT-B-32 here, RN50x4 in the paper" in html
+
+
+def _png() -> bytes:
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "white").save(buffer, format="PNG")
+    return buffer.getvalue()
