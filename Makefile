@@ -10,7 +10,7 @@ LOCK   ?= test
 LOCKED := $(VENV)/.locked-$(LOCK)
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install profile clean-artifacts lock test-latest
+.PHONY: demo test install profile clean-artifacts lock test-latest bench
 
 # A lock change, or another LOCK, rebuilds the venv from nothing, so that it holds the lock's
 # packages and no leftovers. The locked pip comes first; the lock then installs in hash-checking
@@ -36,6 +36,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Every benchmark, one table, and artifacts/bench/results.json (bench/run.py; README, "Scale"):
+# make bench DEVICE=cuda on a GPU; make bench QUICK=1 for a smoke test of the benchmarks (no figures).
+DEVICE    ?= cpu
+BENCH_OUT ?= artifacts/bench/results.json
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.run --device $(DEVICE) --out $(BENCH_OUT) $(if $(QUICK),--quick)
 
 # Select a configuration profile: make profile NAME=paper-syntic-coco (NAME=offline switches back).
 profile: $(STAMP)

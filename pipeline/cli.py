@@ -1,5 +1,7 @@
 """The ``synthcap`` command: what a user does with a trained pipeline besides ``dvc repro``.
 
+    synthcap caption PHOTOS... [--method NAME] [--out FILE] [--format jsonl|csv|table] [--beam N]
+                                                      caption your own images with the trained methods
     synthcap status                                   what is trained, on which models, with which metrics
     synthcap score RESULTS --evalset NAME             anyone's captions scored exactly as evaluate@ scores ours
     synthcap score RESULTS --references FILE          the COCO metrics against a references file
@@ -7,11 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 
+from pipeline import captioning, methods, paths
 from pipeline import config as cfg
-from pipeline import methods, paths
 from pipeline.data.evalsets import read_references
 from pipeline.data.shards import ShardedArtifact, describe_model
 from pipeline.evaluation.evaluate import evaluate_captions
@@ -82,10 +85,69 @@ def score(args) -> int:
     return 0
 
 
+def caption(args) -> int:
+    """Caption image files, folders or lists of paths with every trained method (or --method)."""
+    config = cfg.load()
+    names = args.method or list(config.methods)
+    unknown = [n for n in names if n not in config.methods]
+    if unknown:
+        raise ValueError(f"no method instance {', '.join(unknown)} in params.yaml (methods: {', '.join(config.methods)})")
+    untrained = [n for n in names if not captioning.trained(n)]
+    for name in untrained:
+        print(f"synthcap caption: {name} is not trained: run `dvc repro train@{name}`", file=sys.stderr)
+    names = [n for n in names if n not in untrained]
+    if not names:
+        return 2
+    photos = captioning.load(captioning.collect(args.photos), max(e.max_pixels for e in config.evalsets.values())
+                             if config.evalsets else 89_478_485)
+    for path, reason in photos.skipped.items():
+        print(f"synthcap caption: skipped {path}: {reason}", file=sys.stderr)
+    if photos.ids:
+        captions, tags = captioning.caption_photos(config, names, photos, args.beam)
+        rows = [{"image": i, "method": name, "caption": captions[name][i], "tags": tags.get(i, [])}
+                for i in photos.ids for name in names]
+        write_rows(rows, args.out, args.format)
+    print(f"synthcap caption: {len(photos.ids)} image(s) captioned by {len(names)} method(s), "
+          f"{len(photos.skipped)} skipped", file=sys.stderr)
+    return 0
+
+
+def write_rows(rows: list[dict], out: str | None, fmt: str | None) -> None:
+    fmt = fmt or ("jsonl" if out and out.endswith((".jsonl", ".json")) else "csv" if out and out.endswith(".csv")
+                  else "table" if out is None else "jsonl")
+    stream = open(out, "w", encoding="utf-8", newline="") if out else sys.stdout
+    try:
+        if fmt == "jsonl":
+            for row in rows:
+                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        elif fmt == "csv":
+            writer = csv.writer(stream)
+            writer.writerow(["image", "method", "caption", "tags"])
+            for row in rows:
+                writer.writerow([row["image"], row["method"], row["caption"], " ".join(row["tags"])])
+        else:
+            width = max(len(r["method"]) for r in rows)
+            for image in dict.fromkeys(r["image"] for r in rows):
+                stream.write(f"{image}\n")
+                for row in (r for r in rows if r["image"] == image):
+                    stream.write(f"  {row['method']:<{width}}  {row['caption']}\n")
+    finally:
+        if out:
+            stream.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synthcap", description="Text-only image captioning from synthetic "
-                                     "image-text pairs: status of the pipeline's trained captioners.")
+                                     "image-text pairs: caption your own images, see what is trained, score "
+                                     "result files.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("caption", help="caption your own images with the trained method instances")
+    p.add_argument("photos", nargs="+", help="image files, folders (recursively) or text files listing image paths")
+    p.add_argument("--method", action="append", help="a method instance of params.yaml (repeat; default: all trained)")
+    p.add_argument("--out", help="write here (.jsonl, .csv) instead of a table on the terminal")
+    p.add_argument("--format", choices=("jsonl", "csv", "table"), help="default: by --out's suffix, else a table")
+    p.add_argument("--beam", type=int, help="beam size (default: each instance's caption.beam_size)")
+    p.set_defaults(run=caption)
     p = sub.add_parser("status", help="what is trained, on which models, with which metrics")
     p.set_defaults(run=status)
     p = sub.add_parser("score", help="score a result file with the same protocol as evaluate@")

@@ -21,7 +21,7 @@ OPTIMIZED = ARTIFACTS / "optimized"                    # SynTIC Eq. 2 features (
 OPTIMIZE_REPORT = ARTIFACTS / "metrics" / "optimize.json"   # how far Eq. 2 moved them (DVC metrics)
 SUPPORTS = ARTIFACTS / "supports"                      # supports/corpus and supports/NAME: Eq. 3 support sets
 CONCEPTS = ARTIFACTS / "concepts" / "concepts.parquet"  # PCM-Net concept vocabulary + CLIP text features
-METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,captions,metrics,evaluation}
+METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,train_curve.json,captions,metrics,evaluation}
 REPORT = ARTIFACTS / "report"
 
 
@@ -56,6 +56,11 @@ def method(name: str) -> Path:
 
 def model(name: str) -> Path:
     return METHODS / name / "model"
+
+
+def train_curve(name: str) -> Path:
+    """The training loss of method instance ``name`` per step (DVC plots data: rows {step, loss, phase})."""
+    return METHODS / name / "train_curve.json"
 
 
 def captions(name: str, evalset: str) -> Path:

@@ -4,7 +4,9 @@ It opens the artifacts a method ``needs`` (pipeline/methods/__init__.py), checks
 support set and vocabulary comes from one CLIP model and has the dimensions the model was built for,
 seeds, builds the optimiser and schedule (pipeline/nn/schedules.py), runs the epoch loop over
 aligned shards (shards in a seeded order per epoch, rows shuffled within a shard), saves and loads
-checkpoints (safetensors: nothing is unpickled), and loops over eval sets when captioning.
+checkpoints (safetensors: nothing is unpickled), and loops over eval sets when captioning. A method
+with ``phases`` (pipeline/methods/__init__.py; CMSA's MLE, discriminator and RL phases) is trained phase
+after phase, each with its own optimiser over the submodules it trains (``fit_phases``).
 
 A trained model folder holds ``model.safetensors`` (weights; its header holds the method, the typed
 training settings, the facts the model's shape depends on and the CLIP identity of its training
@@ -35,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
+from pipeline.environment import library_versions
 from pipeline import config as cfg
 from pipeline import methods, paths
 from pipeline.data.aligned import Column, aligned_shards, check_dim, read_single_table, shard_order
@@ -111,7 +114,7 @@ class Inputs:
             corpus = self.artifacts["corpus"]
             d.corpus = {c: corpus.read_column(c).to_pylist() for c in needs.corpus}
         if needs.support:
-            d.support = open_support(needs.support, clip)
+            d.support = open_support(needs.support, clip).to_device(device)
         if needs.tag_vocabulary:
             d.tag_vocabulary = TagVocabulary(read_single_table(paths.TAG_VOCABULARY, clip, "tag_vocabulary"))
         if needs.concepts:
@@ -218,12 +221,14 @@ def file_id(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 def fit(model: torch.nn.Module, batches: Callable[[int], Iterator[dict]], epochs: int, optimizer, scheduler,
         grad_clip: float | None = None, grad_clip_value: float | None = None, desc: str = "train",
-        progress: bool = True, max_steps: int | None = None) -> dict:
+        progress: bool = True, max_steps: int | None = None, parameters: list | None = None) -> dict:
     """Minimise ``model.loss(batch)`` over ``epochs`` passes of ``batches(epoch)``; the scheduler steps
     once per optimizer step. Returns {"epoch_loss": per-epoch mean loss weighted by batch size,
     "logs": per-epoch means of what the loss logged, "steps": optimizer steps}. Leaves the model in
-    eval mode."""
-    history, logs, steps = [], [], 0
+    eval mode. ``parameters`` (default: all of the model's) are those whose gradients are clipped: a
+    training phase's (see ``train_model``)."""
+    clipped = list(model.parameters()) if parameters is None else list(parameters)
+    history, logs, steps, step_loss = [], [], 0, []
     for epoch in range(epochs):
         model.train()
         total, count, extra = 0.0, 0, {}
@@ -234,13 +239,14 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterator[dict]], epochs
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip_value is not None:
-                torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip_value)
+                torch.nn.utils.clip_grad_value_(clipped, grad_clip_value)
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                torch.nn.utils.clip_grad_norm_(clipped, grad_clip)
             optimizer.step()
             scheduler.step()
             n = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
             total, count, steps = total + loss.item() * n, count + n, steps + 1
+            step_loss.append(loss.item())
             for key, value in logged.items():
                 s, c = extra.get(key, (0.0, 0))
                 extra[key] = (s + float(value) * n, c + n)
@@ -254,34 +260,94 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterator[dict]], epochs
         if max_steps is not None and steps >= max_steps:
             break
     model.eval()
-    return {"epoch_loss": history, "logs": logs, "steps": steps}
+    return {"epoch_loss": history, "logs": logs, "steps": steps, "step_loss": step_loss}
 
 
 def train_model(module, s, inputs: Inputs, progress: bool = True, max_steps: int | None = None):
-    """Build the model of ``module`` with settings ``s`` and fit it on ``inputs`` -> (model, facts, result)."""
+    """Build the model of ``module`` with settings ``s`` and fit it on ``inputs`` -> (model, facts, result).
+    A module with ``phases(s)`` (pipeline/methods/__init__.py) is fitted phase after phase, each with its
+    own optimiser over the parameters it trains; the result then lists the phases."""
     data = inputs.data
     facts = module.facts(s, data)
     torch.manual_seed(s.seed)
     model = module.create(s, facts, data).to(data.device)
-    total = sum(math.ceil(rows / s.batch_size) for rows in inputs.shard_rows()) * s.epochs
-    optimizer, scheduler = schedules.build(model, s.optim, total_steps=total, width=getattr(model, "width", None))
+    steps_per_epoch = sum(math.ceil(rows / s.batch_size) for rows in inputs.shard_rows())
     prepare = getattr(module, "prepare", None)
     offsets = np.r_[0, np.cumsum(inputs.shard_rows())].astype(int).tolist()
+    desc = module.__name__.rsplit(".", 1)[-1]
 
-    def batches(epoch: int) -> Iterator[dict]:
-        order = shard_order(inputs.num_shards, epoch, s.seed)
-        for k, rows in inputs.shards(order):
-            step = Step(epoch=epoch, shard=k, offset=offsets[k], seed=s.seed)
-            rows = prepare(rows, s, data, step) if prepare else rows
-            n = len(next(iter(rows.values())))
-            perm = np.random.default_rng([s.seed, epoch, k]).permutation(n)
-            for start in range(0, n, s.batch_size):
-                yield module.batch(model, rows, perm[start:start + s.batch_size], s, data, step)
+    def batches_of(first_epoch: int, phase: str | None) -> Callable[[int], Iterator[dict]]:
+        def batches(epoch: int) -> Iterator[dict]:
+            epoch += first_epoch                     # epochs are numbered across phases
+            order = shard_order(inputs.num_shards, epoch, s.seed)
+            for k, rows in inputs.shards(order):
+                step = Step(epoch=epoch, shard=k, offset=offsets[k], seed=s.seed, phase=phase)
+                rows = prepare(rows, s, data, step) if prepare else rows
+                n = len(next(iter(rows.values())))
+                perm = np.random.default_rng([s.seed, epoch, k]).permutation(n)
+                for start in range(0, n, s.batch_size):
+                    yield module.batch(model, rows, perm[start:start + s.batch_size], s, data, step)
+        return batches
 
-    torch.manual_seed(s.seed)                       # dropout and any noise drawn inside the model
-    result = fit(model, batches, s.epochs, optimizer, scheduler, s.optim.grad_clip, s.optim.grad_clip_value,
-                 desc=module.__name__.rsplit(".", 1)[-1], progress=progress, max_steps=max_steps)
-    return model, facts, result
+    phases = getattr(module, "phases", None)
+    if phases is None:
+        optimizer, scheduler = schedules.build(model, s.optim, total_steps=steps_per_epoch * s.epochs,
+                                               width=getattr(model, "width", None))
+        torch.manual_seed(s.seed)                   # dropout and any noise drawn inside the model
+        result = fit(model, batches_of(0, None), s.epochs, optimizer, scheduler, s.optim.grad_clip,
+                     s.optim.grad_clip_value, desc=desc, progress=progress, max_steps=max_steps)
+        return model, facts, result
+    return model, facts, fit_phases(model, phases(s), batches_of, steps_per_epoch, s.seed, desc, progress, max_steps)
+
+
+def phase_parameters(model: torch.nn.Module, trains: tuple[str, ...]) -> torch.nn.Module:
+    """The part of ``model`` a phase trains: the model itself (``trains`` empty) or a container of the
+    named submodules (shared parameters once), for the optimiser of that phase."""
+    if not trains:
+        return model
+    parts = {}
+    for name in trains:
+        try:
+            parts[name.replace(".", "/")] = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"a training phase names {name!r}, which is not a submodule of "
+                             f"{type(model).__name__}") from None
+    return torch.nn.ModuleDict(parts)
+
+
+def fit_phases(model: torch.nn.Module, phases: list, batches_of, steps_per_epoch: int, seed: int, desc: str,
+               progress: bool = True, max_steps: int | None = None) -> dict:
+    """Fit ``model`` phase after phase (``methods.Phase``): each phase its own optimiser and schedule over
+    the parameters it trains (``phase_parameters``), built as it begins, after its ``setup``. Returns
+    {"epoch_loss", "logs" (over all phases in order), "steps", "phases": [{name, epochs, steps,
+    epoch_loss, logs}]}."""
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"training phases must have distinct names, got {names}")
+    torch.manual_seed(seed)                          # dropout and any noise drawn inside the model, once
+    done, first_epoch, out = 0, 0, []
+    for phase in phases:
+        if phase.epochs == 0:
+            continue
+        part = phase_parameters(model, tuple(phase.trains))
+        total = steps_per_epoch * phase.epochs
+        optimizer, scheduler = schedules.build(part, phase.optim, total_steps=total,
+                                               width=getattr(model, "width", None))
+        if phase.setup is not None:
+            phase.setup(model, total)
+        left = None if max_steps is None else max_steps - done
+        result = fit(model, batches_of(first_epoch, phase.name), phase.epochs, optimizer, scheduler,
+                     phase.optim.grad_clip, phase.optim.grad_clip_value, desc=f"{desc} {phase.name}",
+                     progress=progress, max_steps=left, parameters=list(part.parameters()))
+        out.append({"name": phase.name, "epochs": len(result["epoch_loss"]), **result})
+        done += result["steps"]
+        first_epoch += phase.epochs
+        if max_steps is not None and done >= max_steps:
+            break
+    if not out:
+        raise ValueError(f"every training phase has 0 epochs ({', '.join(names)})")
+    return {"epoch_loss": [x for p in out for x in p["epoch_loss"]], "logs": [x for p in out for x in p["logs"]],
+            "steps": done, "step_loss": [x for p in out for x in p.pop("step_loss")], "phases": out}
 
 
 def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | None = None,
@@ -298,17 +364,50 @@ def train(name: str, instance: cfg.MethodInstance, device: str, out_dir: Path | 
     if kept is not None:
         return {**kept, "kept_from_previous_run": True}
     model, facts, result = train_model(module, s, inputs, progress)
+    result["curve"] = loss_curve(result.pop("step_loss"), [(p["name"], p["steps"]) for p in result.get("phases", [])])
     variant = module.variant(s, None)
-    history = result["epoch_loss"]
     frozen = frozen_parts(model)
     report = {"method": instance.method, "variant": variant, **result, "clip_model": inputs.data.clip,
               **({"frozen": frozen} if frozen else {}),
-              "training_rows": sum(inputs.shard_rows()), "facts": facts,
-              "summary": f"{variant}: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs "
-                         f"({result['steps']} steps)"}
+              "training_rows": sum(inputs.shard_rows()), "facts": facts, "environment": library_versions(),
+              "summary": _summary(variant, result)}
     header = {"method": instance.method, "train": cfg.as_dict(s), "facts": facts, "clip_model": inputs.data.clip}
     write_model_folder(out_dir, model, header, report, fp)
     return report
+
+
+CURVE_POINTS = 1000
+"""At most this many rows in a training curve (paper-scale runs take ~10^5 steps)."""
+
+
+def loss_curve(step_loss: list[float], phases: list[tuple[str, int]] | None = None,
+               max_points: int = CURVE_POINTS) -> list[dict]:
+    """The per-step loss as DVC plots rows {step, loss} (and ``phase`` when there are ``phases``: (name,
+    steps) in order): consecutive steps averaged in bins of ceil(steps / max_points), never across two
+    phases, each row at its bin's last step (1-based), so at most max_points (+ one per phase) rows."""
+    n = len(step_loss)
+    size = max(1, math.ceil(n / max_points))
+    spans = phases or [(None, n)]
+    if sum(steps for _, steps in spans) != n:
+        raise ValueError(f"the phases count {sum(steps for _, steps in spans)} steps, the losses {n}")
+    rows, first = [], 0
+    for name, steps in spans:
+        for start in range(first, first + steps, size):
+            end = min(start + size, first + steps)
+            row = {"step": end, "loss": float(np.mean(step_loss[start:end]))}
+            rows.append({**row, "phase": name} if name is not None else row)
+        first += steps
+    return rows
+
+
+def _summary(variant: str, result: dict) -> str:
+    def losses(r: dict) -> str:
+        history = r["epoch_loss"]
+        return f"loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs"
+    if "phases" not in result:
+        return f"{variant}: {losses(result)} ({result['steps']} steps)"
+    return f"{variant}: " + "; ".join(f"{p['name']} {losses(p)}" for p in result["phases"]) + \
+        f" ({result['steps']} steps)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +528,12 @@ def load_checkpoint(path: Path, device: str = "cpu"):
         if frozen_parts(model):
             raise ValueError(f"{path} holds a whole {header['method']} model, but this code builds it with frozen "
                              f"submodules ({', '.join(frozen_parts(model))}): retrain it (`dvc repro train@NAME`)")
-        load_model(model, str(path), strict=True, device=str(device))
+        try:
+            load_model(model, str(path), strict=True, device=str(device))
+        except RuntimeError as err:      # other tensors than this code's model has: an older version made it
+            raise ValueError(f"{path} does not fit the {header['method']} model this code builds from its settings "
+                             f"(written by another version of the method?): retrain it (`dvc repro train@NAME`). "
+                             f"{str(err).splitlines()[-1].strip()}") from None
     else:
         _load_without_frozen(model, path, recorded, device)
     return model.to(device).eval(), {**header, "train": s}

@@ -13,12 +13,10 @@ import sys
 from pipeline import paths
 from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded
-from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
+from pipeline.extract.encode import (REAL_IMAGE_COLUMNS, SYNTHETIC_COLUMNS, encode_image_table, encode_text_table,
+                                     patch_grid)
 from pipeline.models.clip import clip_for
 from pipeline.stage import base_fingerprint, say, shard_summary, start
-
-SYNTHETIC_COLUMNS = ("global", "patches")
-EVAL_COLUMNS = ("global", "patches", "cls_attention", "attention")
 
 
 def main(kind: str, name: str | None = None) -> None:
@@ -41,7 +39,7 @@ def main(kind: str, name: str | None = None) -> None:
         id_column = "caption_id" if kind == "synthetic" else "image_id"
         source = ShardedArtifact(paths.SYNTHETIC_IMAGES if kind == "synthetic" else paths.evalset(name))
         out = paths.SYNTHETIC_FEATURES if kind == "synthetic" else paths.eval_features(name)
-        columns = SYNTHETIC_COLUMNS if kind == "synthetic" else EVAL_COLUMNS
+        columns = SYNTHETIC_COLUMNS if kind == "synthetic" else REAL_IMAGE_COLUMNS
         meta = patch_grid(clip(), columns)
 
         inputs = [id_column, "image"]

@@ -12,6 +12,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SYNTHCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
+
+
+def methods_md_section(title: str | None = None, next_title: str | None = None) -> str:
+    """../shared/docs/METHODS.md (the methods' values, checked against the papers), from the heading
+    ``title`` up to ``next_title`` (None: from the start / to the end). Skips where the file is absent;
+    under CI that is a failure."""
+    if not METHODS_MD.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must check the profiles and the papers' table against {METHODS_MD}, which does not exist")
+        pytest.skip(f"{METHODS_MD} not found")
+    text = METHODS_MD.read_text(encoding="utf-8")
+    return text[text.index(title) if title else 0:text.index(next_title) if next_title else len(text)]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ inference noise, the cached attention map (pipeline/models/clip.py, the runner's
 without the frozen LM (pipeline/runner.py), training and captioning through the runner on real Flickr8k
 captions, the Table 5 switches and the paper profile against ../shared/docs/METHODS.md."""
 import math
-import os
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import methods_md_section
 from pipeline import config as cfg
 from pipeline import paths, runner
 from pipeline.data.shards import ShardedArtifact, write_sharded
@@ -24,7 +24,6 @@ from pipeline.models import weights_sha256
 from pipeline.profiles import resolve_profile
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
 N_CAPTIONS, N_IMAGES, TOKENS = 61, 4, 17          # 12 Flickr8k photos x 5 captions + 1; tiny ViT: 16 patches + CLS
 TINY = {"language_model": {"name": "synthcap-tiny-gpt2", "pretrained": None, "seed": 0},
         "n_cr": 4, "queries": 3, "heads": 2, "ffn_dim": 32, "max_len": 12, "epochs": 3, "batch_size": 16,
@@ -419,17 +418,8 @@ def test_variant_names_table_5_rows_and_the_full_method_matches_the_paper_result
         t(n_cr=0)
 
 
-def methods_md_section() -> str:
-    if not METHODS_MD.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must check the paper profile against {METHODS_MD}, which does not exist")
-        pytest.skip(f"{METHODS_MD} not found")
-    text = METHODS_MD.read_text(encoding="utf-8")
-    return text[text.index("## 3. MacCap"):text.index("## 4. Unsupervised-ClipCap")]
-
-
 def test_paper_coco_maccap_carries_the_values_of_methods_md_and_table_5_rows():
-    md = methods_md_section()
+    md = methods_md_section("## 3. MacCap", "## 4. Unsupervised-ClipCap")
     parsed = cfg.from_dict(resolve_profile("paper-coco")).methods
     m = parsed["maccap"]
     t, c = m.train, m.caption

@@ -1,13 +1,15 @@
 """The papers' numbers beside this run's: the table agrees with METHODS.md, every paper profile's rows
 find their paper row with the paper's settings, and the report renders the comparison."""
 import json
-import os
+import platform
 import re
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from conftest import methods_md_section
+from pipeline.environment import library_versions
 from pipeline import config, paths
 from pipeline.data.evalsets import EVAL_SCHEMA
 from pipeline.data.shards import write_sharded
@@ -17,18 +19,13 @@ from pipeline.methods import get
 from pipeline.profiles import resolve_profile
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
 PAPER_PROFILES = ["paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k", "paper-capdec-coco",
                   "paper-pcmnet-l14-coco"]
 
 
 @pytest.fixture(scope="module")
 def methods_md() -> str:
-    if not METHODS_MD.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must check the paper table against {METHODS_MD}")
-        pytest.skip(f"{METHODS_MD} not found")
-    return METHODS_MD.read_text(encoding="utf-8")
+    return methods_md_section()
 
 
 def row(id_: str) -> papers.PaperRow:
@@ -116,8 +113,14 @@ def test_the_report_of_a_paper_profile_puts_the_papers_numbers_beside_this_runs(
     (paths.method("unsupervised-clipcap") / "modality_gap.png").write_bytes(_png())
     (paths.method("unsupervised-clipcap") / "modality_gap.json").write_text(json.dumps(
         {"evalset": evalset, "caveat": "c", "results": [{"lambda": 0.0, "CIDEr": 0.1}]}))
+    paths.model("syntic").mkdir(parents=True)          # a model trained with other software is named
+    (paths.model("syntic") / "train_report.json").write_text(json.dumps(
+        {"environment": {**library_versions(), "torch": "1.0.0"}}))
     build_report(c, tmp_path / "index.html")
     html = (tmp_path / "index.html").read_text()
+    assert f"Software of this report: python {platform.python_version()}, torch {library_versions()['torch']}" in html
+    assert f"syntic was trained with other software than this report&#x27;s: torch 1.0.0 (here " \
+           f"{library_versions()['torch']})." in html and html.count("trained with other software") == 1
     assert "Against the papers" in html
     assert "SynTIC (Liu et al., AAAI 2024), Table 1 (MSCOCO)" in html and "101.1" in html and "-1.1" in html
     assert "103.8" in html and "74.6" in html and "91.2" in html

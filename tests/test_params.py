@@ -1,6 +1,5 @@
 """Profiles: params.yaml is the offline profile, fully expanded; the paper profiles carry METHODS.md's numbers
 and plan every stage."""
-import os
 import re
 import shutil
 import subprocess
@@ -10,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import methods_md_section
 from pipeline import config
 from pipeline.profiles import PARAMS, expand_instances, merge, render, resolve_profile, use_profile
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
 
 
 def test_params_yaml_is_the_rendered_offline_profile_with_every_key_explicit():
@@ -55,18 +54,11 @@ def test_unknown_profile_names_the_known_ones():
         resolve_profile("no-such-profile")
 
 
-def methods_section(title: str, next_title: str) -> str:
-    if not METHODS_MD.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must check the profiles against {METHODS_MD}, which does not exist")
-        pytest.skip(f"{METHODS_MD} not found")
-    text = METHODS_MD.read_text(encoding="utf-8")
-    return text[text.index(title):text.index(next_title)]
 
 
 @pytest.fixture(scope="module")
 def methods_md() -> str:
-    return methods_section("## 1. SynTIC", "## 2. PCM-Net")
+    return methods_md_section("## 1. SynTIC", "## 2. PCM-Net")
 
 
 def test_paper_profile_has_the_syntic_hyper_parameters_of_methods_md(methods_md):
@@ -94,7 +86,7 @@ def typed(profile: str) -> config.Config:
 
 
 def test_paper_coco_profile_has_pcmnet_hyper_parameters_of_methods_md():
-    md = methods_section("## 2. PCM-Net", "## 3. MacCap")
+    md = methods_md_section("## 2. PCM-Net", "## 3. MacCap")
     instance = typed("paper-coco").methods["pcmnet"]
     pcm, cap = instance.train, instance.caption
     assert pcm.salient_k == int(re.search(r"K = (\d+) salient concepts", md).group(1))
@@ -121,7 +113,7 @@ def test_paper_coco_profile_has_pcmnet_hyper_parameters_of_methods_md():
 
 
 def test_pcmnet_table_3_is_the_vit_l14_run_with_w_4():
-    md = methods_section("## 2. PCM-Net", "## 3. MacCap")
+    md = methods_md_section("## 2. PCM-Net", "## 3. MacCap")
     p = typed("paper-pcmnet-l14-coco")
     assert p.models.clip.name == "ViT-L-14" and "4 for ViT-L/14" in md
     assert {name: (m.train.mixup, m.train.cxe) for name, m in p.methods.items()} == {
@@ -131,7 +123,7 @@ def test_pcmnet_table_3_is_the_vit_l14_run_with_w_4():
 
 
 def test_paper_coco_profile_has_the_text_feature_family_of_methods_md():
-    md = methods_section("## 4. Unsupervised-ClipCap", "## 5. CMSA")
+    md = methods_md_section("## 4. Unsupervised-ClipCap", "## 5. CMSA")
     m = typed("paper-coco").methods
     sigma2 = float(re.search(r"Gaussian noise on the text feature \(σ² = ([\d.]+)\)", md).group(1))
     # Table 1's main row (C 74.6) is matched captions with NO correction; the ablations are rows of their own

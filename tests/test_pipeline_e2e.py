@@ -2,6 +2,7 @@
 resume after SIGKILL, an unchanged rerun does nothing, and every change reruns exactly what depends on
 it (a decoding setting, a training setting, a line of code, damaged bytes, an eval set edited or added)."""
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from pipeline import config
 from pipeline.profiles import merge, render, resolve_profile
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["syntic", "pcmnet", "unsupervised-clipcap", "capdec", "decap"]
+METHODS = ["syntic", "syntic-baseline", "pcmnet", "unsupervised-clipcap", "capdec", "decap", "maccap", "cmsa"]
 EVALSET = "flickr8k-test"
 
 
@@ -32,8 +33,12 @@ def small(p: dict, text: Path, references: Path, images: Path) -> dict:
         "generate": {"steps": 2, "batch_size": 4},
         "optimize": {"epochs": 3},
         "concepts": {"size": 40},
-        "methods": {"syntic": {"train": {"epochs": 1, "decoder": {"width": 32, "layers": 2, "heads": 2}},
-                               "caption": {"beam_size": 2}},
+        "methods": {**{m: {"train": {"epochs": 1, "decoder": {"width": 32, "layers": 2, "heads": 2}},
+                           "caption": {"beam_size": 2}} for m in ("syntic", "syntic-baseline")},
+                    "maccap": {"train": {"epochs": 1}, "caption": {"beam_size": 2, "samples": 2}},
+                    "cmsa": {"train": {"mle_epochs": 1, "discriminator_epochs": 1, "rl_epochs": 1,
+                                       "decoder": {"width": 32, "layers": 2, "heads": 2}},
+                             "caption": {"beam_size": 2}},
                     "pcmnet": {"train": {"epochs": 1, "hidden": 32, "heads": 2, "ffn_dim": 64},
                                "caption": {"beam_size": 2}},
                     **{m: {"train": {"epochs": 1}, "caption": {"beam_size": 2}}
@@ -67,7 +72,9 @@ def workdir(tmp_path_factory, shared_data):
         (root / "inputs" / folder).mkdir(parents=True)
         for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt"):
             shutil.copy(shared_data / "flickr8k" / name, root / "inputs" / folder / name)
-    write_params(root, small(resolve_profile("flickr8k"), root / "inputs/corpus-text", root / "inputs/eval-text",
+    # relative paths, as a user's params.yaml has them: another checkout of the same commit (the share
+    # test's) finds its own copies, and its dvc.lock entries match
+    write_params(root, small(resolve_profile("flickr8k"), Path("inputs/corpus-text"), Path("inputs/eval-text"),
                              shared_data / "flickr8k/images"))
     subprocess.run(dvc_cmd("init", "--no-scm", "-q"), cwd=root, check=True, env=env())
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")      # dvc init wrote its own
@@ -145,19 +152,63 @@ def test_full_pipeline_produces_every_artifact_and_finite_metrics(workdir):
         assert (metrics["images_evaluated"], metrics["images_skipped"]) == (6, 0)
         evaluation = json.loads((art / f"methods/{method}/evaluation/{EVALSET}.json").read_text())
         assert "SPICE" in metrics or "SPICE" in evaluation["skipped_metrics"]
+        curve = json.loads((art / f"methods/{method}/train_curve.json").read_text())
+        report = json.loads((art / f"methods/{method}/model/train_report.json").read_text())
+        assert [row["step"] for row in curve] == list(range(1, report["steps"] + 1)), method
+    plots = subprocess.run(dvc_cmd("plots", "show", "--json"), cwd=workdir, capture_output=True, text=True,
+                           env=env(), check=True)
+    assert all(f"artifacts/methods/{m}/train_curve.json" in plots.stdout for m in METHODS)
     gap = json.loads((art / "methods/unsupervised-clipcap/modality_gap.json").read_text())
     assert (art / "methods/unsupervised-clipcap/modality_gap.png").stat().st_size > 0
     assert [r["lambda"] for r in gap["results"]] == [0.0, 1.0] and "CIDEr" in gap["results"][0]
     html = (art / "report/index.html").read_text()
     assert all(method in html for method in METHODS) and html.count("data:image/jpeg;base64,") == 3
     assert "6 images evaluated, 0 skipped" in html
+    assert all(f"Training loss of {method} (" in html for method in METHODS)
+    torch_version = importlib.metadata.version("torch")
+    assert f"torch {torch_version}" in html and "trained with other software" not in html
+    assert json.loads((art / "methods/syntic/model/train_report.json").read_text())["environment"]["torch"] == torch_version
 
     assert repro(workdir)[0] == [], "an unchanged pipeline must not rerun anything"
 
 
+def synthcap(root: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=root, capture_output=True, text=True,
+                          env=env())
+
+
+def test_synthcap_caption_captions_a_photo_with_every_method_and_skips_a_corrupt_one(workdir, shared_data,
+                                                                                    tmp_path):
+    photo = shared_data / "flickr8k/images/1000268201_693b08cb0e.jpg"
+    out = synthcap(workdir, "caption", str(photo), "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(r["method"] for r in rows) == sorted(read_params(workdir)["methods"])
+    assert all(r["image"] == str(photo) and isinstance(r["caption"], str) and isinstance(r["tags"], list)
+               for r in rows)
+    # the same photo captions the same as in the pipeline's own captioning, where it is an eval image
+    captions = json.loads((workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json").read_text())
+    if photo.name in captions:
+        assert next(r for r in rows if r["method"] == "syntic")["caption"] == captions[photo.name]
+
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    shutil.copy(photo, folder / "good.jpg")
+    (folder / "broken.jpg").write_bytes(photo.read_bytes()[:300])
+    out = synthcap(workdir, "caption", str(tmp_path / "photos"), "--method", "syntic", "--out",
+                   str(tmp_path / "out.csv"))
+    assert out.returncode == 0, out.stderr
+    assert f"skipped {folder / 'broken.jpg'}" in out.stderr
+    assert "1 image(s) captioned by 1 method(s), 1 skipped" in out.stderr
+    lines = (tmp_path / "out.csv").read_text().splitlines()
+    assert lines[0] == "image,method,caption,tags" and len(lines) == 2 and "good.jpg" in lines[1]
+
+
 def fresh_copy(workdir: Path, root: Path, remote: Path) -> Path:
     """A colleague's checkout: the code, dvc.yaml, dvc.lock and params.yaml, no artifact, no cache."""
-    for item in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", "pipeline", "stages", "profiles", "data"):
+    root.mkdir(parents=True)
+    for item in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", "pipeline", "stages", "profiles", "data",
+                 "inputs"):
         src = workdir / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     subprocess.run(dvc_cmd("init", "--no-scm", "-q"), cwd=root, check=True, env=env())
@@ -166,7 +217,7 @@ def fresh_copy(workdir: Path, root: Path, remote: Path) -> Path:
     return root
 
 
-def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(workdir, tmp_path):
+def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(workdir, tmp_path, shared_data):
     """dvc push from one checkout; dvc pull in another reproduces nothing. Pulling only the features,
     a training change then trains and evaluates with `dvc repro --allow-missing`, never generating."""
     remote = tmp_path / "remote"
@@ -180,6 +231,12 @@ def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(work
     assert status(full) == set()
     assert repro(full)[0] == []
     assert digests(full / "artifacts/synthetic") == digests(workdir / "artifacts/synthetic")
+    captions = json.loads((workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json").read_text())
+    photo = sorted(captions)[0]
+    out = synthcap(full, "caption", str(shared_data / "flickr8k/images" / photo), "--method", "syntic",
+                   "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["caption"] == captions[photo]         # the pulled model, the pulled features
 
     features = fresh_copy(workdir, tmp_path / "c", remote)
     stages = ["corpus", "encode_text", "encode_synthetic", f"encode_eval@{EVALSET}", f"evalset@{EVALSET}",
@@ -294,7 +351,7 @@ def test_experiments_and_revisions_compare_metrics_without_retraining(workdir):
         for exp in [row] + [e for group in (row.get("experiments") or []) for e in group.get("revs", [])]:
             data = exp.get("data") or {}
             cider = (data.get("metrics") or {}).get(metric_file, {}).get("data", {}).get("CIDEr")
-            found[data.get("name") or exp.get("rev")] = cider
+            found[exp.get("name") or data.get("name") or exp.get("rev")] = cider
     assert "beam3" in found and all(isinstance(v, float) for v in found.values()), found
 
     git(workdir, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")

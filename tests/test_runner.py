@@ -120,6 +120,7 @@ def test_fit_epoch_loss_is_the_batch_size_weighted_mean():
     assert [log["max_err"] for log in result["logs"]] == pytest.approx([expected_log] * 2, rel=1e-6)
     assert expected != pytest.approx(np.mean([loss.item() for loss, _ in per_batch]))  # not the plain batch mean
     assert result["steps"] == 6 and scheduler.last_epoch == 6                # the schedule steps per optimizer step
+    assert result["step_loss"] == pytest.approx([loss.item() for loss, _ in per_batch] * 2, rel=1e-6)
     assert not model.training                                                  # left in eval mode
     # max_steps stops inside an epoch; the epoch's loss is over the batches it ran
     part = runner.fit(Toy(), lambda epoch: iter(batches), 5, *fresh_sgd(), progress=False, max_steps=2)
@@ -127,6 +128,19 @@ def test_fit_epoch_loss_is_the_batch_size_weighted_mean():
                                                                           + per_batch[1][0].item()) / 4], rel=1e-6)
     with pytest.raises(ValueError, match="epoch 0 yielded no batch"):
         runner.fit(Toy(), lambda epoch: iter([]), 1, *fresh_sgd(), progress=False)
+
+
+def test_loss_curve_averages_steps_in_bins_never_across_phases():
+    losses = [float(x) for x in range(10)]
+    assert runner.loss_curve(losses, max_points=20) == [{"step": i + 1, "loss": x} for i, x in enumerate(losses)]
+    assert runner.loss_curve(losses, max_points=4) == [{"step": 3, "loss": 1.0}, {"step": 6, "loss": 4.0},
+                                                       {"step": 9, "loss": 7.0}, {"step": 10, "loss": 9.0}]
+    assert runner.loss_curve(losses, [("mle", 4), ("rl", 6)], max_points=4) == [
+        {"step": 3, "loss": 1.0, "phase": "mle"}, {"step": 4, "loss": 3.0, "phase": "mle"},
+        {"step": 7, "loss": 5.0, "phase": "rl"}, {"step": 10, "loss": 8.0, "phase": "rl"}]
+    assert 0.9 * runner.CURVE_POINTS < len(runner.loss_curve([1.0] * 123_457)) <= runner.CURVE_POINTS
+    with pytest.raises(ValueError, match="the phases count 9 steps, the losses 10"):
+        runner.loss_curve(losses, [("mle", 4), ("rl", 5)])
 
 
 def fresh_sgd():
@@ -239,6 +253,9 @@ def test_model_folder_is_kept_when_unchanged_and_retrained_when_a_byte_flips(art
     model_file = folder / runner.MODEL_FILE
     assert report["variant"] == "Baseline" and report["training_rows"] == 24 and report["steps"] == 6
     assert report["clip_model"] == CLIP and report["facts"] == facts_of(TEXTS) and "summary" in report
+    # the curve (DVC plots rows): one row per step here, whose losses average to the epochs' losses
+    assert [row["step"] for row in report["curve"]] == list(range(1, 7))
+    assert np.mean([row["loss"] for row in report["curve"]]) == pytest.approx(np.mean(report["epoch_loss"]), rel=0.2)
     assert json.loads((folder / runner.REPORT_FILE).read_text()) == report
     recorded = json.loads((folder / runner.FINGERPRINTS_FILE).read_text())
     assert recorded["files"][runner.MODEL_FILE] == hashlib.sha256(model_file.read_bytes()).hexdigest()

@@ -166,3 +166,67 @@ def test_features_are_normalised_float32():
     ss = SupportSet.build(support)
     assert ss.features.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(ss.features, axis=1), 1.0, atol=1e-6)
+
+
+# ---- the fast paths: torch streaming exact Eq. 3, `index: auto`, exact scores from the index ----------
+def dense_reference(queries, support, tau):
+    """Eq. 3 as one float64 dense softmax (vectorised naive_projection)."""
+    q = queries.astype(np.float64) / np.linalg.norm(queries, axis=1, keepdims=True)
+    t = support.astype(np.float64) / np.linalg.norm(support, axis=1, keepdims=True)
+    logits = q @ t.T / tau
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (w / w.sum(axis=1, keepdims=True)) @ t
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.5])
+def test_streaming_exact_equals_float64_dense_softmax(tau):
+    rng = np.random.default_rng(5)
+    queries = rng.standard_normal((37, 24)).astype(np.float32) * 2
+    centres = rng.standard_normal((8, 24))
+    support = (centres[rng.integers(0, 8, 500)] + 0.3 * rng.standard_normal((500, 24))).astype(np.float32)
+    expected = dense_reference(queries, support, tau)
+    for chunk, q_chunk in [(7, 5), (64, 1024), (500, 3), (10_000, 16)]:     # uneven chunks, one chunk, one query block
+        out = project_exact(queries, support, tau, chunk_size=chunk, query_chunk_size=q_chunk)
+        assert out.dtype == np.float32 and out.shape == queries.shape
+        np.testing.assert_allclose(out, expected, atol=2e-6)
+    normalized = support / np.linalg.norm(support, axis=1, keepdims=True)
+    np.testing.assert_allclose(project_exact(queries, normalized, tau, chunk_size=33, normalized=True), expected,
+                               atol=2e-6)
+
+
+def test_auto_index_rule():
+    from pipeline.support import AUTO_IVF_FROM, auto_index
+    assert AUTO_IVF_FROM == 50_000
+    assert auto_index(1) == auto_index(AUTO_IVF_FROM - 1) == "Flat"
+    assert auto_index(50_000) == auto_index(100_000) == "IVF512,Flat"      # 2 sqrt(n) = 447, 632 -> 512
+    assert auto_index(500_000) == "IVF1024,Flat"
+    assert auto_index(5_000_000) == "IVF4096,Flat"
+    rng = np.random.default_rng(0)
+    small = SupportSet.build(rng.standard_normal((300, 8)).astype(np.float32), "auto", tau=0.05, top_k=16)
+    assert small.index_factory == "Flat" and small.top_k is None             # small: the exact Eq. 3
+
+
+def test_ivf_top_k_uses_the_indexs_exact_scores_and_a_sampled_training_set():
+    from pipeline.support import TRAIN_POINTS_PER_LIST, _exact_distances, _softmax_combine
+    import torch
+    rng = np.random.default_rng(1)
+    n = TRAIN_POINTS_PER_LIST * 4 * 3                                          # more than the training sample
+    support = rng.standard_normal((n, 16)).astype(np.float32)
+    queries = rng.standard_normal((25, 16)).astype(np.float32)
+    ivf = SupportSet.build(support, "IVF4,Flat", nprobe=4, tau=0.05, top_k=8)  # nprobe = nlist: exhaustive
+    assert _exact_distances(ivf.index) and ivf.index.is_trained
+    flat = SupportSet.build(support, "Flat", tau=0.05, top_k=8)
+    np.testing.assert_allclose(ivf.project(queries), flat.project(queries), atol=1e-6)
+    # the index's scores and the recomputed cosines give the same projection
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    scores, ids = flat.index.search(q, 8)
+    feats = torch.from_numpy(flat.features)
+    recomputed = _softmax_combine(torch.from_numpy(q), feats, ids, 0.05)
+    np.testing.assert_allclose(_softmax_combine(torch.from_numpy(q), feats, ids, 0.05, scores), recomputed, atol=1e-6)
+    # and both equal Eq. 3 over the 8 nearest, in float64
+    t = flat.features.astype(np.float64)
+    for i in range(len(q)):
+        s = t[ids[i]] @ q[i].astype(np.float64) / 0.05
+        w = np.exp(s - s.max())
+        np.testing.assert_allclose(recomputed[i], (w / w.sum()) @ t[ids[i]], atol=1e-6)
+    assert not _exact_distances(SupportSet.build(support, "IVF4,PQ4", nprobe=4, top_k=8).index)

@@ -2,7 +2,7 @@
 (needs / prepare / batch: FO, FP with the support set's own tau and top-k, AF), checkpoints through the
 runner, and training and captioning (with "-TT") through the runner on real captions."""
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import math
 
 import numpy as np
@@ -482,3 +482,32 @@ def test_pipeline_train_and_caption_on_real_captions(built, artifacts_root):
     # what the eval images are projected onto at inference: each support set with its own tau and top-k
     inputs = runner.Inputs(syntic.needs(tt.train, tt.caption), "cpu", evalset="tiny")
     assert (inputs.data.support.tau, inputs.data.support.top_k, inputs.data.support.n) == (0.0125, 8, 200)
+
+
+def test_projection_cache_serves_the_same_projection_and_keys_on_the_features(contract_data):
+    data, rows = contract_data
+    cache = syntic.ProjectionCache()
+    first = cache.project(rows["optimized"], data.support)
+    np.testing.assert_array_equal(first, data.support.project(rows["optimized"]))
+    again = cache.project(rows["optimized"].copy(), data.support)                  # the same features: a hit
+    assert cache.hits == 1
+    np.testing.assert_array_equal(again, first)
+    assert again.dtype == first.dtype and again.shape == first.shape
+    other = rows["optimized"].copy()
+    other[0, 0] += 1e-3                                                            # one value changed: a miss
+    changed = cache.project(other, data.support)
+    assert cache.hits == 1
+    np.testing.assert_array_equal(changed, data.support.project(other))
+    assert not np.array_equal(changed, first)
+
+
+def test_prepare_caches_eq3_per_shard_at_training_only(contract_data):
+    rows = contract_data[1]
+    data = replace(contract_data[0], memo={})
+    step = Step(epoch=0, shard=0, offset=0, seed=0)
+    first = syntic.prepare(rows, train_settings(), data, step)["v"]
+    second = syntic.prepare(rows, train_settings(), data, replace(step, epoch=1))["v"]
+    assert data.memo["projection"].hits == 1
+    np.testing.assert_array_equal(first, second)
+    syntic.prepare(rows, train_settings(), data, None)                             # captioning: no cache
+    assert data.memo["projection"].hits == 1

@@ -45,8 +45,9 @@ Anything PIL cannot identify or fully load (not an image, a truncated file, a br
 raises :class:`UnreadableImage` with PIL's reason. (PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES``
 must stay ``False``, its default, or truncated files decode silently with grey fill.)
 
-The returned image is a fresh ``RGB`` image whose ``info`` holds only ``FULL_SIZE_KEY``: metadata
-of the source (ICC profile, EXIF, transparency) no longer describes it.
+The returned image is an ``RGB`` image whose ``info`` holds only ``FULL_SIZE_KEY``: metadata of the
+source (ICC profile, EXIF, transparency) no longer describes it. An ``RGB`` source is returned as
+decoded, not copied, so a large photo is held once.
 
 Typical use::
 
@@ -248,7 +249,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return grey.convert("RGB")
     if mode in _WITH_ALPHA or (transparency is not None and mode in ("P", "L", "RGB", "1")):
         return _on_white(image.convert("RGBA"))
-    return image.convert("RGB")  # 1, L, P, RGB (a copy), RGBX, CMYK, YCbCr, LAB, HSV
+    if mode == "RGB":
+        return image  # already 8-bit RGB: no copy (a full-size copy doubles a large photo's peak memory)
+    return image.convert("RGB")  # 1, L, P, RGBX, CMYK, YCbCr, LAB, HSV
 
 
 def _on_white(image: Image.Image) -> Image.Image:

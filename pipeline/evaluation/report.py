@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from pipeline.environment import library_versions
 from pipeline import methods, paths
 from pipeline.data.shards import ShardedArtifact
 from pipeline.evaluation import papers
@@ -234,6 +235,34 @@ def _flatten_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+LIBRARIES_THAT_SHAPE_RESULTS = ("torch", "open_clip_torch", "diffusers", "transformers", "faiss", "pycocoevalcap")
+
+
+# --- training curves -----------------------------------------------------------------------------
+
+def plot_loss_curve(rows: Sequence[Mapping]) -> bytes:
+    """PNG of a training curve (runner.loss_curve rows {step, loss[, phase]}): loss against step, one line
+    per phase (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.0), constrained_layout=True)
+    phases = list(dict.fromkeys(r.get("phase") for r in rows))
+    for phase in phases:
+        part = [r for r in rows if r.get("phase") == phase]
+        ax.plot([r["step"] for r in part], [r["loss"] for r in part], label=phase)
+    if len(phases) > 1:
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 # --- notes --------------------------------------------------------------------------------------
 
 def _notes_section(notes: list[str]) -> str:
@@ -259,6 +288,17 @@ def build_report(config, out: Path) -> tuple[int, int]:
               "BLEU, METEOR, ROUGE-L, CIDEr (CIDEr-D) and SPICE are pycocoevalcap's, x100. CLIPScore and "
               "RefCLIPScore (Hessel et al. 2021, w = 2.5) use the pipeline's CLIP model, so they compare methods "
               "within one profile only."]
+    software = library_versions()
+    notes.append("Software of this report: " + ", ".join(f"{k} {v}" for k, v in software.items() if v is not None)
+                 + ". Each model's train_report.json records the software it was trained with.")
+    for name, instance in config.methods.items():
+        train_report = paths.model(name) / "train_report.json"
+        trained_with = read_json(train_report).get("environment") if train_report.is_file() else None
+        differs = sorted(k for k in LIBRARIES_THAT_SHAPE_RESULTS
+                         if trained_with is not None and trained_with.get(k) != software.get(k))
+        if differs:
+            notes.append(f"{name} was trained with other software than this report's: "
+                         + ", ".join(f"{k} {trained_with.get(k)} (here {software.get(k)})" for k in differs) + ".")
     for name, instance in config.methods.items():
         variant = methods.get(instance.method).variant(instance.train, instance.caption)
         for evalset in config.evalsets:
@@ -271,9 +311,10 @@ def build_report(config, out: Path) -> tuple[int, int]:
                 papers_rows.append({"method": name, "eval_set": evalset, "paper": row.paper, "source": row.source,
                                     "not_comparable": papers.not_comparable(row, config.models.clip.name, instance),
                                     "metrics": papers.comparison(scores, row)})
-        curve = paths.model(name) / "train_curve.png"
+        curve = paths.train_curve(name)
         if curve.is_file():
-            figures.append((f"Training loss of {name}", curve.read_bytes()))
+            figures.append((f"Training loss of {name} ({variant}), per step (`dvc plots show`)",
+                            plot_loss_curve(read_json(curve))))
     for name, external in config.external_results.items():
         scores = read_json(paths.metrics(name, external.evalset))
         rows.append({"method": external.label or name, "variant": "external result", "eval_set": external.evalset,

@@ -1,10 +1,15 @@
 """CLIP features of images (global, projected patches, CLS attention, the last layer's attention map) and
 of texts, as Arrow tables.
 
-Image decoding and preprocessing of batch i+1 run on a background thread while CLIP encodes batch i.
+Images are decoded by the one decoder (pipeline/data/images.py) and resized and cropped by CLIP's own
+transform, one by one; the float work of that transform (to [0, 1], mean/std normalisation) runs once per
+batch in numpy, giving the same pixels as CLIP's per-image transform (torch's per-image ops are slow on
+small tensors with several threads). Decoding of batch i+1 overlaps with CLIP encoding batch i only where
+it pays (``overlap_pays``: on a GPU, or when torch leaves a CPU core free; bench/encode.py measures it).
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -18,23 +23,62 @@ from pipeline.data.images import ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array
 
 
+# The columns each kind of image gets (their readers: pipeline/methods/__init__.py): synthetic images
+# the global feature and the patches; real images (eval sets, `synthcap caption`) also the CLS
+# attention and the last layer's whole attention map (MacCap, Eq. 10-13).
+SYNTHETIC_COLUMNS = ("global", "patches")
+REAL_IMAGE_COLUMNS = ("global", "patches", "cls_attention", "attention")
+
+
+def _split_transform(preprocess) -> tuple[list, np.ndarray, np.ndarray] | None:
+    """CLIP's transform as (its PIL steps, mean, std) when it ends in ToTensor + Normalize, else None."""
+    steps = list(getattr(preprocess, "transforms", ()))
+    names = [type(t).__name__ for t in steps[-2:]]
+    if names != ["MaybeToTensor", "Normalize"] and names != ["ToTensor", "Normalize"]:
+        return None
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (steps[-1].mean, steps[-1].std))
+    return steps[:-2], mean, std
+
+
 def _decode(clip: ClipEncoder, blobs: Sequence[bytes], ids: Sequence[str]) -> torch.Tensor:
-    """CLIP pixels of each image, decoded by the one decoder every stage uses (8-bit RGB,
-    alpha on white, EXIF orientation). These images come from our own stages, so one that
-    cannot be decoded is an error naming it, never a skip."""
-    pixels = []
+    """CLIP pixels [B, 3, H, W] of each image, decoded by the one decoder every stage uses (8-bit RGB,
+    alpha on white, EXIF orientation), exactly as ``clip.preprocess`` makes them. These images come from
+    our own stages, so one that cannot be decoded is an error naming it, never a skip."""
+    images = []
     for blob, item in zip(blobs, ids):
         try:
-            image = decode_image(blob)
+            images.append(decode_image(blob))
         except ImageError as err:
             raise ValueError(f"image {item!r} cannot be decoded: {skip_reason(err)}") from err
-        pixels.append(clip.preprocess(image))
-    return torch.stack(pixels)
+    split = _split_transform(clip.preprocess)
+    if split is None:
+        return torch.stack([clip.preprocess(image) for image in images])
+    pil_steps, mean, std = split
+    arrays = []
+    for image in images:
+        for step in pil_steps:
+            image = step(image)
+        arrays.append(np.asarray(image, dtype=np.uint8))
+    pixels = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / 255    # ToTensor
+    return torch.from_numpy((pixels - mean) / std)                               # Normalize
 
 
-def _prefetched_pixels(clip: ClipEncoder, blobs: list[bytes], ids: list[str], batch_size: int) -> Iterator[torch.Tensor]:
+def overlap_pays(clip: ClipEncoder) -> bool:
+    """Decode on a thread beside CLIP only where a core is free for it: CLIP on a GPU, or torch's
+    intra-op threads fewer than this process's CPU cores (on a CPU that torch keeps busy, a decoding
+    thread only competes with it: bench/encode.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return not str(clip.device).startswith("cpu") or cores > torch.get_num_threads()
+
+
+def _pixel_batches(clip: ClipEncoder, blobs: list[bytes], ids: list[str], batch_size: int,
+                   overlap: bool) -> Iterator[torch.Tensor]:
     starts = list(range(0, len(blobs), batch_size))
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    if not overlap:
+        for s in starts:
+            yield _decode(clip, blobs[s:s + batch_size], ids[s:s + batch_size])
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:        # one batch ahead: memory O(batch)
         future = pool.submit(_decode, clip, blobs[:batch_size], ids[:batch_size]) if starts else None
         for i, start in enumerate(starts):
             pixels = future.result()
@@ -45,14 +89,16 @@ def _prefetched_pixels(clip: ClipEncoder, blobs: list[bytes], ids: list[str], ba
 
 
 def encode_image_table(images: pa.Table, clip: ClipEncoder, id_column: str, batch_size: int,
-                       dtype: str, columns: Sequence[str] = IMAGE_COLUMNS) -> pa.Table:
+                       dtype: str, columns: Sequence[str] = IMAGE_COLUMNS, overlap: bool | None = None) -> pa.Table:
     """images (id, image bytes) -> id and the ``columns`` asked for (pipeline/models/clip.py): global [D],
-    patches [Np*D], cls_attention [Np], attention [(Np+1)*(Np+1)], each a fixed-size list a row."""
+    patches [Np*D], cls_attention [Np], attention [(Np+1)*(Np+1)], each a fixed-size list a row.
+    ``overlap``: decode on a background thread (None: where it pays, ``overlap_pays``)."""
     columns = tuple(columns)
     ids = images.column(id_column).to_pylist()
     blobs = images.column("image").to_pylist()
     parts: dict[str, list[np.ndarray]] = {key: [] for key in columns}
-    batches = _prefetched_pixels(clip, blobs, ids, batch_size)
+    overlap = overlap_pays(clip) if overlap is None else overlap
+    batches = _pixel_batches(clip, blobs, ids, batch_size, overlap)
     for pixels in tqdm(batches, total=-(-len(ids) // batch_size), desc="  images", unit="batch", leave=False):
         out = clip.encode_pixels(pixels, columns)
         for key in parts:

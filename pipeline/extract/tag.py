@@ -7,7 +7,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.models.clip import ClipEncoder
-from pipeline.models.detector import Detection, Detector
+from pipeline.models.detector import Detection, Detector, processor_input_size
 from pipeline.data.images import FULL_SIZE_KEY, ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array
 
@@ -26,13 +26,26 @@ def distinct_tags(detection: Detection, max_tags: int) -> Detection:
                      [detection.boxes[i] for i in order])
 
 
-def _decode_for_detector(blob: bytes, item: str, draft_size: tuple[int, int] | None) -> Image.Image:
-    """The one decoder every stage uses; an image of our own stages that cannot be decoded is an
-    error naming it, never a skip."""
+def detector_input_size(detector) -> tuple[int, int] | None:
+    """(s, s) for the shortest edge s the detector's processor resizes images to, or None."""
+    return processor_input_size(getattr(detector, "processor", None))
+
+
+def _decode_for_detector(blob: bytes, item: str, min_size: tuple[int, int] | None) -> Image.Image:
+    """The one decoder every stage uses, keeping no more pixels than the detector looks at: a JPEG is
+    decoded at the smallest DCT scale still covering ``min_size``, and any image is then reduced (box
+    filter) by the largest integer factor that keeps both sides >= ``min_size``, so a batch holds small
+    images only (a non-JPEG is decoded at full size once, within the decoder's ``max_pixels``). An image
+    of our own stages that cannot be decoded is an error naming it, never a skip."""
     try:
-        return decode_image(blob, draft_size=draft_size)
+        image = decode_image(blob, draft_size=min_size)
     except ImageError as err:
         raise ValueError(f"image {item!r} cannot be decoded: {skip_reason(err)}") from err
+    factor = min(image.width // min_size[0], image.height // min_size[1]) if min_size else 1
+    if factor >= 2:
+        info, image = image.info, image.reduce(factor)
+        image.info = info
+    return image
 
 
 def _to_full_scale(detection: Detection, image: Image.Image) -> Detection:
@@ -50,15 +63,17 @@ def tag_table(images: pa.Table, detector: Detector, id_column: str, threshold: f
               batch_size: int, draft_size: tuple[int, int] | None = None) -> pa.Table:
     """images (id, image bytes) -> id, labels, scores, boxes (pixels of the full-size, upright image).
 
-    ``draft_size``: decode JPEGs at the smallest DCT scale (1/1..1/8) still covering this
-    ``(width, height)`` (see :func:`pipeline.data.images.decode_image`), e.g. the detector's
-    shortest input edge on both sides, so a huge photo is never decoded at full size; the boxes
-    are mapped back to full-size pixels. ``None``: decode at full size."""
+    ``draft_size``: the ``(width, height)`` the detector needs at least (None: its processor's shortest
+    input edge on both sides, ``detector_input_size``; full size if it has none). JPEGs are decoded at
+    reduced DCT scale and every image reduced to about that size before it reaches the detector
+    (``_decode_for_detector``), so a huge photo is never held at full size; the boxes are mapped back
+    to full-size pixels."""
+    min_size = draft_size if draft_size is not None else detector_input_size(detector)
     ids = images.column(id_column).to_pylist()
     blobs = images.column("image").to_pylist()
     detections: list[Detection] = []
     for start in tqdm(range(0, len(ids), batch_size), desc="  tags", unit="batch", leave=False):
-        batch = [_decode_for_detector(b, item, draft_size)
+        batch = [_decode_for_detector(b, item, min_size)
                  for b, item in zip(blobs[start:start + batch_size], ids[start:start + batch_size])]
         detections += [distinct_tags(_to_full_scale(d, im), max_tags)
                        for d, im in zip(detector.detect(batch, threshold), batch)]

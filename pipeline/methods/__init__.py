@@ -27,6 +27,21 @@ sets, and saves checkpoints). It defines:
 Optional: ``prepare(rows, train, data, step) -> rows`` runs once per shard before batching (e.g. a
 projection of the whole shard); ``step`` is None when captioning.
 
+Multi-phase training (optional): a module that defines ``phases(train) -> list[Phase]`` is trained phase
+after phase instead of by one optimiser over ``train.epochs``. Each :class:`Phase` has a ``name``, its
+``epochs`` (0: skipped), its ``optim`` (pipeline.nn.schedules.Optim: the runner builds that phase's own
+optimiser and schedule, over the phase's steps), ``trains`` (the submodule names whose parameters that
+optimiser updates and whose gradients are clipped; empty = every trainable parameter) and an optional
+``setup(model, total_steps)`` the runner calls once as the phase begins (e.g. to create an optimiser the
+method itself holds and steps inside ``model.loss``, as CMSA's discriminator in its RL phase). The runner
+seeds once before the first phase; epochs are numbered across phases (the data order of every epoch is
+new); ``step.phase`` is the phase's name, so ``batch`` can tell the model's ``loss`` which phase it is in
+(e.g. ``batch["phase"]``). ``train.epochs`` is then not read by the runner (a method may define it as a
+property: the sum of its phases' epochs). The training report lists each phase's epochs, steps, losses
+and logs (``phases``); ``epoch_loss`` and ``logs`` run over all phases in order. A module without
+``phases`` trains exactly as before: one phase of ``train.epochs`` with ``train.optim`` over the whole
+model.
+
 Frozen pretrained submodules (optional): a model whose ``frozen_pretrained`` attribute maps submodule
 names (their state-dict prefixes, e.g. ``"lm"``) to the identity of the pretrained model each holds
 (a dict with at least ``name``, ``pretrained`` and ``weights_sha256``, as the loaders in
@@ -45,6 +60,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Callable
 
 REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", "variant")
 
@@ -85,11 +101,23 @@ class Needs:
 
 @dataclass
 class Step:
-    """Where training is: epoch, shard index, the shard's first corpus row, and the run's seed."""
+    """Where training is: epoch (counted across phases), shard index, the shard's first corpus row, the
+    run's seed, and the phase's name (None for a method without ``phases``)."""
     epoch: int
     shard: int
     offset: int
     seed: int
+    phase: str | None = None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a multi-phase training (a method's optional ``phases(train)``, see above)."""
+    name: str
+    epochs: int
+    optim: object                                  # pipeline.nn.schedules.Optim: this phase's optimiser and schedule
+    trains: tuple[str, ...] = ()                   # submodules whose parameters it updates (empty: all trainable)
+    setup: Callable[[object, int], None] | None = None   # setup(model, total_steps), once as the phase begins
 
 
 @dataclass

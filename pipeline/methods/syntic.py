@@ -16,7 +16,10 @@ naming a target-domain support set.
 """
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,7 +31,8 @@ from tqdm.auto import tqdm
 from pipeline.config import at_least, opt
 from pipeline.methods import Data, Needs, Step
 from pipeline.nn import decoding
-from pipeline.nn.prefix_decoder import DecoderConfig, PrefixDecoder, caption_loss
+from pipeline.nn.fusion import AuxiliaryFusion
+from pipeline.nn.prefix_decoder import Decoder, DecoderConfig, PrefixDecoder, caption_loss
 from pipeline.nn.schedules import Optim
 from pipeline.nn.tokenizer import CaptionTokenizer
 from pipeline.vectors import l2_normalize
@@ -102,26 +106,7 @@ def optimize_features(image_feats: np.ndarray, text_feats: np.ndarray, tau: floa
 # ---------------------------------------------------------------------------------------------
 # 3. Auxiliary feature, Eq. 5
 # ---------------------------------------------------------------------------------------------
-class AuxiliaryFusion(nn.Module):
-    """u = MHAttn(s^v, O^t, O^t) (Eq. 5). A row with no valid tag attends to a learnable
-    "no object" embedding alone; for rows with m >= 1 tags that embedding is masked out, so
-    Eq. 5 holds exactly. Padded tags are zeroed and masked: they never affect u."""
-
-    def __init__(self, dim: int, heads: int = 4):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.no_object = nn.Parameter(torch.randn(dim) * dim ** -0.5)
-
-    def forward(self, query: torch.Tensor, tag_feats: torch.Tensor, tag_mask: torch.Tensor) -> torch.Tensor:
-        """query [B, D], tag_feats [B, M, D] (M may be 0), tag_mask [B, M] bool True = valid -> u [B, D]."""
-        B, M, D = tag_feats.shape
-        tag_mask = tag_mask.bool()
-        tags = tag_feats.masked_fill(~tag_mask[..., None], 0.0)
-        has_tag = tag_mask.any(dim=1) if M > 0 else torch.zeros(B, dtype=torch.bool, device=query.device)
-        kv = torch.cat([self.no_object.expand(B, 1, D).to(tags.dtype), tags], dim=1)   # [B, 1+M, D]
-        ignore = torch.cat([has_tag[:, None], ~tag_mask], dim=1)                        # True = masked
-        u, _ = self.attn(query[:, None], kv, kv, key_padding_mask=ignore, need_weights=False)
-        return u[:, 0]
+# AuxiliaryFusion (pipeline/nn/fusion.py): u = MHAttn(s^v, O^t, O^t), with a "no object" token.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,15 +164,6 @@ class SynTICCaptioner(nn.Module):
 # Settings and the method contract (pipeline/methods/__init__.py)
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
-class Decoder:
-    width: int = opt(768, "decoder width", check=at_least(1))
-    layers: int = opt(4, "Transformer layers (Eq. 6: 4)", check=at_least(1))
-    heads: int = opt(4, "attention heads (Eq. 6: 4)", check=at_least(1))
-    max_len: int = opt(40, "caption tokens incl. start and end (CLIP BPE)", check=at_least(2))
-    dropout: float = opt(0.1, "dropout")
-
-
-@dataclass(frozen=True, kw_only=True)
 class Train:
     fo: bool = opt(True, "Table 4 FO: train on the Eq. 2 optimised features")
     fp: bool = opt(True, "Table 4 FP: project onto the corpus support set (Eq. 3), at training and inference")
@@ -241,10 +217,39 @@ def create(train: Train, facts: dict, data: Data | None = None) -> SynTICCaption
     return SynTICCaptioner(config, tokenizer)
 
 
+class ProjectionCache:
+    """Eq. 3 of each training shard, computed once and read back in every later epoch (the projection
+    does not depend on the epoch). Kept on disk for the run, one ``.npy`` per shard under a key that is
+    a digest of the shard's features, so memory stays one shard and a changed input is never served
+    another's projection."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="synthcap-eq3-")    # removed with the run's Data
+        self.hits = 0
+
+    def project(self, features: np.ndarray, support) -> np.ndarray:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        digest = hashlib.blake2b(features.tobytes(), digest_size=16)
+        digest.update(repr((features.shape, support.tau, support.top_k, support.n)).encode())
+        path = Path(self._dir.name) / f"{digest.hexdigest()}.npy"
+        if path.is_file():
+            self.hits += 1
+            return np.load(path)
+        v = support.project(features)
+        np.save(path, v)
+        return v
+
+
 def prepare(rows: dict, train: Train, data: Data, step: Step | None) -> dict:
-    """FO picks s^v (the Eq. 2 output when there is one), FP projects it (Eq. 3)."""
+    """FO picks s^v (the Eq. 2 output when there is one), FP projects it (Eq. 3; at training once per
+    shard for the whole run, ``ProjectionCache``)."""
     s = rows["optimized"] if "optimized" in rows else rows["image"]
-    v = data.support.project(s) if train.fp else s                                  # Eq. 3
+    if train.fp and step is not None:
+        if "projection" not in data.memo:
+            data.memo["projection"] = ProjectionCache()
+        v = data.memo["projection"].project(s, data.support)                        # Eq. 3
+    else:
+        v = data.support.project(s) if train.fp else s                              # Eq. 3
     return {**rows, "v": v, "query": s if train.aux_query == "image" else v}        # Eq. 5 query
 
 

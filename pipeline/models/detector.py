@@ -15,6 +15,14 @@ from PIL import Image
 from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
 
 
+def processor_input_size(processor) -> tuple[int, int] | None:
+    """(s, s) for the shortest edge s an image processor resizes images to (its ``size`` is a dict or
+    transformers' ``SizeDict``), or None when it has none."""
+    size = getattr(processor, "size", None)
+    edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    return (int(edge), int(edge)) if edge else None
+
+
 @dataclass
 class Detection:
     labels: list[str]
@@ -39,9 +47,7 @@ class Detector:
     def input_size(self) -> tuple[int, int] | None:
         """(s, s) for the processor's shortest input edge s: decoding a larger image below this scale
         (JPEG draft mode) loses nothing the detector sees."""
-        size = getattr(self.processor, "size", None) or {}
-        edge = size.get("shortest_edge") if isinstance(size, dict) else None
-        return (int(edge), int(edge)) if edge else None
+        return processor_input_size(self.processor)
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image], threshold: float) -> list[Detection]:

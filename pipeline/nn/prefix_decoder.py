@@ -23,10 +23,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.config import at_least, opt
+
 
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Decoder:
+    """A method's typed settings of its prefix decoder (-> DecoderConfig with the vocabulary and prefix)."""
+    width: int = opt(768, "decoder width", check=at_least(1))
+    layers: int = opt(4, "Transformer layers (Eq. 6: 4)", check=at_least(1))
+    heads: int = opt(4, "attention heads (Eq. 6: 4)", check=at_least(1))
+    max_len: int = opt(40, "caption tokens incl. start and end (CLIP BPE)", check=at_least(2))
+    dropout: float = opt(0.1, "dropout")
+
+
 @dataclass
 class DecoderConfig:
     vocab_size: int = 49408
