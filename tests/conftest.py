@@ -4,6 +4,7 @@ Tests that read the real data in ``../shared/data`` use the ``shared_data`` fixt
 machine without that folder they skip with a reason; under CI (``CI`` set) a missing folder is a
 failure, never a silent skip.
 """
+import json
 import os
 from pathlib import Path
 
@@ -55,3 +56,31 @@ def artifacts_root(tmp_path, monkeypatch) -> Path:
     for key, value in paths.layout(root).items():
         monkeypatch.setattr(paths, key, value)
     return root
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+# Caption and reference files of each format, hand-sized (the corpus and the eval-set readers both read them)
+@pytest.fixture
+def karpathy_dataset_file(tmp_path):
+    return write_json(tmp_path / "dataset_tiny.json", {"dataset": "tiny", "images": [
+        {"filename": "a.jpg", "filepath": "val2014", "split": "train", "imgid": 0,
+         "sentences": [{"raw": "A cat.", "tokens": ["a", "cat"]}, {"raw": "A cat sleeps."}]},
+        {"filename": "b.jpg", "split": "restval", "sentences": [{"raw": "A dog."}]},
+        {"filename": "c.jpg", "split": "test", "sentences": [{"raw": "A bird."}, {"raw": "Birds."}]},
+    ]})
+
+
+@pytest.fixture
+def coco_file(tmp_path):
+    return write_json(tmp_path / "captions_val.json", {
+        "images": [{"id": 42, "file_name": "COCO_val_42.jpg"}, {"id": 7, "file_name": "COCO_val_7.jpg"}],
+        "annotations": [
+            {"image_id": 42, "id": 1, "caption": "A red bus."},
+            {"image_id": 7, "id": 2, "caption": "A plate of food."},
+            {"image_id": 42, "id": 3, "caption": "A bus on a street."},
+        ],
+    })

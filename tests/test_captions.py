@@ -4,10 +4,10 @@ Real-file tests use the ``shared_data`` fixture; the exact counts below were che
 independently of this code (``wc``/``awk``/``comm``/``json`` on the files).
 """
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import write_json
 from pipeline.data.captions import (
     Caption,
     CaptionFile,
@@ -24,33 +24,6 @@ TRAIN_SPLIT = "flickr8k/Flickr_8k.trainImages.txt"
 
 def caption(text, caption_id="g#0", split=""):
     return Caption(caption_id=caption_id, group_id=caption_id.split("#")[0], text=text, split=split, source="t")
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def karpathy_dataset_file(tmp_path):
-    return write_json(tmp_path / "dataset_tiny.json", {"dataset": "tiny", "images": [
-        {"filename": "a.jpg", "filepath": "val2014", "split": "train", "imgid": 0,
-         "sentences": [{"raw": "A cat.", "tokens": ["a", "cat"]}, {"raw": "A cat sleeps."}]},
-        {"filename": "b.jpg", "split": "restval", "sentences": [{"raw": "A dog."}]},
-        {"filename": "c.jpg", "split": "test", "sentences": [{"raw": "A bird."}, {"raw": "Birds."}]},
-    ]})
-
-
-@pytest.fixture
-def coco_file(tmp_path):
-    return write_json(tmp_path / "captions_val.json", {
-        "images": [{"id": 42, "file_name": "COCO_val_42.jpg"}, {"id": 7, "file_name": "COCO_val_7.jpg"}],
-        "annotations": [
-            {"image_id": 42, "id": 1, "caption": "A red bus."},
-            {"image_id": 7, "id": 2, "caption": "A plate of food."},
-            {"image_id": 42, "id": 3, "caption": "A bus on a street."},
-        ],
-    })
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,8 +298,6 @@ def test_clean_flickr8k_train_matches_the_reference_filter(shared_data):
     assert report["read"] == 30000 and report["kept"] == len(kept) == 25174
     assert report["dropped"] == {"empty": 0, "no_letter_or_digit": 0, "too_long": 4663, "duplicate": 163,
                                  "undecodable": 0}
-
-
 
 
 def test_caption_file_combines_and_records_serialise():

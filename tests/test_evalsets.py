@@ -35,11 +35,6 @@ EVAL_PHOTOS = {
 }
 
 
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
-
 def png_bytes(size=(7, 5)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
@@ -63,29 +58,6 @@ def bomb_png(width: int, height: int) -> bytes:
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-
-@pytest.fixture
-def karpathy_dataset_file(tmp_path):
-    return write_json(tmp_path / "dataset_tiny.json", {"dataset": "tiny", "images": [
-        {"filename": "a.jpg", "filepath": "val2014", "split": "train", "imgid": 0,
-         "sentences": [{"raw": "A cat.", "tokens": ["a", "cat"]}, {"raw": "A cat sleeps."}]},
-        {"filename": "b.jpg", "split": "restval", "sentences": [{"raw": "A dog."}]},
-        {"filename": "c.jpg", "split": "test", "sentences": [{"raw": "A bird."}, {"raw": "Birds."}]},
-    ]})
-
-
-@pytest.fixture
-def coco_file(tmp_path):
-    return write_json(tmp_path / "captions_val.json", {
-        "images": [{"id": 42, "file_name": "COCO_val_42.jpg"}, {"id": 7, "file_name": "COCO_val_7.jpg"}],
-        "annotations": [
-            {"image_id": 42, "id": 1, "caption": "A red bus."},
-            {"image_id": 7, "id": 2, "caption": "A plate of food."},
-            {"image_id": 42, "id": 3, "caption": "A bus on a street."},
-        ],
-    })
 
 
 # --------------------------------------------------------------------------------------------
