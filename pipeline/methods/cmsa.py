@@ -404,12 +404,8 @@ class CMSACaptioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None) -> list[str]:
-        max_len = self.cfg.decoder.max_len if max_len is None else max_len
-        if not 2 <= max_len <= self.cfg.decoder.max_len:
-            raise ValueError(f"max_len must be in [2, {self.cfg.decoder.max_len}], got {max_len}")
-        t = self.tokenizer
-        ids = decoding.decode(self.generator.decoder, self.prefix(batch), t.sot_id, t.eot_id, max_len, beam_size)
-        return [t.decode(row) for row in ids]
+        return decoding.captions(self.generator.decoder, self.prefix(batch), self.tokenizer,
+                                 self.cfg.decoder.max_len, max_len, beam_size)
 
     # ---- rewards ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -361,13 +361,8 @@ class PCMNet(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, beam_size: int = 3, max_len: int | None = None,
                  length_normalize: bool = True) -> list[str]:
-        max_len = self.cfg.max_len if max_len is None else max_len
-        if not 2 <= max_len <= self.cfg.max_len:
-            raise ValueError(f"max_len must be in [2, {self.cfg.max_len}], got {max_len}")
-        t = self.tokenizer
-        ids = decoding.decode(self.decoder, self.encode(batch), t.sot_id, t.eot_id, max_len, beam_size,
-                              length_normalize)
-        return [t.decode(row) for row in ids]
+        return decoding.captions(self.decoder, self.encode(batch), self.tokenizer, self.cfg.max_len, max_len,
+                                 beam_size, length_normalize)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,17 @@ def decode(model, memory: torch.Tensor, sot: int, eot: int, max_len: int, beam_s
     return beam(model, memory, sot, eot, max_len, beam_size, length_normalize)
 
 
+def captions(model, memory: torch.Tensor, tokenizer, trained_max_len: int, max_len: int | None = None,
+             beam_size: int = 1, length_normalize: bool = True) -> list[str]:
+    """``decode`` to text with ``tokenizer`` (its sot_id, eot_id, decode): at most ``max_len`` tokens
+    (None: ``trained_max_len``, the longest the model was trained on, which it may not exceed)."""
+    max_len = trained_max_len if max_len is None else max_len
+    if not 2 <= max_len <= trained_max_len:
+        raise ValueError(f"max_len must be in [2, {trained_max_len}], got {max_len}")
+    ids = decode(model, memory, tokenizer.sot_id, tokenizer.eot_id, max_len, beam_size, length_normalize)
+    return [tokenizer.decode(row) for row in ids]
+
+
 def ids_of(tokens: torch.Tensor, eot: int) -> list[list[int]]:
     """Rows of sampled ``tokens`` [B, T] (sot first) as id lists after sot, without eot."""
     return [_until(row, eot) for row in tokens[:, 1:].tolist()]
