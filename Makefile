@@ -10,7 +10,7 @@ LOCK   ?= test
 LOCKED := $(VENV)/.locked-$(LOCK)
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install profile clean-artifacts lock test-latest bench
+.PHONY: demo test test-fast install profile clean-artifacts lock test-latest bench
 
 # A lock change, or another LOCK, rebuilds the venv from nothing, so that it holds the lock's
 # packages and no leftovers. The locked pip comes first; the lock then installs in hash-checking
@@ -36,6 +36,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The developer's loop (README, "Tests"): every test but the end-to-end `dvc repro` runs, the Ray
+# cluster and the other slow ones (pyproject.toml, markers); about 4 minutes on 2 cores. make test
+# (and CI, .ci/run) still runs all of them.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e and not cluster and not slow"
 
 # Every benchmark, one table, and artifacts/bench/results.json (bench/run.py; README, "Scale"):
 # make bench DEVICE=cuda on a GPU; make bench QUICK=1 for a smoke test of the benchmarks (no figures).

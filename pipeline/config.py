@@ -239,10 +239,19 @@ class ModelRef:
     seed: int = opt(0, "seed of the weights when pretrained is null")
     precision: PRECISIONS = opt("fp32", "fp32 | fp16 | bf16")
     random_init: bool = opt(False, "true: knowingly run a real architecture with random weights (timing runs)")
+    files: str = opt("pipeline/models/configs", "the path DVC tracks as this model, a dependency of every stage "
+                                                "that loads it: the folder of local weights that `pretrained` lies in "
+                                                "(a world model's artifacts/world/NAME/clip); the default suits models "
+                                                "built from configuration or named by a hub id or tag")
 
     @classmethod
     def parse(cls, data, where):
         ref = parse(cls, data, where)
+        if ref.pretrained and ref.pretrained.startswith("artifacts/") and \
+                not Path(ref.pretrained).is_relative_to(Path(ref.files)):
+            raise ConfigError(f"`{where}.pretrained` ({ref.pretrained}) is a pipeline artifact outside `{where}.files` "
+                              f"({ref.files}): set `{where}.files` to its folder, so that DVC reruns the stages that "
+                              f"load it when it changes")
         if ref.pretrained is None and not ref.random_init and ref.name not in _small_model_names():
             raise ConfigError(
                 f"`{where}.pretrained` is missing for the real architecture {ref.name!r}: it would run with "
@@ -292,6 +301,63 @@ class EvalSet:
                           check=at_least(1))
     dataset: str | None = opt(None, "the dataset it is (coco, flickr30k, ...): the report puts the papers' numbers "
                                     "on it beside this run's")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldCorpus:
+    scenes: int = opt(1500, "scenes the corpus describes (no image of them exists)", check=at_least(1))
+    captions_per_scene: int = opt(2, "phrasings of each scene (one group, as COCO's captions of one image)",
+                                  check=at_least(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldEval:
+    images: int = opt(100, "photo-style eval images, each with its scene as ground truth", check=at_least(1))
+    references: int = opt(5, "different reference captions per eval image", check=at_least(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldClip:
+    """The world's CLIP (architecture `models.clip.name`), trained contrastively on photo-style web pairs."""
+    pairs: int = opt(12000, "web pairs (scenes apart from the corpus's and the eval set's)", check=at_least(1))
+    epochs: int = opt(12, "passes over the pairs, each with fresh captions", check=at_least(1))
+    batch_size: int = opt(64, "pairs per InfoNCE batch", check=at_least(2))
+    lr: float = opt(3e-3, "AdamW peak learning rate (warm-up, cosine decay)", check=positive)
+    heldout: int = opt(1000, "held-out pairs of the zero-shot retrieval report", check=at_least(10))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldDetector:
+    """The world's shape detector, trained on photo-style images."""
+    images: int = opt(1500, "training images", check=at_least(1))
+    epochs: int = opt(8, "passes over the images", check=at_least(1))
+    batch_size: int = opt(32, "images per step", check=at_least(1))
+    lr: float = opt(3e-3, "AdamW peak learning rate (one-cycle)", check=positive)
+    heldout: int = opt(300, "held-out images of the label precision/recall report", check=at_least(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldMistakes:
+    """How often the world's text-to-image model makes Stable Diffusion's known mistakes (each drawn
+    independently per image; pipeline/world/text_to_image.py)."""
+    binding: float = opt(0.15, "two objects swap colours", check=in_unit_interval)
+    drop: float = opt(0.1, "an object of several is left out", check=in_unit_interval)
+    count: float = opt(0.1, "a group gets one object more or fewer", check=in_unit_interval)
+    extra: float = opt(0.1, "an object the caption does not name is added", check=in_unit_interval)
+
+
+@dataclass(frozen=True, kw_only=True)
+class World:
+    """A world whose captions can be checked exactly (pipeline/world): its corpus, eval set and the
+    stand-ins for the pretrained models, made by the stages world@NAME, world_clip@NAME,
+    world_detector@NAME and world_t2i@NAME."""
+    seed: int = opt(0, "seed of every scene stream and model")
+    image_size: int = opt(64, "pixels of every world image", check=at_least(16))
+    corpus: WorldCorpus = opt(WorldCorpus())
+    eval: WorldEval = opt(WorldEval())
+    clip: WorldClip = opt(WorldClip())
+    detector: WorldDetector = opt(WorldDetector())
+    text_to_image: WorldMistakes = opt(WorldMistakes())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -453,6 +519,8 @@ class Config:
     device: str = opt("cpu", "cpu | cuda | cuda:N")
     rows_per_shard: int = opt(2000, "rows per Parquet shard", check=at_least(1))
     feature_dtype: Literal["float16", "float32"] = opt("float16", "how features are stored")
+    worlds: dict[str, World] = opt({}, "worlds with ground truth (pipeline/world), by name: their stages make the "
+                                       "corpus, eval set and models a world profile points at")
     corpus: Corpus = opt(doc="the training caption corpus")
     evalsets: dict[str, EvalSet] = opt({}, "eval sets by name")
     models: Models = opt(doc="the frozen models")
@@ -472,7 +540,7 @@ class Config:
     def __post_init__(self):
         if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", self.device):
             raise ConfigError(f"`device` must be cpu, cuda, cuda:N or mps, got {self.device!r}")
-        for section, names in (("evalsets", self.evalsets), ("target_supports", self.target_supports),
+        for section, names in (("worlds", self.worlds), ("evalsets", self.evalsets), ("target_supports", self.target_supports),
                                ("methods", self.methods), ("external_results", self.external_results)):
             for name in names:
                 problem = _name(name)
@@ -536,6 +604,10 @@ def load(path: Path | str = PARAMS) -> Config:
 # Keys a stage reads. "{name}" is the stage's foreach key (an eval set, a target support set, a method
 # instance). A section stands for all its fields except the speed_only ones.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "world": ("worlds.{name}.seed", "worlds.{name}.image_size", "worlds.{name}.corpus", "worlds.{name}.eval"),
+    "world_clip": ("worlds.{name}.seed", "worlds.{name}.image_size", "worlds.{name}.clip", "models.clip.name"),
+    "world_detector": ("worlds.{name}.seed", "worlds.{name}.image_size", "worlds.{name}.detector"),
+    "world_t2i": ("worlds.{name}.image_size", "worlds.{name}.text_to_image"),
     "corpus": ("corpus", "rows_per_shard"),
     "demo_photos": (),
     "evalset": ("evalsets.{name}", "rows_per_shard"),
@@ -556,7 +628,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "score": ("external_results.{name}", "evaluate", "models.clip", "device"),
     "modality_gap": ("modality_gap.evalset", "modality_gap.lambdas", "methods.{name}", "models.clip", "device"),
     "report": ("report", "methods", "evalsets", "external_results", "modality_gap.models", "profile", "models",
-               "corpus.source"),
+               "corpus.source", "worlds"),
 }
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 
+WORLDS = ARTIFACTS / "world"                           # world/NAME/{corpus.json,eval/,clip/,detector/,text_to_image/}
+WORLD_METRICS = ARTIFACTS / "metrics" / "world"        # world/NAME/{data,clip,detector}.json (DVC metrics)
 CORPUS = ARTIFACTS / "corpus"                          # captions: caption_id, group_id, text, split, source
 DEMO_PHOTOS = ARTIFACTS / "demo_photos"                # the offline profile's eval photos (scikit-image samples)
 EVALSETS = ARTIFACTS / "evalsets"                      # evalsets/NAME: image_id, image bytes, references
@@ -73,3 +75,12 @@ def metrics(name: str, evalset: str) -> Path:
 
 def evaluation(name: str, evalset: str) -> Path:
     return METHODS / name / "evaluation" / f"{evalset}.json"
+
+
+def world(name: str) -> Path:
+    """World NAME's own artifacts: its corpus file, eval set folder and model folders."""
+    return WORLDS / name
+
+
+def world_metrics(name: str, part: str) -> Path:
+    return WORLD_METRICS / name / f"{part}.json"

@@ -1,7 +1,7 @@
 """params.yaml and the configuration profiles it is made from.
 
-``profiles/offline.yaml`` is the full offline profile (what ``params.yaml`` holds in a fresh clone).
-Any other profile is an overlay: ``_base: offline`` plus the keys it changes, merged recursively
+``profiles/offline.yaml`` is the full offline profile; ``params.yaml`` in a fresh clone holds the demo's,
+``DEMO_PROFILE``. Any other profile is an overlay: ``_base: offline`` plus the keys it changes, merged recursively
 (a mapping merges, anything else replaces; a mapping with ``_replace: true`` replaces the base's
 mapping whole, e.g. a profile's own list of methods or eval sets). A method instance may start from
 another with ``_like: NAME`` (merged recursively, so an ablation row names only what it switches).
@@ -22,6 +22,7 @@ from pipeline import config as cfg
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
 PARAMS = REPO / "params.yaml"
+DEMO_PROFILE = "offline"     # what params.yaml holds in a fresh clone, and what `make demo` runs (the world: next)
 
 
 def merge(base: dict, overlay: dict) -> dict:

@@ -46,7 +46,6 @@ from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_nu
 from pipeline.data.vocabularies import TagVocabulary, read_concepts
 from pipeline.methods import Data, Needs, Step
 from pipeline.models import weights_sha256
-from pipeline.models.clip import clip_from_identity
 from pipeline.nn import schedules
 from pipeline.support import SupportSet
 from pipeline.vectors import mean_direction
@@ -125,6 +124,7 @@ class Inputs:
             art = self.artifacts[source]
             d.means[which] = mean_direction(feature_numpy(b.column(0)) for b in art.iter_batches([column]))
         if needs.text_encoder:
+            from pipeline.models.clip import clip_from_identity  # here: open_clip loads only for a method that needs it
             d.text_encoder = clip_from_identity(clip, device).encode_texts
 
     @property

@@ -28,6 +28,13 @@ def start(stage: str) -> cfg.Config:
         sys.exit(f"{stage}: {err}")
 
 
+def world_config(config: cfg.Config, stage: str, name: str) -> cfg.World:
+    """World ``name`` of params.yaml, or an exit naming the worlds there are."""
+    if name not in config.worlds:
+        sys.exit(f"{stage}@{name}: params.yaml has no world {name!r} (worlds: {', '.join(config.worlds) or 'none'})")
+    return config.worlds[name]
+
+
 def base_fingerprint(stage: str, config: cfg.Config, name: str | None = None, *inputs, module: str | None = None
                      ) -> str:
     """Parameters + code + inputs of ``stage`` (``inputs``: fingerprints or ids of what it reads;

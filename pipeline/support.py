@@ -23,10 +23,11 @@ import json
 import math
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
+# faiss is imported by the functions that build, load or move an index: importing this module (the
+# runner does, for every method) does not load it.
 from pipeline.vectors import l2_normalize
 
 INDEX_FILE = "index.faiss"
@@ -57,6 +58,7 @@ FAISS's own cap is 256): the k-means of a 500k set in seconds, not minutes, with
 
 def _exact_distances(index: "faiss.Index") -> bool:
     """Whether ``index.search`` returns exact inner products (its vectors are stored uncompressed)."""
+    import faiss
     try:
         name = type(faiss.downcast_index(index)).__name__
     except Exception:           # noqa: BLE001 (an index type downcast does not know)
@@ -67,12 +69,14 @@ def _exact_distances(index: "faiss.Index") -> bool:
 
 def gpu_count() -> int:
     """GPUs the installed FAISS can use (0 with faiss-cpu)."""
+    import faiss
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def index_to_device(index: "faiss.Index", device: str) -> "faiss.Index":
     """The FAISS index to search on ``device``: on "cuda" / "cuda:N" a GPU copy on GPU N when the installed
     FAISS has GPU support (faiss-gpu), else ``index`` itself (faiss-cpu searches on the CPU)."""
+    import faiss
     if not device.startswith("cuda") or gpu_count() == 0:
         return index
     gpu = int(device.split(":")[1]) if ":" in device else 0
@@ -194,6 +198,7 @@ class SupportSet:
         the exact Eq. 3 on a small set, an IVF index and the top-k on a large one). The index is trained
         on the features when it needs training. `nprobe` only applies to IVF indexes. `tau` and
         `top_k` are this set's Eq. 3 settings, `model` the identity of the CLIP that encoded it."""
+        import faiss
         feats = l2_normalize(_check_2d("features", features))
         if feats.shape[0] == 0:
             raise ValueError("cannot build a support set from zero features")
@@ -216,6 +221,7 @@ class SupportSet:
 
     def set_nprobe(self, nprobe: int) -> None:
         """Number of IVF lists visited per query (nprobe = number of lists -> exhaustive)."""
+        import faiss
         try:
             ivf = faiss.extract_index_ivf(self.index)
         except RuntimeError as e:
@@ -286,6 +292,7 @@ class SupportSet:
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        import faiss
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(d / INDEX_FILE))
@@ -297,6 +304,7 @@ class SupportSet:
 
     @classmethod
     def load(cls, directory: str | Path) -> "SupportSet":
+        import faiss
         d = Path(directory)
         for f in (INDEX_FILE, FEATURES_FILE, META_FILE):
             if not (d / f).is_file():

@@ -5,7 +5,7 @@ import sys
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.data.evalsets import EVAL_SCHEMA, eval_rows, rows_fingerprint
+from pipeline.data.evalsets import eval_rows, eval_schema, rows_fingerprint
 from pipeline.data.shards import write_sharded
 from pipeline.stage import base_fingerprint, say, start, write_json
 
@@ -18,8 +18,10 @@ def main(name: str) -> None:
     if not rows:
         raise SystemExit(f"evalset: eval set {name!r} has no loadable image: {report}")
 
+    schema = eval_schema(rows)
+
     def make_table(task):
-        return pa.Table.from_pylist(rows[task.start:task.stop], schema=EVAL_SCHEMA)
+        return pa.Table.from_pylist(rows[task.start:task.stop], schema=schema)
 
     out = paths.evalset(name)
     write_sharded(out, len(rows), config.rows_per_shard, base_fingerprint("evalset", config, name, rows_fingerprint(rows)),

@@ -1,10 +1,12 @@
 """Stage generate: one synthetic image per corpus caption (text-to-image), in shards aligned with the corpus."""
+import json
+
 from pipeline import paths
 from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.generate import generate_table
 from pipeline.models.diffusion import text_to_image_for
-from pipeline.stage import base_fingerprint, say, shard_summary, start
+from pipeline.stage import base_fingerprint, say, shard_summary, start, write_json
 
 
 def main() -> None:
@@ -28,6 +30,15 @@ def main() -> None:
                              make_table, {"model": identity}, executor=executor, stage="generate",
                              desc="generate", read_inputs=read_inputs)
     say(f"generate: {manifest['num_rows']} images ({shard_summary(manifest)}) -> {paths.SYNTHETIC_IMAGES}")
+    images = ShardedArtifact(paths.SYNTHETIC_IMAGES)
+    if "scene" in images.columns:     # a model that records what it drew: check every image against its caption
+        from pipeline.world.checker import pair_audit
+        from pipeline.world.scenes import Scene
+        audit = pair_audit(images.read_column("text").to_pylist(),
+                           [Scene.from_dict(json.loads(s)) for s in images.read_column("scene").to_pylist()])
+        write_json(paths.SYNTHETIC_IMAGES / "report.json", audit)
+        say(f"generate: {audit['exact_matches']} of {audit['pairs']} images show exactly what their caption says "
+            f"(the checker); mistakes made: {audit['mistakes_made']}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Stage report: one HTML page with every method instance's metrics on every eval set, the
-modality-gap curves and a gallery of eval images with every method's caption."""
+modality-gap curves and a gallery of eval images with every method's caption. In a world run the page opens
+with the world's images and every caption checked against them, then the exact metrics with their controls
+and the world's own models (pipeline/evaluation/report.py)."""
 from pipeline import paths
 from pipeline.evaluation.report import build_report
 from pipeline.stage import say, start

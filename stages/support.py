@@ -11,7 +11,6 @@ import numpy as np
 from pipeline import paths
 from pipeline.data.captions import clean_captions, read_captions
 from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
-from pipeline.models.clip import clip_for
 from pipeline.stage import say, start, write_json
 from pipeline.support import SupportSet
 
@@ -58,6 +57,7 @@ def target_support(name: str) -> None:
     read = read_captions(t.path, t.format, splits=t.splits)
     kept, cleaning = clean_captions(read, max_words=t.max_words, deduplicate=t.deduplicate)
     texts = [k.text for k in kept][:t.max_captions]
+    from pipeline.models.clip import clip_for  # only here: the corpus support set reuses cached features
     clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
     support = SupportSet.build(clip.encode_texts(texts, config.encode.batch_size), index=t.index, nprobe=t.nprobe,
                                tau=t.tau, top_k=t.top_k, model=clip.identity)

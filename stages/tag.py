@@ -9,7 +9,6 @@ from pipeline import paths
 from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded, write_table_atomic
 from pipeline.extract.tag import tag_table, vocabulary_table
-from pipeline.models.clip import clip_for
 from pipeline.models.detector import detector_for
 from pipeline.stage import base_fingerprint, say, shard_summary, start
 
@@ -23,6 +22,7 @@ def main(kind: str, name: str | None = None) -> None:
         return detector_for(d.name, d.pretrained, d.seed, config.device)
 
     if kind == "vocabulary":
+        from pipeline.models.clip import clip_for  # only here: tagging images loads no CLIP
         c = config.models.clip
         clip = clip_for(c.name, c.pretrained, c.seed, c.precision, config.device)
         table = vocabulary_table(detector().vocabulary, clip, config.feature_dtype)

@@ -2,6 +2,7 @@
 declares for the stage (pipeline/config.py STAGE_PARAMS), and its code deps cover the import closure
 that the stage's fingerprint hashes (pipeline/data/provenance.py)."""
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,21 +11,33 @@ from dvc.repo import Repo
 
 from pipeline import config, methods
 from pipeline.data.provenance import code_files
-from pipeline.profiles import resolve_profile
+from pipeline.profiles import use_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def stages():
-    """The offline profile's resolved stages (foreach and matrix expanded by DVC itself)."""
-    with Repo(str(REPO)) as repo:
-        return [(s.name, s.cmd, s.deps) for s in repo.index.stages]
+@pytest.fixture(scope="module", params=["params.yaml", "world"])
+def resolved(request, tmp_path_factory):
+    """(the configuration, its stages as DVC resolves them: foreach and matrix expanded by DVC itself), for
+    params.yaml as committed and for the world profile (whose stages exist only there)."""
+    root = REPO
+    if request.param != "params.yaml":
+        root = tmp_path_factory.mktemp(request.param)
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        use_profile(request.param, root / "params.yaml")
+    with Repo(str(root), uninitialized=True) as repo:
+        return config.load(root / "params.yaml"), [(s.name, s.cmd, s.deps) for s in repo.index.stages]
 
 
 @pytest.fixture(scope="module")
-def offline():
-    return config.from_dict(resolve_profile("offline"))
+def stages(resolved):
+    return resolved[1]
+
+
+@pytest.fixture(scope="module")
+def offline(resolved):
+    """The configuration the stages above were resolved from."""
+    return resolved[0]
 
 
 def stage_key(name: str, cmd: str) -> tuple[str, str | None]:

@@ -86,6 +86,7 @@ def test_unknown_clip_model_error_names_it_and_the_fix(tmp_path):
         load_clip("ViT-B-32", pretrained=str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.slow     # 15-35 s on 2 cores: two pipelines, a save and a load
 def test_diffusion_from_a_saved_folder_gives_the_same_images(tmp_path):
     small = load_text_to_image(SD_NAME, seed=0)
     small.pipe.save_pretrained(tmp_path / "tiny-sd")

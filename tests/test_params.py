@@ -11,18 +11,18 @@ import pytest
 
 from conftest import methods_md_section
 from pipeline import config
-from pipeline.profiles import PARAMS, expand_instances, merge, render, resolve_profile, use_profile
+from pipeline.profiles import DEMO_PROFILE, PARAMS, expand_instances, merge, render, resolve_profile, use_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_params_yaml_is_the_rendered_offline_profile_with_every_key_explicit():
-    expanded = config.as_dict(config.from_dict(resolve_profile("offline")))
-    assert PARAMS.read_text() == render(expanded, "offline")
+def test_params_yaml_is_the_rendered_demo_profile_with_every_key_explicit():
+    expanded = config.as_dict(config.from_dict(resolve_profile(DEMO_PROFILE)))
+    assert PARAMS.read_text() == render(expanded, DEMO_PROFILE)
     assert config.read_yaml(PARAMS) == expanded      # DVC sees every value a stage reads, defaults included
 
 
-PROFILES = ["offline", "flickr8k", "paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k", "paper-capdec-coco",
+PROFILES = ["offline", "world", "flickr8k", "paper-syntic-coco", "paper-coco", "paper-coco-to-flickr30k", "paper-capdec-coco",
             "paper-pcmnet-l14-coco"]
 
 
@@ -176,7 +176,7 @@ def test_switching_profiles_rewrites_params_yaml(tmp_path):
     target = tmp_path / "params.yaml"
     use_profile("paper-syntic-coco", target)
     assert config.read_yaml(target)["models"]["clip"]["name"] == "ViT-B-32"
-    use_profile("offline", target)
+    use_profile(DEMO_PROFILE, target)
     assert target.read_text() == PARAMS.read_text()
 
 

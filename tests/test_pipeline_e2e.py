@@ -1,6 +1,11 @@
 """The whole pipeline through `dvc repro` on a slice of real Flickr8k data, in a scratch copy of the repo:
 resume after SIGKILL, an unchanged rerun does nothing, and every change reruns exactly what depends on
-it (a decoding setting, a training setting, a line of code, damaged bytes, an eval set edited or added)."""
+it (a decoding setting, a training setting, a line of code, damaged bytes, an eval set edited or added).
+
+Every test passes alone and in any order: the pipeline runs to the end once per module (``finished``),
+tests that only read use that checkout, and each test that changes anything (params, code, bytes, a DVC
+remote, git) works on its own copy of it (``workdir``: artifacts, dvc.lock and DVC cache included), so
+no test sees another's changes and none retrains what the finished run already holds."""
 import hashlib
 import importlib.metadata
 import json
@@ -22,6 +27,8 @@ from pipeline.profiles import merge, render, resolve_profile
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["syntic", "syntic-baseline", "pcmnet", "unsupervised-clipcap", "capdec", "decap", "maccap", "cmsa"]
 EVALSET = "flickr8k-test"
+
+pytestmark = pytest.mark.e2e     # `make test` runs these; `make test-fast` does not (pyproject.toml, markers)
 
 
 def small(p: dict, text: Path, references: Path, images: Path) -> dict:
@@ -60,9 +67,9 @@ def digests(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("part-*.parquet"))}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data):
-    root = tmp_path_factory.mktemp("repo")
+def new_checkout(root: Path, shared_data: Path) -> Path:
+    """A scratch repository at ``root``: the code, dvc.yaml and the small params.yaml, `dvc init`, nothing run."""
+    root.mkdir(parents=True)
     for item in ("dvc.yaml", ".dvcignore", ".gitignore", "pipeline", "stages", "profiles", "data", "docs"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
@@ -79,6 +86,43 @@ def workdir(tmp_path_factory, shared_data):
     subprocess.run(dvc_cmd("init", "--no-scm", "-q"), cwd=root, check=True, env=env())
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")      # dvc init wrote its own
     return root
+
+
+def copy_checkout(src: Path, dst: Path) -> Path:
+    """``src`` as it is (code, params, dvc.lock, artifacts with their fingerprints, DVC cache and run cache)
+    at ``dst``. The DVC cache's files are hard links: DVC never writes one in place (objects are named by
+    their content, run-cache entries are replaced by a rename), so what a test adds to its cache stays
+    its own. ``.dvc/tmp`` (DVC's locks and file-state database) is left out: DVC rebuilds it."""
+    cache = src / ".dvc" / "cache"
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        return {"cache", "tmp"} & set(names) if Path(folder) == src / ".dvc" else set()
+
+    shutil.copytree(src, dst, symlinks=True, ignore=skip)
+    if cache.is_dir():
+        shutil.copytree(cache, dst / ".dvc" / "cache", symlinks=True, copy_function=os.link)
+    return dst
+
+
+@pytest.fixture
+def fresh(tmp_path, shared_data) -> Path:
+    """A scratch repository of this test's own where nothing has run yet."""
+    return new_checkout(tmp_path / "repo", shared_data)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shared_data) -> Path:
+    """The scratch repository after a complete `dvc repro`, built once for the module. Tests only read it:
+    a test that changes anything takes ``workdir``."""
+    root = new_checkout(tmp_path_factory.mktemp("finished") / "repo", shared_data)
+    repro(root)
+    return root
+
+
+@pytest.fixture
+def workdir(finished, tmp_path) -> Path:
+    """This test's own copy of the finished repository, to change as it likes."""
+    return copy_checkout(finished, tmp_path / "repo")
 
 
 def env() -> dict:
@@ -104,7 +148,8 @@ def method_stages(method: str) -> set[str]:
     return {f"caption@{method}-{EVALSET}", f"evaluate@{method}-{EVALSET}"}
 
 
-def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(workdir):
+def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(fresh):
+    workdir = fresh
     assert repro(workdir, "corpus")[0] == ["corpus"]
     shards = workdir / "artifacts" / "synthetic"
     proc = subprocess.Popen(dvc_cmd("repro", "generate"), cwd=workdir, env=env(), start_new_session=True,
@@ -129,8 +174,8 @@ def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(workdir)
     assert digests(shards) == resumed
 
 
-def test_full_pipeline_produces_every_artifact_and_finite_metrics(workdir):
-    repro(workdir)
+def test_full_pipeline_produces_every_artifact_and_finite_metrics(finished):
+    workdir = finished                       # the `dvc repro` of the fixture; this test only reads
     art = workdir / "artifacts"
     for folder in ["corpus", f"evalsets/{EVALSET}", "synthetic", "features/text", "features/synthetic",
                    f"features/eval/{EVALSET}", "tags/synthetic", f"tags/eval/{EVALSET}", "optimized"]:
@@ -177,8 +222,9 @@ def synthcap(root: Path, *args) -> subprocess.CompletedProcess:
                           env=env())
 
 
-def test_synthcap_caption_captions_a_photo_with_every_method_and_skips_a_corrupt_one(workdir, shared_data,
+def test_synthcap_caption_captions_a_photo_with_every_method_and_skips_a_corrupt_one(finished, shared_data,
                                                                                     tmp_path):
+    workdir = finished                       # read only: the photos and the output live in tmp_path
     photo = shared_data / "flickr8k/images/1000268201_693b08cb0e.jpg"
     out = synthcap(workdir, "caption", str(photo), "--format", "jsonl")
     assert out.returncode == 0, out.stderr
@@ -252,10 +298,11 @@ def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(work
     assert not (features / "artifacts/synthetic").exists()
 
 
-def test_synthcap_score_gives_evaluates_numbers_and_names_missing_and_extra_images(workdir):
+def test_synthcap_score_gives_evaluates_numbers_and_names_missing_and_extra_images(finished, tmp_path):
+    workdir = finished                       # read only: the result file lives in tmp_path
     captions = json.loads((workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json").read_text())
     expected = json.loads((workdir / f"artifacts/methods/syntic/metrics/{EVALSET}.json").read_text())
-    results = workdir / "syntic-results.json"                                  # COCO results format
+    results = tmp_path / "syntic-results.json"                                 # COCO results format
     results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()]))
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", str(results), "--evalset", EVALSET],
                          cwd=workdir, capture_output=True, text=True, env=env())

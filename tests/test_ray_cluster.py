@@ -29,6 +29,8 @@ from pipeline.data.executors import ShardExecutor, executor_for, run_shards
 from pipeline.data.shards import ShardedArtifact, ShardTask, write_sharded
 from pipeline.profiles import resolve_profile
 
+pytestmark = pytest.mark.cluster     # a Ray cluster of its own: `make test` runs it, `make test-fast` does not
+
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS, ROWS_PER_SHARD = 16, 4  # 4 shards over 2 nodes
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -37,9 +36,6 @@ from pipeline.evaluation.metrics import caption_metrics
 from pipeline.models.clip import clip_for
 from pipeline.stage import write_json
 from pipeline.vectors import l2_normalize
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 PLOTTED = ("CIDEr", "BLEU-4")
 
@@ -109,9 +105,13 @@ def run_modality_gap(name: str, config: Config, out_dir: Path, progress: bool = 
 
 
 def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
-    """CIDEr and BLEU-4 against lambda, one panel each (matplotlib, Agg backend)."""
+    """CIDEr and BLEU-4 against lambda, one panel each (a matplotlib Figure of its own: no pyplot, no
+    backend to choose, no global state; imported here, so importing this module loads no matplotlib)."""
+    from matplotlib.figure import Figure
+
     lams = [r["lambda"] for r in rows]
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.4), constrained_layout=True)
+    fig = Figure(figsize=(4.2 * len(PLOTTED), 3.4), constrained_layout=True)
+    axes = fig.subplots(1, len(PLOTTED))
     for ax, metric in zip(np.atleast_1d(axes), PLOTTED):
         values = [r.get(metric, float("nan")) for r in rows]
         ax.plot(lams, values, marker="o")
@@ -125,5 +125,4 @@ def plot_curve(rows: list[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)

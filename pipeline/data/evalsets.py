@@ -188,6 +188,27 @@ def _check_inside(name: str) -> None:
 # --------------------------------------------------------------------------------------------
 EVAL_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("width", pa.int32()),
                          ("height", pa.int32()), ("references", pa.list_(pa.string()))])
+# An eval set whose references file gives each image its ground-truth scene (a world's, pipeline/world)
+# keeps it beside the image: the checker's exact metrics read it.
+SCENE_FIELD = pa.field("scene", pa.string())
+
+
+def eval_schema(rows: list[dict]) -> pa.Schema:
+    """EVAL_SCHEMA, with the ``scene`` column when the rows carry scenes."""
+    return EVAL_SCHEMA.append(SCENE_FIELD) if any("scene" in r for r in rows) else EVAL_SCHEMA
+
+
+def read_scenes(path: str | Path) -> dict[str, str]:
+    """Image name -> its ground-truth scene (JSON text), from a Karpathy-style list whose items carry a
+    ``scene`` (a world's eval set); {} for any other references file."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".json":
+        return {}
+    data = json.loads(path.read_bytes())
+    if not isinstance(data, list):
+        return {}
+    return {item["image_name"]: json.dumps(item["scene"], sort_keys=True) for item in data
+            if isinstance(item, dict) and isinstance(item.get("scene"), dict) and isinstance(item.get("image_name"), str)}
 
 
 def eval_rows(cfg) -> tuple[list[dict], dict]:
@@ -200,6 +221,13 @@ def eval_rows(cfg) -> tuple[list[dict], dict]:
         references = {k: v for k, v in references.items() if k in present}
         selection["not_in_folder"] = selection["referenced"] - len(references)
     rows, report = load_eval_images(cfg.images, references, cfg.max_images, cfg.max_pixels)
+    scenes = read_scenes(cfg.references)
+    if scenes:
+        missing = [r["image_id"] for r in rows if r["image_id"] not in scenes]
+        if missing:
+            raise ValueError(f"{cfg.references}: some images have a scene and some do not, e.g. {missing[:3]}")
+        for r in rows:
+            r["scene"] = scenes[r["image_id"]]
     return rows, {**report, "selection": selection}
 
 
@@ -207,6 +235,6 @@ def rows_fingerprint(rows: list[dict]) -> str:
     """What an eval set is: its image ids, references and image bytes."""
     digest = hashlib.sha256()
     for r in rows:
-        digest.update(json.dumps([r["image_id"], r["references"]]).encode())
+        digest.update(json.dumps([r["image_id"], r["references"]] + ([r["scene"]] if "scene" in r else [])).encode())
         digest.update(hashlib.sha256(r["image"]).digest())
     return digest.hexdigest()

@@ -411,6 +411,11 @@ class ShardedArtifact:
     def __len__(self) -> int:
         return self.num_rows
 
+    @property
+    def columns(self) -> list[str]:
+        """The column names (from the first shard's footer; every shard of an artifact has one schema)."""
+        return pq.read_schema(self.paths[0]).names if self.paths else []
+
     def _verified_bytes(self, index: int) -> pa.Buffer:
         """Shard ``index``'s file, read once into memory and checked against its recorded size and sha256."""
         path, record = self.paths[index], self.records[index]

@@ -3,6 +3,8 @@ CLIPScore / RefCLIPScore from the eval set's cached CLIP image features, with th
 evaluated and skipped (and why) beside the numbers."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from pipeline import paths
@@ -53,4 +55,14 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
     details = {"skipped_metrics": coco["skipped"], "skipped_images": skipped_images, "clip_model": clip.identity["name"],
                "per_image": {i: {"CLIPScore": float(s), "RefCLIPScore": float(r)}
                              for i, s, r in zip(ids, clip_per_image, ref_per_image)}}
+    if "scene" in images.columns:        # a world's eval set: every caption checked against its image's scene
+        from pipeline.world.checker import exact_metrics
+        from pipeline.world.scenes import Scene
+        scenes = dict(zip(all_ids, images.read_column("scene").to_pylist()))
+        exact, shuffled, checks = exact_metrics([predictions[i] for i in ids],
+                                                [Scene.from_dict(json.loads(scenes[i])) for i in ids])
+        metrics.update({k: v for k, v in exact.items() if k != "captions"})
+        metrics["shuffled_control"] = {k: v for k, v in shuffled.items() if k != "captions"}
+        for i, c in zip(ids, checks):
+            details["per_image"][i].update(wrong=c["wrong"], missing=c["missing"], exact=bool(c["exact"]))
     return metrics, details

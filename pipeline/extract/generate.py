@@ -1,4 +1,6 @@
 """Synthetic images: one text-to-image sample per corpus caption, stored as encoded bytes in shards.
+A model that records the scene it drew (the world's, ``image.info["scene"]``) adds a ``scene`` column:
+the ground truth of each image, which the checker compares with its caption.
 
 Image i depends only on (caption i, its seed), where the seed is a hash of the run's base seed and the
 caption id, so batching, sharding, crashes and the executor never change a pixel.
@@ -43,9 +45,14 @@ def generate_table(captions: pa.Table, model: TextToImage, steps: int, guidance_
     seeds = [caption_seed(base_seed, cid) for cid in ids]
     images: list[bytes] = []
     sizes: list[tuple[int, int]] = []
+    scenes: list[str | None] = []
     for start in tqdm(range(0, len(ids), batch_size), desc="  images", unit="batch", leave=False):
         batch = model.generate(texts[start:start + batch_size], seeds[start:start + batch_size], steps, guidance_scale)
         images += [encode_image(im, image_format) for im in batch]
         sizes += [im.size for im in batch]
-    return pa.table({"caption_id": ids, "text": texts, "seed": seeds, "image": images,
-                     "width": [w for w, _ in sizes], "height": [h for _, h in sizes]}, schema=IMAGE_SCHEMA)
+        scenes += [im.info.get("scene") for im in batch]
+    columns = {"caption_id": ids, "text": texts, "seed": seeds, "image": images,
+               "width": [w for w, _ in sizes], "height": [h for _, h in sizes]}
+    if any(s is not None for s in scenes):     # a model that knows what it drew (the world's): keep it
+        return pa.table({**columns, "scene": scenes}, schema=IMAGE_SCHEMA.append(pa.field("scene", pa.string())))
+    return pa.table(columns, schema=IMAGE_SCHEMA)

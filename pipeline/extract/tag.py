@@ -1,15 +1,19 @@
 """Object tags per image (SynTIC Eq. 4: O = {o_1..o_m}) and the CLIP text features of the tag vocabulary."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.models.clip import ClipEncoder
 from pipeline.models.detector import Detection, Detector, processor_input_size
 from pipeline.data.images import FULL_SIZE_KEY, ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array
+
+if TYPE_CHECKING:  # a type only: tagging images loads no CLIP (open_clip)
+    from pipeline.models.clip import ClipEncoder
 
 TAG_SCHEMA_FIELDS = [("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
                      ("boxes", pa.list_(pa.list_(pa.float32(), 4)))]

@@ -1,12 +1,15 @@
 """Object detector through transformers: DETR ResNet-50 in the paper profile, a small DETR offline.
 
 Both go through ``DetrForObjectDetection`` + ``DetrImageProcessor.post_process_object_detection``.
+A local folder whose ``config.json`` says ``model_type: synthcap-world-detector`` holds instead the
+world's own shape detector (``pipeline.world.detector``), loaded behind the same interface.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -69,6 +72,39 @@ class Detector:
         return detections
 
 
+WORLD_DETECTOR_TYPE = "synthcap-world-detector"
+
+
+@dataclass
+class WorldShapeDetector:
+    """The world's shape detector (``pipeline.world.detector.WorldDetector``) behind ``Detector``'s interface."""
+    model: torch.nn.Module
+    identity: dict
+    device: str = "cpu"
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return list(self.model.vocabulary)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.model.input_size
+
+    def detect(self, images: Sequence[Image.Image], threshold: float) -> list[Detection]:
+        return self.model.detect(images, threshold)
+
+
+def is_world_detector_folder(pretrained: str | None) -> bool:
+    """Is ``pretrained`` a local folder holding a world detector (config.json's model_type)?"""
+    path = Path(pretrained) / "config.json" if pretrained else None
+    if path is None or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model_type") == WORLD_DETECTOR_TYPE
+    except (ValueError, AttributeError):
+        return False
+
+
 def _build_small(name: str, seed: int):
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
 
@@ -84,8 +120,16 @@ def _build_small(name: str, seed: int):
     return DetrForObjectDetection(config), DetrImageProcessor(**cfg["image_processor"])
 
 
-def load_detector(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu") -> Detector:
-    """DETR from a model id / local folder, or the small one built from config with ``seed``."""
+def load_detector(name: str, pretrained: str | None = None, seed: int = 0,
+                  device: str = "cpu") -> Detector | WorldShapeDetector:
+    """DETR from a model id / local folder, or the small one built from config with ``seed``; the world's
+    shape detector from a local folder that holds one (safetensors weights, nothing unpickled)."""
+    if is_world_detector_folder(pretrained):
+        from pipeline.world.detector import load_world_detector     # only this path pays for the import
+        model = load_world_detector(pretrained, device)
+        identity = {"kind": "detector", "name": name, "pretrained": pretrained, "seed": None,
+                    "weights_sha256": weights_sha256(model)}
+        return WorldShapeDetector(model, identity, device)
     if pretrained is None:
         model, processor = _build_small(name, seed)
     else:
@@ -102,6 +146,6 @@ def load_detector(name: str, pretrained: str | None = None, seed: int = 0, devic
 
 
 @lru_cache(maxsize=2)
-def detector_for(name: str, pretrained: str | None, seed: int, device: str) -> Detector:
+def detector_for(name: str, pretrained: str | None, seed: int, device: str) -> Detector | WorldShapeDetector:
     """``load_detector``, once per process and configuration (shard functions ask by configuration)."""
     return load_detector(name, pretrained, seed=seed, device=device)

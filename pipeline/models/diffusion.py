@@ -59,7 +59,11 @@ def _build_small(name: str, seed: int):
 
 def load_text_to_image(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu",
                        precision: str = "fp32", resolution: int | None = None) -> TextToImage:
-    """diffusers pipeline from a model id / local folder, or the small one built from config with ``seed``."""
+    """diffusers pipeline from a model id / local folder, or the small one built from config with ``seed``;
+    a world text-to-image folder (pipeline/world/text_to_image.py) loads as the world's model."""
+    from pipeline.world.text_to_image import is_world_model, load_world_text_to_image
+    if is_world_model(pretrained):
+        return load_world_text_to_image(name, pretrained)
     if pretrained is None:
         pipe, default_resolution = _build_small(name, seed)
     else:

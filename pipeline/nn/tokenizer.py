@@ -7,11 +7,41 @@ A caption is encoded as ``<start_of_text> w_1 .. w_L <end_of_text>``, right-padd
 """
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+
+OPEN_CLIP_TOKENIZER = "_synthcap_open_clip_tokenizer"
+
+
+@lru_cache(maxsize=1)
+def open_clip_tokenizer() -> ModuleType:
+    """open_clip's ``tokenizer`` module (SimpleTokenizer and its bundled BPE vocabulary), loaded from its
+    file without running open_clip's package ``__init__``: that imports every model open_clip has
+    (torchvision, transformers; about 2.5 s in each stage process) for a tokenizer that needs none of
+    them. Where open_clip is imported already, or a release's tokenizer.py cannot load alone, it is
+    the regular ``open_clip.tokenizer``: the same file, the same ids."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    package = importlib.util.find_spec("open_clip")          # finds the package without importing it
+    if package is not None and package.submodule_search_locations:
+        path = Path(next(iter(package.submodule_search_locations))) / "tokenizer.py"
+        spec = importlib.util.spec_from_file_location(OPEN_CLIP_TOKENIZER, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[OPEN_CLIP_TOKENIZER] = module              # as an import would (pickle finds its classes)
+        try:
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:       # e.g. a relative import of another open_clip module
+            del sys.modules[OPEN_CLIP_TOKENIZER]
+    import open_clip.tokenizer
+    return open_clip.tokenizer
 
 
 class CaptionTokenizer:
@@ -24,7 +54,7 @@ class CaptionTokenizer:
     """
 
     def __init__(self, vocabulary: list[int] | None = None):
-        self.bpe = SimpleTokenizer()
+        self.bpe = open_clip_tokenizer().SimpleTokenizer()
         self.pad_bpe, self.sot_bpe, self.eot_bpe = 0, self.bpe.sot_token_id, self.bpe.eot_token_id
         self.vocabulary = sorted({int(i) for i in vocabulary} | {self.pad_bpe, self.sot_bpe, self.eot_bpe}) \
             if vocabulary is not None else None

@@ -1,0 +1,306 @@
+"""The world's CLIP: an open_clip model trained contrastively on the world's "web" pairs (photo style).
+
+No pretrained CLIP can be downloaded here, so the world trains its own stand-in, saved as one
+``model.safetensors`` that the ordinary loader reads back as pretrained weights::
+
+    load_clip("synthcap-world-vit", pretrained=str(out_dir / "model.safetensors"))
+
+- Data: ``pairs`` scenes from ``world_rng(seed, "clip")`` (``sample_scene``), each rendered once in the
+  photo style and passed through the model's own open_clip ``preprocess`` (the function the encode
+  stages apply to PIL images), cached as tensors. Every epoch gives each scene a fresh caption
+  (``describe``) from the stream ``world_rng(seed, "clip-captions")``: the grammar's phrasings, synonyms
+  and group orders vary, so the text tower sees one scene phrased many ways.
+- Training: the symmetric InfoNCE loss with the model's learnable ``logit_scale`` (clamped to ln 100 as
+  open_clip does), AdamW (weight decay on matrices only, open_clip's rule), linear warm-up then cosine
+  decay to zero. Deterministic for a given seed and thread count (batches from
+  ``world_rng(seed, "clip-order")``, weights from ``torch.manual_seed(seed)``).
+- Evaluation: zero-shot retrieval on ``heldout`` pairs from ``world_rng(seed, "clip-heldout")`` (each
+  scene followed by its one caption in that stream): image->text and text->image R@1/5/10 by
+  :func:`retrieval_recall`, after every epoch (the report's ``history``) and at the end.
+- Check: the saved file is loaded by ``pipeline.models.clip.load_clip`` and must give the in-memory
+  model's image (``encode_pixels(..., ["global"])``) and text (``encode_texts``) features to ``atol``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import pipeline.models.clip  # noqa: F401  (registers pipeline/models/configs with open_clip)
+from pipeline.world.grammar import describe
+from pipeline.world.render import render
+from pipeline.world.scenes import Scene, sample_scene, world_rng
+
+KS = (1, 5, 10)
+LOG_SCALE_MAX = math.log(100.0)
+
+
+def retrieval_recall(similarity: np.ndarray | torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Recall@k both ways for a square similarity matrix ``similarity[i, j]`` = image i vs text j, where
+    text i is image i's one caption. Image->text: the rank of text i in row i; text->image: the rank of
+    image i in column i. Ties count against the match (pessimistic): the rank is the number of OTHER
+    candidates scoring >= the true one, and R@k is the share of queries with rank < k. So an exact tie
+    (e.g. two held-out scenes given the same caption text) never counts as a hit it might not be.
+    Returns ``{"i2t_r1": ..., "t2i_r1": ..., ...}`` for every k in ``ks``."""
+    s = torch.as_tensor(similarity, dtype=torch.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"retrieval needs a square similarity matrix, got shape {tuple(s.shape)}")
+    diagonal = s.diagonal()
+    i2t_rank = (s >= diagonal[:, None]).sum(dim=1) - 1      # minus the true caption itself
+    t2i_rank = (s >= diagonal[None, :]).sum(dim=0) - 1
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float((i2t_rank < k).double().mean())
+        out[f"t2i_r{k}"] = float((t2i_rank < k).double().mean())
+    return out
+
+
+def _render_photo(args: tuple[Scene, int]) -> np.ndarray:
+    scene, size = args
+    return np.asarray(render(scene, "photo", size))
+
+
+def render_photos(scenes: Sequence[Scene], size: int, workers: int = 1) -> list[Image.Image]:
+    """The scenes in the photo style, rendered by ``workers`` forked processes (rendering is numpy and
+    PIL only; a scene always renders to the same bytes, so the result does not depend on ``workers``)."""
+    jobs = [(s, size) for s in scenes]
+    if workers > 1 and len(jobs) >= 64 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            arrays = pool.map(_render_photo, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+    else:
+        arrays = [_render_photo(j) for j in jobs]
+    return [Image.fromarray(a) for a in arrays]
+
+
+def preprocess_all(images: Sequence[Image.Image], preprocess) -> torch.Tensor:
+    """open_clip's ``preprocess`` on every image (exactly what the encode stages do), stacked [N,3,H,W]."""
+    return torch.stack([preprocess(im) for im in images])
+
+
+def heldout_pairs(seed: int, n: int) -> tuple[list[Scene], list[str]]:
+    """The held-out evaluation pairs: each scene of ``world_rng(seed, "clip-heldout")`` and then its
+    caption from the same stream (so the first k pairs do not depend on ``n``)."""
+    rng = world_rng(seed, "clip-heldout")
+    scenes, captions = [], []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        scenes.append(scene)
+        captions.append(describe(scene, rng))
+    return scenes, captions
+
+
+@torch.no_grad()
+def encode(model, pixels: torch.Tensor, tokens: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text features of the in-memory model (eval mode), ``batch_size`` at a time."""
+    was_training = model.training
+    model.eval()
+    try:
+        images = torch.cat([model.encode_image(pixels[i:i + batch_size], normalize=True)
+                            for i in range(0, len(pixels), batch_size)])
+        texts = torch.cat([model.encode_text(tokens[i:i + batch_size], normalize=True)
+                           for i in range(0, len(tokens), batch_size)])
+    finally:
+        model.train(was_training)
+    return images, texts
+
+
+def evaluate(model, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """Zero-shot retrieval of the held-out pairs (:func:`retrieval_recall`)."""
+    images, texts = encode(model, pixels, tokens)
+    return retrieval_recall(images @ texts.T)
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens, normalize=True)`` run only up to the batch's last end token (the
+    highest token id, where open_clip's CLIP pools): the causal mask keeps the padding after it from
+    changing anything before it, so this is the same function (as ``ClipEncoder._encode_tokens``) at
+    ~3/4 of the cost for context 32. Falls back to ``encode_text`` for other text towers."""
+    if not (isinstance(model, open_clip.model.CLIP) and getattr(model, "text_pool_type", "argmax") == "argmax"
+            and model.attn_mask is not None):
+        return model.encode_text(tokens, normalize=True)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :n]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return F.normalize(x, dim=-1)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs (features L2-normalised, ``logit_scale`` = exp
+    of the learnable log-temperature): the mean of image->text and text->image cross-entropies."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * lr * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_for(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with open_clip's parameter groups: no weight decay on gains, biases, norms, logit_scale."""
+    def exclude(name: str, p: torch.nn.Parameter) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
+    try:        # the fused CPU kernel: the same update, ~5x faster (it matters: the 49408-token embedding)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The state dict as safetensors; every tensor cloned, so tied or shared tensors (safetensors refuses
+    shared storage) are saved under each of their names, as ``load_state_dict(strict=True)`` wants."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def check_loaded(name: str, path: Path, model, pixels: torch.Tensor, captions: Sequence[str],
+                 atol: float = 1e-5) -> dict[str, float]:
+    """Load ``path`` through the pipeline's ``load_clip`` and compare its features with ``model``'s:
+    ``encode_pixels(pixels, ["global"])`` and ``encode_texts(captions)``. Raises when they differ by
+    more than ``atol``; returns the largest absolute differences."""
+    from pipeline.models.clip import load_clip
+    clip = load_clip(name, pretrained=str(path))
+    tokenizer = open_clip.get_tokenizer(name)
+    images, texts = encode(model, pixels, tokenizer(list(captions)))
+    loaded_images = clip.encode_pixels(pixels, ["global"])["global"]
+    loaded_texts = clip.encode_texts(list(captions))
+    diff = {"image_max_abs_diff": float(np.abs(loaded_images - images.numpy()).max()),
+            "text_max_abs_diff": float(np.abs(loaded_texts - texts.numpy()).max())}
+    if max(diff.values()) > atol:
+        raise RuntimeError(f"{path} loaded by load_clip({name!r}) gives other features than the trained model: {diff}")
+    return diff
+
+
+def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: int = 12000, epochs: int = 10,
+                     batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1,
+                     warmup: float = 0.05, heldout: int = 1000, image_size: int = 64, threads: int = 2,
+                     eval_each_epoch: bool = True, check_pairs: int = 256, progress: bool = True) -> dict:
+    """Train the open_clip model ``name`` (built from its config, weights from ``seed``) on the world's
+    web pairs and save it to ``out_dir/model.safetensors`` (module docstring).
+
+    - ``pairs``: training scenes, each rendered once; ``epochs``: passes over them, each with fresh
+      captions; ``batch_size``: pairs per contrastive batch (the last partial batch of an epoch is
+      dropped); ``lr``: peak AdamW learning rate; ``weight_decay``: AdamW's, on matrices only;
+      ``warmup``: the share of all steps spent warming the learning rate up linearly.
+    - ``heldout``: evaluation pairs (retrieval ranks each among all of them); ``image_size``: the render
+      size, which must be the model's image size; ``threads``: torch threads and render processes
+      (the result is deterministic for a given seed and thread count); ``eval_each_epoch``: retrieval
+      after each epoch into ``history`` (cheap next to an epoch); ``check_pairs``: held-out pairs used
+      to check the saved file against the in-memory model.
+
+    Returns the report: final retrieval (``i2t_r1`` ... ``t2i_r10``), ``loss_first``/``loss_last``
+    (first step, mean of the last epoch), per-epoch ``history``, the settings, timings, the file."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)     # open_clip warns that no weights were loaded
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        finally:
+            logging.getLogger().setLevel(quiet)
+        model_size = model.visual.image_size
+        model_size = model_size[0] if isinstance(model_size, (tuple, list)) else model_size
+        if model_size != image_size:
+            raise ValueError(f"{name} takes {model_size}px images but the world renders {image_size}px: "
+                             f"set image_size in the model config to the render size")
+        tokenizer = open_clip.get_tokenizer(name)
+
+        rng = world_rng(seed, "clip")
+        scenes = [sample_scene(rng) for _ in range(pairs)]
+        test_scenes, test_captions = heldout_pairs(seed, heldout)
+        images = render_photos(scenes + test_scenes, image_size, workers=threads)
+        pixels = preprocess_all(images[:pairs], preprocess)
+        test_pixels = preprocess_all(images[pairs:], preprocess)
+        del images
+        test_tokens = tokenizer(test_captions)
+        data_seconds = time.perf_counter() - start
+
+        steps_per_epoch = pairs // batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(f"{pairs} pairs make no batch of {batch_size}")
+        total = steps_per_epoch * epochs
+        warmup_steps = max(1, int(round(warmup * total)))
+        optimizer = optimizer_for(model, lr, weight_decay)
+        caption_rng, order_rng = world_rng(seed, "clip-captions"), world_rng(seed, "clip-order")
+        losses: list[float] = []
+        history: list[dict] = []
+        model.train()
+        bar = tqdm(total=total, desc=f"train {name}", unit="step", disable=not progress)
+        step = 0
+        for epoch in range(epochs):
+            tokens = tokenizer([describe(s, caption_rng) for s in scenes])
+            order = torch.from_numpy(order_rng.permutation(pairs))
+            epoch_losses = []
+            for b in range(steps_per_epoch):
+                rows = order[b * batch_size:(b + 1) * batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, warmup_steps, lr)
+                image_features = model.encode_image(pixels[rows], normalize=True)
+                text_features = encode_text_trimmed(model, tokens[rows])
+                loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, LOG_SCALE_MAX)
+                epoch_losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}")
+            losses.extend(epoch_losses)
+            if eval_each_epoch or epoch == epochs - 1:
+                metrics = evaluate(model, test_pixels, test_tokens)
+                history.append({"epoch": epoch + 1, "seconds": round(time.perf_counter() - start, 1),
+                                "loss": float(np.mean(epoch_losses)), **metrics})
+                bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}", i2t_r5=f"{metrics['i2t_r5']:.3f}")
+        bar.close()
+        model.eval()
+        train_seconds = time.perf_counter() - start - data_seconds
+
+        path = out_dir / "model.safetensors"
+        save_weights(model, path)
+        check = check_loaded(name, path, model, test_pixels[:check_pairs], test_captions[:check_pairs])
+        final = history[-1]
+        return {
+            "model": name, "file": str(path), "seed": seed, "pairs": pairs, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+            "steps": total, "heldout": heldout, "image_size": image_size, "threads": threads,
+            **{k: final[k] for k in final if k[:3] in ("i2t", "t2i")},
+            "loss_first": losses[0], "loss_last": float(np.mean(losses[-steps_per_epoch:])),
+            "logit_scale": float(model.logit_scale.detach().exp()),
+            "heldout_duplicate_captions": heldout - len(set(test_captions)),
+            "history": history, "check": check,
+            "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    finally:
+        torch.set_num_threads(previous_threads)
