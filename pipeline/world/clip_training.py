@@ -195,8 +195,8 @@ def check_loaded(name: str, path: Path, model, pixels: torch.Tensor, captions: S
     return diff
 
 
-def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: int = 12000, epochs: int = 10,
-                     batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1,
+def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: int = 10000, epochs: int = 14,
+                     batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.1,
                      warmup: float = 0.05, heldout: int = 1000, image_size: int = 64, threads: int = 2,
                      eval_each_epoch: bool = True, check_pairs: int = 256, progress: bool = True) -> dict:
     """Train the open_clip model ``name`` (built from its config, weights from ``seed``) on the world's
