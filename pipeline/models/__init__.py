@@ -9,6 +9,7 @@ Every loader takes the same config shape, ``{name, pretrained, seed}``:
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +25,20 @@ def weights_sha256(module: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def local_model_type(pretrained: str | None) -> str | None:
+    """The ``model_type`` of the ``config.json`` in the local folder ``pretrained`` (None for anything
+    else: a hub id, a tag, a file, a folder without one). The world's own models are such folders
+    (pipeline/world): each loader asks this first to tell them from its ecosystem's models."""
+    path = Path(pretrained) / "config.json" if pretrained else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def missing_model_error(kind: str, name: str, pretrained: str, err: Exception) -> RuntimeError:

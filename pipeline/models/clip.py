@@ -85,7 +85,7 @@ class ClipEncoder:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts -> L2-normalised features [N,D], encoded ``batch_size`` at a time. Texts of similar token
-        length share a batch, and a batch runs only up to its longest text (``_encode_tokens``)."""
+        length share a batch, and a batch runs only up to its longest text (``encode_tokens``)."""
         out = np.zeros((len(texts), self.dim), np.float32)
         if not len(texts):
             return out
@@ -98,27 +98,32 @@ class ClipEncoder:
         return out
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``model.encode_text(tokens)``; for open_clip's CLIP (causal text tower, feature read at the end
-        token, the highest token id), on the columns up to the batch's last end token only: a causal
-        mask keeps later (padding) positions from changing earlier ones, so this is the same function
-        at a fraction of the 77-token cost (captions are ~15 tokens)."""
-        m = self.model
-        if not (isinstance(m, open_clip.model.CLIP) and getattr(m, "text_pool_type", "argmax") == "argmax"
-                and m.attn_mask is not None):
-            return m.encode_text(tokens)
-        n = int(tokens.argmax(dim=-1).max()) + 1
-        tokens = tokens[:, :n]
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        if m.text_projection is None:
-            return x
-        return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return encode_tokens(self.model, tokens)
 
     @property
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` (not normalised); for open_clip's CLIP (causal text tower, feature
+    read at the end token, the highest token id), on the columns up to the batch's last end token only: a
+    causal mask keeps later (padding) positions from changing earlier ones, so this is the same function
+    at a fraction of the 77-token cost (captions are ~15 tokens). Differentiable: the world CLIP's
+    training (pipeline/world/clip_training.py) runs it too."""
+    m = model
+    if not (isinstance(m, open_clip.model.CLIP) and getattr(m, "text_pool_type", "argmax") == "argmax"
+            and m.attn_mask is not None):
+        return m.encode_text(tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :n]
+    cast = m.transformer.get_cast_dtype()
+    x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+    x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if m.text_projection is None:
+        return x
+    return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
 
 
 def load_clip(name: str, pretrained: str | None = None, seed: int = 0, device: str = "cpu",

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 
-from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+from pipeline.models import CONFIG_DIR, local_model_type, missing_model_error, weights_sha256
 
 
 def processor_input_size(processor) -> tuple[int, int] | None:
@@ -94,17 +93,6 @@ class WorldShapeDetector:
         return self.model.detect(images, threshold)
 
 
-def is_world_detector_folder(pretrained: str | None) -> bool:
-    """Is ``pretrained`` a local folder holding a world detector (config.json's model_type)?"""
-    path = Path(pretrained) / "config.json" if pretrained else None
-    if path is None or not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("model_type") == WORLD_DETECTOR_TYPE
-    except (ValueError, AttributeError):
-        return False
-
-
 def _build_small(name: str, seed: int):
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
 
@@ -124,7 +112,7 @@ def load_detector(name: str, pretrained: str | None = None, seed: int = 0,
                   device: str = "cpu") -> Detector | WorldShapeDetector:
     """DETR from a model id / local folder, or the small one built from config with ``seed``; the world's
     shape detector from a local folder that holds one (safetensors weights, nothing unpickled)."""
-    if is_world_detector_folder(pretrained):
+    if local_model_type(pretrained) == WORLD_DETECTOR_TYPE:
         from pipeline.world.detector import load_world_detector     # only this path pays for the import
         model = load_world_detector(pretrained, device)
         identity = {"kind": "detector", "name": name, "pretrained": pretrained, "seed": None,

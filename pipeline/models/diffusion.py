@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
+from pipeline.models import CONFIG_DIR, local_model_type, missing_model_error, weights_sha256
 from pipeline.models.bpe import clip_bpe_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,8 +61,8 @@ def load_text_to_image(name: str, pretrained: str | None = None, seed: int = 0, 
                        precision: str = "fp32", resolution: int | None = None) -> TextToImage:
     """diffusers pipeline from a model id / local folder, or the small one built from config with ``seed``;
     a world text-to-image folder (pipeline/world/text_to_image.py) loads as the world's model."""
-    from pipeline.world.text_to_image import is_world_model, load_world_text_to_image
-    if is_world_model(pretrained):
+    from pipeline.world.text_to_image import MODEL_TYPE as WORLD_TEXT_TO_IMAGE, load_world_text_to_image
+    if local_model_type(pretrained) == WORLD_TEXT_TO_IMAGE:
         return load_world_text_to_image(name, pretrained)
     if pretrained is None:
         pipe, default_resolution = _build_small(name, seed)

@@ -152,16 +152,6 @@ def write_model(folder: Path, mistakes: Mistakes, resolution: int, style: str = 
     return config
 
 
-def is_world_model(pretrained: str | None) -> bool:
-    if not pretrained:
-        return False
-    path = Path(pretrained) / "config.json"
-    try:
-        return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError):
-        return False
-
-
 def load_world_text_to_image(name: str, pretrained: str) -> WorldTextToImage:
     config = json.loads((Path(pretrained) / "config.json").read_text())
     unknown = set(config.get("mistakes", {})) - set(MISTAKES)
