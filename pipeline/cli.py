@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
+from pathlib import Path
 
 from pipeline import captioning, methods, paths
 from pipeline import config as cfg
@@ -35,7 +37,9 @@ def status(args) -> int:
         if not report_file.is_file():
             print(f"  {name} ({instance.method}, {variant}): not trained — `dvc repro train@{name}`")
             continue
-        report = json.loads(report_file.read_text())
+        report = _read_json_or_say(report_file, f"  {name} ({instance.method}, {variant})", f"train@{name}")
+        if report is None:
+            continue
         print(f"  {name} ({instance.method}, {variant}): trained on features of "
               f"{describe_model(report['clip_model'])}; {report['summary']}")
         for evalset in config.evalsets:
@@ -43,13 +47,30 @@ def status(args) -> int:
             if not metrics_file.is_file():
                 print(f"    {evalset}: not evaluated — `dvc repro evaluate@{name}-{evalset}`")
                 continue
-            m = json.loads(metrics_file.read_text())
+            m = _read_json_or_say(metrics_file, f"    {evalset}", f"evaluate@{name}-{evalset}")
+            if m is None:
+                continue
             scores = "  ".join(f"{k} {m[k]:.3f}" for k in SHOWN if k in m)
             print(f"    {evalset} ({m.get('images_evaluated', '?')} images, {m.get('images_skipped', 0)} skipped): "
                   f"{scores}")
     report = paths.REPORT / "index.html"
     print(f"Report: {report.relative_to(paths.REPO) if report.is_file() else 'not written yet (dvc repro report)'}")
     return 0
+
+
+def _read_json_or_say(path: Path, label: str, stage: str) -> dict | None:
+    """A JSON object from ``path``, or None after a line that names the damaged file and its rebuild
+    (status goes on with the other instances)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+        problem = f"holds a JSON {type(data).__name__}, not an object"
+    except (OSError, ValueError) as err:
+        problem = f"cannot be read ({err})"
+    print(f"{label}: {path.relative_to(paths.REPO) if path.is_relative_to(paths.REPO) else path} {problem}: "
+          f"rebuild it with `dvc repro -f {stage}`")
+    return None
 
 
 def score(args) -> int:
@@ -98,6 +119,8 @@ def caption(args) -> int:
     names = [n for n in names if n not in untrained]
     if not names:
         return 2
+    if args.out:
+        check_writable(Path(args.out))        # before the work, not after it
     photos = captioning.load(captioning.collect(args.photos), max(e.max_pixels for e in config.evalsets.values())
                              if config.evalsets else 89_478_485)
     for path, reason in photos.skipped.items():
@@ -109,13 +132,33 @@ def caption(args) -> int:
         write_rows(rows, args.out, args.format)
     print(f"synthcap caption: {len(photos.ids)} image(s) captioned by {len(names)} method(s), "
           f"{len(photos.skipped)} skipped", file=sys.stderr)
-    return 0
+    if photos.ids:
+        return 0
+    print("synthcap caption: no image was captioned (see the skips above; a folder is searched recursively for "
+          f"{', '.join(sorted(captioning.IMAGE_SUFFIXES))} files)", file=sys.stderr)
+    if args.out and Path(args.out).is_file():  # an earlier run's result must not pass for this one's
+        Path(args.out).unlink()
+        print(f"synthcap caption: removed {args.out}, an earlier run's result", file=sys.stderr)
+    return 1
+
+
+def check_writable(out: Path) -> None:
+    """--out must name a file in an existing, writable folder."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name a file in it (e.g. {out / 'captions.jsonl'})")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out} is not writable")
 
 
 def write_rows(rows: list[dict], out: str | None, fmt: str | None) -> None:
     fmt = fmt or ("jsonl" if out and out.endswith((".jsonl", ".json")) else "csv" if out and out.endswith(".csv")
                   else "table" if out is None else "jsonl")
-    stream = open(out, "w", encoding="utf-8", newline="") if out else sys.stdout
+    # --out is written to a temporary name and renamed when complete: never half a result under its name
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}") if out else None
+    stream = open(tmp, "w", encoding="utf-8", newline="") if out else sys.stdout
     try:
         if fmt == "jsonl":
             for row in rows:
@@ -131,9 +174,14 @@ def write_rows(rows: list[dict], out: str | None, fmt: str | None) -> None:
                 stream.write(f"{image}\n")
                 for row in (r for r in rows if r["image"] == image):
                     stream.write(f"  {row['method']:<{width}}  {row['caption']}\n")
-    finally:
+    except BaseException:
         if out:
             stream.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    if out:
+        stream.close()
+        os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,21 @@ def non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
 
+def dropout_rate(v):
+    return None if 0.0 <= v < 1.0 else "must lie in [0, 1) (a dropout probability)"
+
+
+def divides(divisor_key: str, dividend_key: str):
+    """For ``__post_init__``: an error naming both keys unless the first divides the second (attention
+    heads and the width they split). Raised as ValueError, which ``parse`` reports under the section."""
+    def check(settings) -> None:
+        d, n = getattr(settings, divisor_key), getattr(settings, dividend_key)
+        if d is not None and n is not None and n % d:
+            raise ValueError(f"`{divisor_key}` ({d}) must divide `{dividend_key}` ({n}): each attention head "
+                             f"takes {dividend_key}/{divisor_key} dimensions")
+    return check
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +379,7 @@ class World:
 class Generate:
     resolution: int | None = opt(None, "pixels; null = the model's own", check=at_least(8))
     steps: int = opt(20, "sampling steps", check=at_least(1))
-    guidance_scale: float = opt(7.5, "classifier-free guidance")
+    guidance_scale: float = opt(7.5, "classifier-free guidance", check=non_negative)
     batch_size: int = opt(16, "prompts per forward pass", check=at_least(1), speed_only=True)
     seed: int = opt(0, "per-caption seed = hash(seed, caption_id)")
     image_format: Literal["png", "jpeg"] = opt("png", "png (lossless) | jpeg")

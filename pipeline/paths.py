@@ -25,6 +25,7 @@ SUPPORTS = ARTIFACTS / "supports"                      # supports/corpus and sup
 CONCEPTS = ARTIFACTS / "concepts" / "concepts.parquet"  # PCM-Net concept vocabulary + CLIP text features
 METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,train_curve.json,captions,metrics,evaluation}
 REPORT = ARTIFACTS / "report"
+FINGERPRINT_RECORDS = ARTIFACTS / "fingerprints"       # fingerprints/<artifact>.json: how each artifact was made
 
 
 def layout(root: Path) -> dict[str, Path]:
@@ -33,6 +34,20 @@ def layout(root: Path) -> dict[str, Path]:
     return {key: root / value.relative_to(ARTIFACTS) for key, value in here.items()
             if key.isupper() and isinstance(value, Path) and value != REPO and value.is_relative_to(ARTIFACTS)
             and key != "ARTIFACTS"} | {"ARTIFACTS": Path(root)}
+
+
+def fingerprint_record(out_dir: Path) -> Path:
+    """Where the record of how artifact folder ``out_dir`` was made lives (each file's fingerprint and
+    sha256: pipeline/data/shards.py). For an artifact under artifacts/ it is
+    ``artifacts/fingerprints/<its path>.json``, a DVC output of the same stage beside the artifact: it
+    travels with ``dvc push``/``pull`` (a pulled checkout keeps the pulled work when the stage reruns),
+    but no other stage depends on it, so a code change that changes no byte reruns nothing downstream.
+    Any other folder keeps it inside, as ``_fingerprints.json`` (ignored by DVC)."""
+    out = Path(out_dir).resolve()
+    root = ARTIFACTS.resolve()
+    if out != root and out.is_relative_to(root):
+        return FINGERPRINT_RECORDS / f"{out.relative_to(root)}.json"
+    return Path(out_dir) / "_fingerprints.json"
 
 
 def evalset(name: str) -> Path:

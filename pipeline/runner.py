@@ -10,9 +10,11 @@ after phase, each with its own optimiser over the submodules it trains (``fit_ph
 
 A trained model folder holds ``model.safetensors`` (weights; its header holds the method, the typed
 training settings, the facts the model's shape depends on and the CLIP identity of its training
-features) and ``train_report.json``; beside them, ``_fingerprints.json`` (not part of the artifact:
-.dvcignore) records the fingerprint of everything training read (settings, inputs' content, code)
-and the sha256 of each file. ``train`` keeps a model whose fingerprint is unchanged and whose bytes
+features; and the sha256 of its tensor bytes, checked on every load) and ``train_report.json``; its
+fingerprint record (``paths.fingerprint_record``: ``artifacts/fingerprints/methods/NAME/model.json``, a
+DVC output of ``train@NAME`` that no stage reads) records the fingerprint of everything training read
+(settings, inputs' content, code) and the sha256 of each file, and travels with the model through the
+DVC remote. ``train`` keeps a model whose fingerprint is unchanged and whose bytes
 still match: DVC may rerun ``train@NAME`` when an artifact that this method does not read changes
 (dvc.yaml lists the union of what methods read); the fingerprint covers exactly what this instance
 reads, so such a rerun ends in seconds.
@@ -52,9 +54,10 @@ from pipeline.vectors import mean_direction
 
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "train_report.json"
-FINGERPRINTS_FILE = "_fingerprints.json"
 CHECKPOINT_FORMAT = "synthcap.checkpoint.v2"
 HEADER_KEY = "synthcap"
+TENSORS_SHA256_KEY = "tensors_sha256"   # metadata: the sha256 of the file's tensor bytes, checked on every load
+_UNSEALED = "0" * 64                    # its placeholder until the tensors are written (same length)
 FEATURE_COLUMNS = ("global", "patches", "cls_attention", "attention", "text_feature")
 
 
@@ -418,9 +421,9 @@ def save_checkpoint(model: torch.nn.Module, path: Path, header: dict) -> None:
     weights and header give the same bytes. A model's frozen pretrained submodules
     (``frozen_pretrained``) are left out; the header records their identities under ``frozen``."""
     frozen = frozen_parts(model)
+    metadata = {"format": CHECKPOINT_FORMAT, TENSORS_SHA256_KEY: _UNSEALED}
     if not frozen:
-        save_model(model, str(path), metadata={"format": CHECKPOINT_FORMAT,
-                                               HEADER_KEY: json.dumps(header, sort_keys=True)})
+        save_model(model, str(path), metadata={**metadata, HEADER_KEY: json.dumps(header, sort_keys=True)})
     else:
         for prefix, identity in frozen.items():
             now = weights_sha256(model.get_submodule(prefix))
@@ -430,9 +433,52 @@ def save_checkpoint(model: torch.nn.Module, path: Path, header: dict) -> None:
                                  f"changed it, so it cannot be left out of the checkpoint")
         state = _without_frozen(model.state_dict(), frozen)
         header = {**header, "frozen": frozen}
-        save_file(state, str(path), metadata={"format": CHECKPOINT_FORMAT,
-                                              HEADER_KEY: json.dumps(header, sort_keys=True)})
+        save_file(state, str(path), metadata={**metadata, HEADER_KEY: json.dumps(header, sort_keys=True)})
     _sort_metadata(Path(path))
+    _seal(Path(path))
+
+
+def _tensor_bytes_sha256(f, header_length: int) -> str:
+    """sha256 of everything after a safetensors header (the tensors' bytes)."""
+    f.seek(8 + header_length)
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _seal(path: Path) -> None:
+    """Write the sha256 of the tensor bytes over its placeholder in the metadata (same length, in place):
+    the checkpoint carries its own checksum wherever it travels (dvc push/pull), checked on every load."""
+    placeholder = f'"{TENSORS_SHA256_KEY}":"{_UNSEALED}"'.encode()
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(n)
+        at = head.find(placeholder)
+        if at < 0:
+            raise RuntimeError(f"{path}: no checksum placeholder in the safetensors header")
+        digest = _tensor_bytes_sha256(f, n)
+        f.seek(8 + at + len(placeholder) - len(_UNSEALED) - 1)
+        f.write(digest.encode())
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose tensor bytes are not those it was written with (a flipped bit, a torn
+    copy): they would load without complaint and caption nonsense. Names the file and the rebuild."""
+    path = Path(path)
+    rebuild = (f"`dvc repro train@{path.parent.parent.name}`" if path.parent.name == "model"
+               else "the `dvc repro` of the stage that wrote it")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        recorded = (json.loads(f.read(n)).get("__metadata__") or {}).get(TENSORS_SHA256_KEY)
+        if recorded is None:
+            raise ValueError(f"{path} records no checksum of its tensors (written by an older version): "
+                             f"retrain it with {rebuild}")
+        actual = _tensor_bytes_sha256(f, n)
+    if actual != recorded:
+        raise ValueError(f"{path} is damaged: its tensor bytes have sha256 {actual[:12]}, not the {recorded[:12]} "
+                         f"they were written with. Rebuild it with {rebuild}, or restore it from the DVC cache "
+                         f"or remote (`dvc checkout` / `dvc pull`)")
 
 
 def frozen_parts(model: torch.nn.Module) -> dict[str, dict]:
@@ -517,9 +563,11 @@ def checkpoint_header(path: Path) -> dict:
 
 def load_checkpoint(path: Path, device: str = "cpu"):
     """-> (model in eval mode, header with ``train`` parsed back into the method's Train settings).
-    Loads tensors only (safetensors): nothing is unpickled. Frozen pretrained submodules left out of
+    Loads tensors only (safetensors): nothing is unpickled; their bytes must match the checksum sealed in
+    the header (``verify_checkpoint``). Frozen pretrained submodules left out of
     the file are the ones ``create`` loaded again, checked to have the weights recorded at training."""
     header = checkpoint_header(path)
+    verify_checkpoint(path)
     module = methods.get(header["method"])
     s = cfg.parse(module.Train, header["train"], f"{path}: train")
     model = module.create(s, header["facts"])
@@ -569,19 +617,21 @@ def _load_without_frozen(model: torch.nn.Module, path: Path, recorded: dict, dev
 
 def write_model_folder(out_dir: Path, model, header: dict, report: dict, fp: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / FINGERPRINTS_FILE).unlink(missing_ok=True)
+    record = paths.fingerprint_record(out_dir)
+    record.unlink(missing_ok=True)
     tmp = out_dir / f".{MODEL_FILE}.tmp-{os.getpid()}"
     save_checkpoint(model, tmp, header)
     os.replace(tmp, out_dir / MODEL_FILE)
     _write_json(out_dir / REPORT_FILE, report)
     files = {f: _sha256(out_dir / f) for f in (MODEL_FILE, REPORT_FILE)}
-    _write_json(out_dir / FINGERPRINTS_FILE, {"fingerprint": fp, "files": files})
+    record.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(record, {"fingerprint": fp, "files": files})
 
 
 def kept_report(out_dir: Path, fp: str) -> dict | None:
     """The previous run's report if its fingerprint is ``fp`` and every file still matches its hash."""
     try:
-        manifest = json.loads((out_dir / FINGERPRINTS_FILE).read_text())
+        manifest = json.loads(paths.fingerprint_record(out_dir).read_text())
         if manifest["fingerprint"] != fp:
             return None
         if any(_sha256(out_dir / f) != h for f, h in manifest["files"].items()):

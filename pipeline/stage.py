@@ -1,5 +1,5 @@
 """What every stage script does first and last: validate params.yaml whole, watch its dvc process,
-fingerprint its output, and say what it did.
+hold the stage's lock, fingerprint its output, and say what it did.
 
 A stage's fingerprint hashes exactly what its output depends on: the parameters it reads
 (``pipeline.config.STAGE_PARAMS``, speed-only settings left out), the code it runs (the import
@@ -7,25 +7,74 @@ closure of its stage script, ``pipeline.data.provenance``) and the content of it
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
+import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline import config as cfg
-from pipeline.data.locks import stop_when_orphaned
+from pipeline import paths
+from pipeline.data.locks import ArtifactLockedError, exclusive_writer, stop_when_orphaned
 from pipeline.data.provenance import code_version
 from pipeline.data.shards import fingerprint
 
 
-def start(stage: str) -> cfg.Config:
-    """params.yaml parsed and validated (a bad key fails here, before any work), and a watch that
-    stops this process if the dvc process that started it dies."""
-    stop_when_orphaned()
+_held_for_life = ExitStack()          # the stage locks this process holds until it exits
+atexit.register(_held_for_life.close)
+_running: list[str] = []              # this process's stage instance name, once ``start`` knows it
+
+# What bad input raises (a missing or damaged file, a wrong value, features of another model): its
+# message names the item and the fix, so a stage prints that one line; anything else is a bug and keeps
+# its traceback. ``SYNTHCAP_TRACEBACK=1`` prints the traceback of the former as well.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def run(main, *args: str) -> None:
+    """A stage script's entry point: ``main(*args)``; an input error ends the process with one line,
+    ``STAGE: what is wrong and how to fix it``, its traceback kept in ``artifacts/logs/STAGE.traceback``."""
     try:
-        return cfg.load()
+        main(*args)
+    except INPUT_ERRORS as err:
+        name = _running[0] if _running else Path(sys.argv[0]).stem
+        if os.environ.get("SYNTHCAP_TRACEBACK"):
+            raise
+        log = paths.ARTIFACTS / "logs" / f"{name}.traceback"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(err)), encoding="utf-8")
+            where = f"traceback in {log.relative_to(paths.REPO) if log.is_relative_to(paths.REPO) else log}"
+        except OSError:
+            where = "SYNTHCAP_TRACEBACK=1 prints the traceback"
+        sys.exit(f"{name}: {err}\n({type(err).__name__}; {where})")
+
+
+def start(stage: str, *instance: str) -> cfg.Config:
+    """params.yaml parsed and validated (a bad key fails here, before any work), a watch that stops
+    this process if the dvc process that started it dies, and the lock of this stage instance
+    (``stage@instance``, e.g. train@syntic) held until the process ends: `python -m stages.train syntic`
+    while `dvc repro train@syntic` runs stops at once instead of writing the same files twice."""
+    stop_when_orphaned()
+    name = f"{stage}@{'-'.join(instance)}" if instance else stage
+    _running[:] = [name]
+    try:
+        config = cfg.load()
     except cfg.ConfigError as err:
-        sys.exit(f"{stage}: {err}")
+        sys.exit(f"{name}: {err}")
+    hold_stage_lock(name)
+    return config
+
+
+def hold_stage_lock(name: str, root: Path | None = None) -> None:
+    """Hold stage ``name``'s writer lock (``<artifacts>/.stage_locks/NAME/.lock``, a flock the kernel drops
+    when the process dies) for the rest of this process, or exit naming the process that holds it."""
+    folder = Path(root if root is not None else paths.ARTIFACTS) / ".stage_locks" / name
+    try:
+        _held_for_life.enter_context(exclusive_writer(folder))
+    except ArtifactLockedError as err:
+        sys.exit(f"{name}: another process is running this stage. {err}")
 
 
 def world_config(config: cfg.Config, stage: str, name: str) -> cfg.World:

@@ -2,11 +2,11 @@
 import sys
 
 from pipeline import paths, runner
-from pipeline.stage import say, start, write_json
+from pipeline.stage import run, say, start, write_json
 
 
 def main(name: str, evalset: str) -> None:
-    config = start("caption")
+    config = start("caption", name, evalset)
     for key, known in (("methods", config.methods), ("evalsets", config.evalsets)):
         if (name if key == "methods" else evalset) not in known:
             raise SystemExit(f"caption: params.yaml `{key}` has no {name if key == 'methods' else evalset!r}")
@@ -16,4 +16,4 @@ def main(name: str, evalset: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main, *sys.argv[1:])

@@ -4,7 +4,7 @@ from pipeline import paths
 from pipeline.data.shards import ShardedArtifact, write_table_atomic
 from pipeline.extract.concepts import PROMPT_TEMPLATE, concept_table, noun_counts
 from pipeline.models.clip import clip_for
-from pipeline.stage import say, start
+from pipeline.stage import run, say, start
 
 
 def main() -> None:
@@ -21,4 +21,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

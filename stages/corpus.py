@@ -1,10 +1,12 @@
 """Stage corpus: a caption file (any supported format) -> cleaned captions in Parquet shards + a report."""
+from pathlib import Path
+
 import pyarrow as pa
 
 from pipeline import paths
 from pipeline.data.captions import clean_captions, read_captions
 from pipeline.data.shards import write_sharded
-from pipeline.stage import base_fingerprint, say, start, write_json
+from pipeline.stage import base_fingerprint, run, say, start, write_json
 
 CORPUS_SCHEMA = pa.schema([("caption_id", pa.string()), ("group_id", pa.string()), ("text", pa.string()),
                            ("split", pa.string()), ("source", pa.string())])
@@ -13,6 +15,8 @@ CORPUS_SCHEMA = pa.schema([("caption_id", pa.string()), ("group_id", pa.string()
 def main() -> None:
     config = start("corpus")
     c = config.corpus
+    if not Path(c.path).exists():
+        raise FileNotFoundError(f"`corpus.path` (params.yaml) names {c.path}, which does not exist")
     read = read_captions(c.path, c.format, source=c.source, splits=c.splits)
     kept, report = clean_captions(read, max_words=c.max_words, deduplicate=c.deduplicate)
     if c.max_captions is not None:  # a slice for quick runs: the first N kept captions
@@ -33,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

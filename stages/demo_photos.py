@@ -2,7 +2,7 @@
 package (its version is pinned by the lock file) so that the eval set's images are a folder DVC tracks."""
 from pipeline import paths
 from pipeline.data.evalsets import copy_package_files
-from pipeline.stage import say, start
+from pipeline.stage import run, say, start
 
 PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "horse.png", "rocket.jpg", "coins.png",
           "motorcycle_left.png", "moon.png", "hubble_deep_field.jpg")
@@ -15,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

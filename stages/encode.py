@@ -16,12 +16,12 @@ from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.encode import (REAL_IMAGE_COLUMNS, SYNTHETIC_COLUMNS, encode_image_table, encode_text_table,
                                      patch_grid)
 from pipeline.models.clip import clip_for
-from pipeline.stage import base_fingerprint, say, shard_summary, start
+from pipeline.stage import base_fingerprint, run, say, shard_summary, start
 
 
 def main(kind: str, name: str | None = None) -> None:
     stage = {"text": "encode_text", "synthetic": "encode_synthetic", "eval": "encode_eval"}[kind]
-    config = start(stage)
+    config = start(stage, *([name] if name else []))
     executor = executor_for(config, "encode")
     c, batch, dtype = config.models.clip, config.encode.batch_size, config.feature_dtype
 
@@ -61,4 +61,4 @@ def main(kind: str, name: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main, *sys.argv[1:])

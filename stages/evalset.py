@@ -7,11 +7,11 @@ import pyarrow as pa
 from pipeline import paths
 from pipeline.data.evalsets import eval_rows, eval_schema, rows_fingerprint
 from pipeline.data.shards import write_sharded
-from pipeline.stage import base_fingerprint, say, start, write_json
+from pipeline.stage import base_fingerprint, run, say, start, write_json
 
 
 def main(name: str) -> None:
-    config = start("evalset")
+    config = start("evalset", name)
     if name not in config.evalsets:
         raise SystemExit(f"evalset: params.yaml has no eval set {name!r} (evalsets: {', '.join(config.evalsets)})")
     rows, report = eval_rows(config.evalsets[name])
@@ -31,4 +31,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

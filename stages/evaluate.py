@@ -4,11 +4,11 @@ import sys
 
 from pipeline import paths
 from pipeline.evaluation.evaluate import evaluate_captions
-from pipeline.stage import read_json, say, start, write_json
+from pipeline.stage import read_json, run, say, start, write_json
 
 
 def main(name: str, evalset: str) -> None:
-    config = start("evaluate")
+    config = start("evaluate", name, evalset)
     metrics, details = evaluate_captions(read_json(paths.captions(name, evalset)), evalset, config)
     write_json(paths.metrics(name, evalset), metrics)
     write_json(paths.evaluation(name, evalset), details)
@@ -19,4 +19,4 @@ def main(name: str, evalset: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main, *sys.argv[1:])

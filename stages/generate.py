@@ -6,7 +6,7 @@ from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded
 from pipeline.extract.generate import generate_table
 from pipeline.models.diffusion import text_to_image_for
-from pipeline.stage import base_fingerprint, say, shard_summary, start, write_json
+from pipeline.stage import base_fingerprint, run, say, shard_summary, start, write_json
 
 
 def main() -> None:
@@ -42,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

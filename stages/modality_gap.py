@@ -5,15 +5,15 @@ import sys
 
 from pipeline import paths
 from pipeline.analysis.modality_gap import run_modality_gap
-from pipeline.stage import say, start
+from pipeline.stage import run, say, start
 
 
 def main(name: str) -> None:
-    config = start("modality_gap")
+    config = start("modality_gap", name)
     result = run_modality_gap(name, config, paths.method(name))
     shown = ", ".join(f"λ={r['lambda']:g}: CIDEr {r['CIDEr']:.3f}" for r in result["results"])
     say(f"modality_gap@{name} on {result['evalset']} ({result['images']} images): {shown}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -8,7 +8,7 @@ from pipeline.data.aligned import Column, aligned_shards
 from pipeline.data.executors import torch_threads
 from pipeline.data.shards import ShardedArtifact, feature_array, require_same_model, write_sharded
 from pipeline.methods.syntic import optimize_features
-from pipeline.stage import base_fingerprint, say, shard_summary, start, write_json
+from pipeline.stage import base_fingerprint, run, say, shard_summary, start, write_json
 
 
 def main() -> None:
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

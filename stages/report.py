@@ -4,7 +4,7 @@ with the world's images and every caption checked against them, then the exact m
 and the world's own models (pipeline/evaluation/report.py)."""
 from pipeline import paths
 from pipeline.evaluation.report import build_report
-from pipeline.stage import say, start
+from pipeline.stage import run, say, start
 
 
 def main() -> None:
@@ -14,4 +14,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

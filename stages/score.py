@@ -6,11 +6,11 @@ from pipeline import paths
 from pipeline.data.shards import ShardedArtifact
 from pipeline.evaluation.evaluate import evaluate_captions
 from pipeline.evaluation.results import match, read_predictions
-from pipeline.stage import say, start, write_json
+from pipeline.stage import run, say, start, write_json
 
 
 def main(name: str) -> None:
-    config = start("score")
+    config = start("score", name)
     if name not in config.external_results:
         raise SystemExit(f"score: params.yaml has no external result {name!r}")
     external = config.external_results[name]
@@ -27,4 +27,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -11,7 +11,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.data.captions import clean_captions, read_captions
 from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
-from pipeline.stage import say, start, write_json
+from pipeline.stage import run, say, start, write_json
 from pipeline.support import SupportSet
 
 
@@ -50,7 +50,7 @@ def corpus_support() -> None:
 
 
 def target_support(name: str) -> None:
-    config = start("target_support")
+    config = start("target_support", name)
     if name not in config.target_supports:
         raise SystemExit(f"target_support: params.yaml has no target support set {name!r}")
     t, c = config.target_supports[name], config.models.clip
@@ -69,4 +69,4 @@ def target_support(name: str) -> None:
 
 
 if __name__ == "__main__":
-    corpus_support() if sys.argv[1] == "corpus" else target_support(sys.argv[2])
+    run(corpus_support) if sys.argv[1] == "corpus" else run(target_support, sys.argv[2])

@@ -10,12 +10,12 @@ from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded, write_table_atomic
 from pipeline.extract.tag import tag_table, vocabulary_table
 from pipeline.models.detector import detector_for
-from pipeline.stage import base_fingerprint, say, shard_summary, start
+from pipeline.stage import base_fingerprint, run, say, shard_summary, start
 
 
 def main(kind: str, name: str | None = None) -> None:
     stage = {"vocabulary": "tag_vocabulary", "synthetic": "tag_synthetic", "eval": "tag_eval"}[kind]
-    config = start(stage)
+    config = start(stage, *([name] if name else []))
     d, t = config.models.detector, config.tag
 
     def detector():  # loaded in the process that runs the shard, once per process (lru_cache)
@@ -53,4 +53,4 @@ def main(kind: str, name: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run(main, *sys.argv[1:])

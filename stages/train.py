@@ -2,11 +2,11 @@
 import sys
 
 from pipeline import paths, runner
-from pipeline.stage import say, start, write_json
+from pipeline.stage import run, say, start, write_json
 
 
 def main(name: str) -> None:
-    config = start("train")
+    config = start("train", name)
     if name not in config.methods:
         raise SystemExit(f"train: params.yaml has no method instance {name!r} (methods: {', '.join(config.methods)})")
     report = runner.train(name, config.methods[name], config.device)
@@ -16,4 +16,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -5,12 +5,12 @@ as the ordinary inputs of the corpus and evalset stages, and the control result 
 import sys
 
 from pipeline import paths
-from pipeline.stage import say, start, world_config, write_json
+from pipeline.stage import run, say, start, world_config, write_json
 from pipeline.world.dataset import write_corpus, write_eval_set, write_frequent_caption
 
 
 def main(name: str) -> None:
-    world = world_config(start("world"), "world", name)
+    world = world_config(start("world", name), "world", name)
     out = paths.world(name)
     report = {"corpus": write_corpus(out / "corpus.json", world.seed, world.corpus.scenes, world.corpus.captions_per_scene),
               "eval": write_eval_set(out / "eval", world.seed, world.eval.images, world.eval.references,
@@ -23,4 +23,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

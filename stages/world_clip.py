@@ -4,12 +4,12 @@ the stage's metrics (pipeline/world/clip_training.py)."""
 import sys
 
 from pipeline import paths
-from pipeline.stage import say, start, world_config, write_json
+from pipeline.stage import run, say, start, world_config, write_json
 from pipeline.world.clip_training import train_world_clip
 
 
 def main(name: str) -> None:
-    config = start("world_clip")
+    config = start("world_clip", name)
     world = world_config(config, "world_clip", name)
     c = world.clip
     report = train_world_clip(config.models.clip.name, paths.world(name) / "clip", seed=world.seed, pairs=c.pairs,
@@ -20,4 +20,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -3,12 +3,12 @@ precision and recall on held-out images are the stage's metrics (pipeline/world/
 import sys
 
 from pipeline import paths
-from pipeline.stage import say, start, world_config, write_json
+from pipeline.stage import run, say, start, world_config, write_json
 from pipeline.world.detector_training import train_world_detector
 
 
 def main(name: str) -> None:
-    world = world_config(start("world_detector"), "world_detector", name)
+    world = world_config(start("world_detector", name), "world_detector", name)
     d = world.detector
     report = train_world_detector(paths.world(name) / "detector", seed=world.seed, images=d.images, epochs=d.epochs,
                                   batch_size=d.batch_size, lr=d.lr, heldout=d.heldout, image_size=world.image_size)
@@ -17,4 +17,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -4,12 +4,12 @@ its folder holds the config that `models.diffusion.pretrained` loads."""
 import sys
 
 from pipeline import paths
-from pipeline.stage import say, start, world_config
+from pipeline.stage import run, say, start, world_config
 from pipeline.world.text_to_image import Mistakes, write_model
 
 
 def main(name: str) -> None:
-    world = world_config(start("world_t2i"), "world_t2i", name)
+    world = world_config(start("world_t2i", name), "world_t2i", name)
     m = world.text_to_image
     folder = paths.world(name) / "text_to_image"
     config = write_model(folder, Mistakes(m.binding, m.drop, m.count, m.extra), world.image_size)
@@ -17,4 +17,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(main, sys.argv[1])

@@ -524,3 +524,31 @@ def test_flickr8k_folder_errors(flickr8k_folder, tmp_path, coco_file):
         read_captions(flickr8k_folder, split_file=flickr8k_folder / "Flickr_8k.devImages.txt")
     with pytest.raises(ValueError, match="exclude_splits.*carry no split"):
         read_captions(coco_file, exclude_splits=["train"])
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n", "\n"])
+def test_every_line_ending_splits_captions(tmp_path, ending):
+    path = tmp_path / "captions.txt"
+    path.write_bytes(ending.join(["a dog runs", "two cats sleep", "a red ball"]).encode() + ending.encode())
+    texts = [r.text for r in read_captions(path, format="plain_text").records]
+    assert texts == ["a dog runs", "two cats sleep", "a red ball"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_caption_file_is_read_as_such(tmp_path, encoding):
+    """With a byte-order mark (utf-16, utf-32) or, for UTF-16, without one: never captions full of NULs."""
+    path = tmp_path / "captions.txt"
+    path.write_bytes("a dog runs\r\ntwo cats sleep on a café sofa\r\n".encode(encoding))
+    read = read_captions(path)
+    assert [r.text for r in read.records] == ["a dog runs", "two cats sleep on a café sofa"]
+    assert read.undecodable == []
+
+
+def test_a_utf16_json_caption_file_is_read_and_a_broken_utf16_file_named(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_bytes(json.dumps([{"image_name": "a.jpg", "captions": ["a dog"], "split": "train"}]).encode("utf-16"))
+    assert [r.text for r in read_captions(path).records] == ["a dog"]
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes("a dog runs\n".encode("utf-16") + b"\x00\xd8")      # a lone surrogate at the end
+    with pytest.raises(ValueError, match=r"broken\.txt: read as UTF-16-LE .* save it as UTF-8"):
+        read_captions(broken)

@@ -79,6 +79,12 @@ def test_a_misspelled_key_is_named_with_the_nearest_known_one(offline, dotted, t
     ("modality_gap.models", ["no-such-instance"], "`modality_gap.models` names 'no-such-instance'"),
     ("methods.syntic.method", "sintic", "`methods.syntic.method` must name a method module"),
     ("corpus.format", "csv", "`corpus.format` must be one of"),
+    ("methods.syntic.train.decoder.dropout", 1.5, "`methods.syntic.train.decoder.dropout` must lie in [0, 1)"),
+    ("methods.pcmnet.train.attention_dropout", -0.1, "`methods.pcmnet.train.attention_dropout` must lie in [0, 1)"),
+    ("methods.syntic.train.optim.betas", [1.5, 0.999], "`methods.syntic.train.optim.betas` must both lie in [0, 1)"),
+    ("generate.guidance_scale", -3, "`generate.guidance_scale` must be >= 0, got -3"),
+    ("methods.syntic.train.decoder.heads", 3, "`methods.syntic.train.decoder`: `heads` (3) must divide `width` (128)"),
+    ("methods.pcmnet.train.heads", 3, "`methods.pcmnet.train`: `heads` (3) must divide `hidden` (128)"),
 ])
 def test_a_wrong_type_or_value_is_named(offline, dotted, value, expected):
     assert expected in error_of(edited(offline, dotted, value))
@@ -144,3 +150,22 @@ def test_a_stage_fails_before_any_work_naming_the_key(tmp_path, offline, dotted,
     assert out.returncode != 0 and f"`{key}`" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not (root / "artifacts").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "corpus: `corpus.path` (params.yaml) names {path}, which does not exist"),
+    ('[{"image_name": "a.jpg", "captions": [null], "split": "train"}]', "captions.json: item 0"),
+])
+def test_a_stage_names_bad_input_in_one_line_and_keeps_the_traceback_in_a_log(tmp_path, offline, content, expected):
+    root = tmp_path / "repo"
+    for item in ("pipeline", "stages"):
+        shutil.copytree(REPO / item, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / "captions.json"
+    if content is not None:
+        path.write_text(content)
+    params = edited(edited(offline, "corpus.path", str(path)), "corpus.format", "karpathy_list")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "stages.corpus"], cwd=root, capture_output=True, text=True)
+    assert out.returncode != 0 and expected.format(path=path) in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "artifacts/logs/corpus.traceback" in out.stderr
+    assert "Traceback" in (root / "artifacts/logs/corpus.traceback").read_text()

@@ -2,6 +2,7 @@
 declares for the stage (pipeline/config.py STAGE_PARAMS), and its code deps cover the import closure
 that the stage's fingerprint hashes (pipeline/data/provenance.py)."""
 import shlex
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def test_training_depends_on_no_eval_side_artifact(stages):
 def test_every_method_module_defines_the_contract():
     for name in methods.available():
         methods.get(name)
+
+
+def test_the_repository_ships_no_dvc_lock():
+    """dvc.lock names one machine's float bytes (README, "Share your features"): shipped, every other
+    machine's make demo would leave it modified. Each user's first run writes their own."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "dvc.lock"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert tracked.stdout.strip() == ""

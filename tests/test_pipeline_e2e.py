@@ -154,13 +154,19 @@ def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(fresh):
     shards = workdir / "artifacts" / "synthetic"
     proc = subprocess.Popen(dvc_cmd("repro", "generate"), cwd=workdir, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = shards / "_journal.jsonl"
+
+    def journaled() -> set[str]:  # a shard is kept only once its hash is journaled (just after its rename)
+        lines = journal.read_text().splitlines() if journal.exists() else []
+        return {json.loads(line)["file"] for line in lines if line.endswith("}")}
+
     deadline = time.time() + 180
-    while not list(shards.glob("part-*.parquet")) and time.time() < deadline and proc.poll() is None:
+    while not journaled() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (shards / "_manifest.json").exists(), "the kill must land before the stage finishes"
-    survivors = digests(shards)
+    survivors = {name: d for name, d in digests(shards).items() if name in journaled()}
     assert 1 <= len(survivors) < 6
 
     ran, out = repro(workdir, "generate")
@@ -249,6 +255,24 @@ def test_synthcap_caption_captions_a_photo_with_every_method_and_skips_a_corrupt
     lines = (tmp_path / "out.csv").read_text().splitlines()
     assert lines[0] == "image,method,caption,tags" and len(lines) == 2 and "good.jpg" in lines[1]
 
+    # one photo, one caption: the same photo beside another of another size captions (and tags) the same
+    other = sorted((shared_data / "flickr8k/images").glob("*.jpg"))[1]
+    out = synthcap(workdir, "caption", str(photo), str(other), "--method", "syntic", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    alone = next(r for r in rows if r["method"] == "syntic")
+    assert [r for r in map(json.loads, out.stdout.splitlines()) if r["image"] == str(photo)] == [alone]
+
+    # nothing captioned (a missing photo, an empty folder): exit 1, and an earlier --out is not left behind
+    (tmp_path / "empty").mkdir()
+    for missing in (str(tmp_path / "no-such.jpg"), str(tmp_path / "empty")):
+        out = synthcap(workdir, "caption", missing, "--method", "syntic", "--out", str(tmp_path / "out.csv"))
+        assert out.returncode == 1 and "no image was captioned" in out.stderr, out.stderr
+        assert not (tmp_path / "out.csv").exists()
+        (tmp_path / "out.csv").write_text("an earlier run's result\n")
+    # --out that cannot be written fails before any work, naming it
+    out = synthcap(workdir, "caption", str(photo), "--method", "syntic", "--out", str(tmp_path / "empty"))
+    assert out.returncode == 2 and f"--out {tmp_path / 'empty'} is a folder" in out.stderr, out.stderr
+
 
 def fresh_copy(workdir: Path, root: Path, remote: Path) -> Path:
     """A colleague's checkout: the code, dvc.yaml, dvc.lock and params.yaml, no artifact, no cache."""
@@ -283,6 +307,11 @@ def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(work
                    "--format", "jsonl")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["caption"] == captions[photo]         # the pulled model, the pulled features
+    # the fingerprint records travel with the artifacts: a stage rerun in the pulled checkout keeps its work
+    for stage, kept in ((["encode", "text"], "6 shards: 6 kept"), (["train", "syntic"], "(kept: ")):
+        out = subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=full, capture_output=True,
+                             text=True, env=env())
+        assert out.returncode == 0 and kept in out.stdout + out.stderr, out.stdout + out.stderr
 
     features = fresh_copy(workdir, tmp_path / "c", remote)
     stages = ["corpus", "encode_text", "encode_synthetic", f"encode_eval@{EVALSET}", f"evalset@{EVALSET}",

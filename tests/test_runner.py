@@ -257,7 +257,7 @@ def test_model_folder_is_kept_when_unchanged_and_retrained_when_a_byte_flips(art
     assert [row["step"] for row in report["curve"]] == list(range(1, 7))
     assert np.mean([row["loss"] for row in report["curve"]]) == pytest.approx(np.mean(report["epoch_loss"]), rel=0.2)
     assert json.loads((folder / runner.REPORT_FILE).read_text()) == report
-    recorded = json.loads((folder / runner.FINGERPRINTS_FILE).read_text())
+    recorded = json.loads(paths.fingerprint_record(folder).read_text())
     assert recorded["files"][runner.MODEL_FILE] == hashlib.sha256(model_file.read_bytes()).hexdigest()
     original, stamp = model_file.read_bytes(), model_file.stat().st_mtime_ns
 
@@ -343,6 +343,26 @@ def test_load_checkpoint_loads_tensors_only_and_rebuilds_the_same_model(tmp_path
         torch.testing.assert_close(back.decoder(back.prefix(batch), tokens), model.decoder(model.prefix(batch), tokens),
                                    rtol=0, atol=0)                              # the same logits
     assert back.generate(batch, beam_size=2) == model.generate(batch, beam_size=2)
+
+
+def test_a_checkpoint_with_damaged_tensor_bytes_is_refused_naming_the_file_and_its_rebuild(tmp_path):
+    train = parse_train()
+    model = syntic.create(train, facts_of(TEXTS)).eval()
+    header = {"method": "syntic", "train": cfg.as_dict(train), "facts": facts_of(TEXTS), "clip_model": CLIP}
+    path = tmp_path / "methods" / "mine" / "model" / runner.MODEL_FILE
+    path.parent.mkdir(parents=True)
+    runner.save_checkpoint(model, path, header)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    sealed = json.loads(raw[8:8 + n])["__metadata__"][runner.TENSORS_SHA256_KEY]
+    assert sealed == hashlib.sha256(raw[8 + n:]).hexdigest()                   # the checksum of the tensor bytes
+    runner.load_checkpoint(path)                                                # intact: loads
+    damaged = bytearray(raw)
+    middle = 8 + n + (len(raw) - 8 - n) // 2
+    damaged[middle:middle + 4096] = bytes(b ^ 0xFF for b in damaged[middle:middle + 4096])   # 4 KiB flipped
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"model\.safetensors is damaged: .*`dvc repro train@mine`"):
+        runner.load_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------

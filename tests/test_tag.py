@@ -79,3 +79,17 @@ def test_no_input_size_decodes_at_full_size():
     data = blob(photo(300, 200), "PNG")
     assert _decode_for_detector(data, "x", None).size == (300, 200)
     assert _decode_for_detector(data, "x", (200, 200)).size == (300, 200)        # factor 1: unchanged
+
+
+def test_a_photos_tags_do_not_depend_on_its_batch():
+    """tag.batch_size is speed-only (out of params and fingerprints): the same bytes must give the same tags
+    alone and in a batch with photos of other sizes (DETR pads a batch to its largest image)."""
+    from pipeline.models.detector import load_detector
+    detector = load_detector("synthcap-tiny-detr", seed=0)
+    sizes = [(64, 64), (120, 80), (70, 150), (96, 64), (64, 200)]
+    table = pa.table({"image_id": [f"p{i}" for i in range(len(sizes))],
+                      "image": [blob(photo(w, h, seed=i), "PNG") for i, (w, h) in enumerate(sizes)]})
+    one = tag_table(table, detector, "image_id", 0.0, 5, batch_size=1)
+    assert sum(len(labels) for labels in one.column("labels").to_pylist()) > 0     # something to compare
+    assert tag_table(table, detector, "image_id", 0.0, 5, batch_size=32).equals(one)
+    assert tag_table(table, detector, "image_id", 0.0, 5, batch_size=2).equals(one)

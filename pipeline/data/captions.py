@@ -27,7 +27,10 @@ Caption ids are unique within a file; a file that repeats one is rejected.
 
 Text files are decoded line by line as UTF-8: a line that is not valid UTF-8 is skipped and
 reported as ``"file:line"`` in :attr:`CaptionFile.undecodable`, never fatal and never mangled.
-JSON files must be valid UTF-8 JSON as a whole.
+A line ends at ``\n``, ``\r\n`` or a lone ``\r`` (old Mac files). A UTF-16 or UTF-32 file (told by
+its byte-order mark, or for UTF-16 without one by its NUL bytes) is decoded whole in that encoding,
+and refused naming the file if it is not valid in it. JSON files must be valid JSON as a whole, in
+UTF-8 or in UTF-16/32 with a byte-order mark.
 
 Cleaning (:func:`clean_captions`) normalises whitespace and drops empty captions and captions
 with no letter or digit (``"..."``, a lone zero-width space); the length cap and the
@@ -41,6 +44,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import re
@@ -255,16 +259,28 @@ def _load(path: Path, format: str) -> tuple[str, object]:
                 f"plain text (one caption a line); read it with format 'auto' or one of "
                 f"{', '.join(JSON_FORMATS)} (the pipeline setting is corpus.format)"
             )
-    lines = _decode_lines(raw)
+    lines = _decode_lines(raw, path)
     return (format if format != "auto" else _detect_text_format(lines)), lines
+
+
+def _json_text(raw: bytes) -> str:
+    """A JSON file's text: UTF-16/32 with a byte-order mark, else UTF-8 (a BOM tolerated)."""
+    for mark, codec in _BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            return raw[len(mark):].decode(codec)
+    return raw.decode("utf-8-sig")
 
 
 def _whole_json(raw: bytes) -> list | dict | None:
     """The parsed content if the whole file is one JSON list or object, else ``None``."""
-    if raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] not in (b"[", b"{"):
+    try:
+        text = _json_text(raw)
+    except UnicodeDecodeError:
+        return None
+    if not re.match(r"[\ufeff \t\r\n]*[\[{]", text):
         return None
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, (list, dict)) else None
@@ -272,7 +288,7 @@ def _whole_json(raw: bytes) -> list | dict | None:
 
 def _parse_json(raw: bytes, path: Path) -> object:
     try:
-        text = raw.decode("utf-8-sig")
+        text = _json_text(raw)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not valid UTF-8 ({err})") from err
     try:
@@ -294,14 +310,43 @@ def _detect_json_format(data: object, path: Path) -> str:
     raise ValueError(f"{path}: cannot tell the caption format of this JSON; pass format=")
 
 
-def _decode_lines(raw: bytes) -> _TextLines:
-    """Split into lines and decode each as UTF-8 on its own (CRLF and a leading BOM tolerated)."""
-    chunks = raw.split(b"\n")
+# UTF-32's little-endian mark begins with UTF-16's: look for it first
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                     (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _wide_encoding(raw: bytes) -> tuple[str, int] | None:
+    """(codec, length of its byte-order mark) of a UTF-16/32 file, None for anything else (UTF-8).
+    Without a mark, UTF-16 is told by its NUL bytes: text of mostly ASCII letters has a NUL in every
+    other byte, on the even bytes for big-endian and the odd ones for little-endian."""
+    for mark, codec in _BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            return codec, len(mark)
+    sample = raw[:4096]
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    if len(sample) >= 4 and max(even, odd) >= len(sample) // 4 and min(even, odd) <= max(even, odd) // 8:
+        return ("utf-16-be" if even > odd else "utf-16-le"), 0
+    return None
+
+
+def _decode_lines(raw: bytes, path: Path) -> _TextLines:
+    """Split into lines at every line ending (LF, CRLF, a lone CR) and decode each as UTF-8 on its own
+    (a leading BOM tolerated); a UTF-16/32 file is decoded whole, or refused naming ``path``."""
+    wide = _wide_encoding(raw)
+    if wide is not None:
+        codec, mark = wide
+        try:
+            text = raw[mark:].decode(codec)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: read as {codec.upper()} (its byte-order mark or NUL bytes say so), but it is "
+                             f"not valid {codec.upper()} ({err}); save it as UTF-8") from None
+        raw = text.encode("utf-8")
+    chunks = _LINE_END.split(raw)
     if chunks and chunks[-1] == b"":
         chunks.pop()  # the file's final newline ends a line, it does not start one
     decoded = _TextLines(lines=[], undecodable=[])
     for lineno, chunk in enumerate(chunks, start=1):
-        chunk = chunk.removesuffix(b"\r")
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError:
@@ -498,7 +543,7 @@ def _load_flickr8k_folder(folder: Path) -> _Flickr8kFolder:
     token_file = folder / FLICKR8K_TOKEN_FILE
     if not token_file.is_file():
         raise FileNotFoundError(f"{folder}: no {FLICKR8K_TOKEN_FILE} in this Flickr8k folder")
-    tokens = _decode_lines(token_file.read_bytes())
+    tokens = _decode_lines(token_file.read_bytes(), token_file)
     split_of: dict[str, str] = {}
     listed_by: dict[str, Path] = {}
     for name in FLICKR8K_SPLIT_FILES:

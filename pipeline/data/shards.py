@@ -8,19 +8,21 @@ uninterrupted run.
 
 What a shard holds depends only on its content: the manifest lists each shard's rows, sha256 and
 size (and the producer's metadata); the footer holds the producer's metadata. How it was made is
-recorded beside it, in ``_fingerprints.json``: each shard's *fingerprint* (a hash of everything that
-went into it: inputs, parameters, model identity and the code, ``provenance.code_version``) with the
+recorded beside it, in its fingerprint record (``paths.fingerprint_record``: for an artifact under
+artifacts/, ``artifacts/fingerprints/<artifact>.json``): each shard's *fingerprint* (a hash of everything
+that went into it: inputs, parameters, model identity and the code, ``provenance.code_version``) with the
 sha256 it produced. A shard is reused only if its fingerprint is the task's AND its bytes still have
-that sha256. ``_fingerprints.json`` is not part of the artifact (``.dvcignore``): a code change that
-changes no value rewrites every shard to the same bytes, so DVC sees an unchanged output and nothing
-downstream reruns. An artifact without it (e.g. fresh from ``dvc pull``) is redone if its stage runs.
+that sha256. The record is not part of the artifact: a code change that changes no value rewrites the
+record but not one shard, so DVC sees an unchanged artifact and nothing downstream reruns. It is a DVC
+output of the same stage, so it is pushed and pulled with the artifact: a pulled checkout keeps the
+pulled shards when the stage reruns. An artifact without a record is redone if its stage runs.
 ``ShardedArtifact.fingerprint`` is the artifact's content id (its shards' hashes): what a downstream
 stage's fingerprint takes from it.
 
 Integrity: readers check sizes on open and each shard's sha256 when they read it
 (``CorruptShardError`` names the file and the stage to rerun). While a run is in progress the records
 live in ``_journal.jsonl``: rewritten from the previous state at the start, one fsynced line appended
-per finished shard, removed once the manifest and ``_fingerprints.json`` are written.
+per finished shard, removed once the manifest and the fingerprint record are written.
 
 One writer per folder: ``write_sharded`` holds ``locks.exclusive_writer`` (an flock on
 ``<folder>/.lock``, removed at the end) for its whole run.
@@ -45,13 +47,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.locks import ArtifactLockedError, exclusive_writer, remove_stale_temp_files  # noqa: F401
+from pipeline.paths import fingerprint_record
 
 if TYPE_CHECKING:
     from pipeline.data.executors import ShardExecutor
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 MANIFEST = "_manifest.json"
-FINGERPRINTS = "_fingerprints.json"
+FINGERPRINTS = "_fingerprints.json"       # the fingerprint record's name inside a folder outside artifacts/
 JOURNAL = "_journal.jsonl"
 META_KEY = b"synthcap"
 
@@ -199,7 +202,7 @@ def _append_journal(journal: Path, record: dict) -> None:
 
 
 def _read_records(out_dir: Path) -> dict[str, dict]:
-    """{file: {sha256, size, fingerprint}} from the previous run's _fingerprints.json, overridden by
+    """{file: {sha256, size, fingerprint}} from the previous run's fingerprint record, overridden by
     the journal.
 
     The journal is always at least as recent (a run rewrites it before deleting the manifest, and
@@ -208,7 +211,7 @@ def _read_records(out_dir: Path) -> dict[str, dict]:
     """
     records: dict[str, dict] = {}
     try:
-        saved = json.loads((out_dir / FINGERPRINTS).read_text())
+        saved = json.loads(fingerprint_record(out_dir).read_text())
         for rec in saved.get("shards", []):
             records[rec["file"]] = {k: rec[k] for k in ("file", "sha256", "size", "fingerprint")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -289,7 +292,7 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
     stage; the shards written before it stay journaled, so a rerun keeps them.
 
     A shard is kept only if its recorded fingerprint is the task's AND its bytes match the sha256
-    recorded when it was written (_fingerprints.json or journal); otherwise it is redone. ``stage`` (the DVC
+    recorded when it was written (fingerprint record or journal); otherwise it is redone. ``stage`` (the DVC
     stage that writes ``out_dir``) goes into the manifest, so readers can say what to rerun.
     The folder is locked for the whole run (``exclusive_writer``): a second writer fails at once.
 
@@ -336,7 +339,9 @@ def write_sharded(out_dir: Path, num_rows: int, rows_per_shard: int, base_finger
                                for t in tasks]}
         made = {"fingerprint": base_fingerprint,
                 "shards": [{**records[t.path.name], "fingerprint": t.fingerprint} for t in tasks]}
-        _write_file_atomic(out_dir / FINGERPRINTS, json.dumps(made, indent=1, sort_keys=True).encode())
+        record = fingerprint_record(out_dir)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        _write_file_atomic(record, json.dumps(made, indent=1, sort_keys=True).encode())
         _write_file_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         (out_dir / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(out_dir)

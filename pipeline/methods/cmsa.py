@@ -112,7 +112,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import ModelRef, at_least, non_negative, opt
+from pipeline.config import ModelRef, at_least, divides, dropout_rate, non_negative, opt
 from pipeline.methods import Data, Needs, Phase, Step
 from pipeline.models import weights_sha256
 from pipeline.nn import decoding, schedules
@@ -518,7 +518,7 @@ class Discriminator:
     width: int = opt(128, "the small classifier's width", check=at_least(1))
     layers: int = opt(2, "the small classifier's encoder layers", check=at_least(1))
     heads: int = opt(4, "the small classifier's attention heads", check=at_least(1))
-    dropout: float = opt(0.1, "the small classifier's dropout", check=non_negative)
+    dropout: float = opt(0.1, "the small classifier's dropout", check=dropout_rate)
     max_len: int = opt(64, "longest caption in the pretrained classifier's own tokens", check=at_least(2))
     optim: Optim = opt(Optim(name="adam", lr=1e-4, grad_clip=1.0),
                        "its optimiser (the discriminator phase's, and its own one in the rl phase)")

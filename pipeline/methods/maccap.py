@@ -79,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import ModelRef, at_least, non_negative, opt
+from pipeline.config import ModelRef, at_least, divides, dropout_rate, non_negative, opt
 from pipeline.methods import Data, Needs, Step
 from pipeline.models.language_model import CausalLM, corpus_vocabulary, load_causal_lm, tokenizer_of
 from pipeline.nn import decoding
@@ -139,6 +139,9 @@ class Adaptor(nn.Module):
                  layers: int = 1, ffn_dim: int = 2048, dropout: float = 0.1, mlp_layers: int = 3):
         super().__init__()
         width = feature_dim if width is None else width
+        if width % heads:
+            raise ValueError(f"methods.*.train.heads ({heads}) must divide the adaptor width ({width}; width null "
+                             f"is the CLIP dimension)")
         self.width = width
         self.queries = nn.Embedding(queries, width)                 # Q (released: nn.Embedding, N(0, 1) init)
         self.layers = nn.ModuleList(AdaptorLayer(width, heads, ffn_dim, dropout, feature_dim) for _ in range(layers))
@@ -313,7 +316,7 @@ class Train:
     heads: int = opt(8, "attention heads of the adaptor decoder", check=at_least(1))
     layers: int = opt(1, "adaptor decoder layers", check=at_least(1))
     ffn_dim: int = opt(2048, "adaptor FFN width (released: DETR's 2048)", check=at_least(1))
-    dropout: float = opt(0.1, "adaptor dropout (released: 0.1)", check=non_negative)
+    dropout: float = opt(0.1, "adaptor dropout (released: 0.1)", check=dropout_rate)
     mlp_layers: int = opt(3, "Eq. 8 MLP: linear layers, ReLU between (released: 3)", check=at_least(1))
     language_model: ModelRef = opt(ModelRef(name="facebook/opt-1.3b", pretrained="facebook/opt-1.3b"),
                                    "the causal LM (name, pretrained, seed)")
@@ -327,6 +330,9 @@ class Train:
     optim: Optim = opt(Optim(name="adamw", lr=4e-4, weight_decay=0.01, schedule="linear", warmup_steps=200,
                              grad_clip=1.0))
     seed: int = opt(0, "seed of the adaptor's weights, the data order and the training noise")
+
+    def __post_init__(self):
+        divides("heads", "width")(self)    # width null (= the CLIP dim D) is checked when the model is built
 
 
 @dataclass(frozen=True, kw_only=True)

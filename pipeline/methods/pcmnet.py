@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import at_least, non_negative, opt, positive
+from pipeline.config import at_least, divides, dropout_rate, non_negative, opt, positive
 from pipeline.methods import Data, Needs, Step
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
@@ -389,10 +389,10 @@ class Train:
     ffn_dim: int = opt(2048, "feed-forward width (not given: the base Transformer's)", check=at_least(1))
     encoder_layers: int = opt(3, "N_e", check=at_least(1))
     decoder_layers: int = opt(3, "N_d", check=at_least(1))
-    dropout: float = opt(0.2, "dropout of hidden states and feed-forward (released)", check=non_negative)
-    attention_dropout: float = opt(0.3, "dropout of attention weights (released)", check=non_negative)
-    embedding_dropout: float = opt(0.5, "dropout of the visual-semantic embeddings (released)", check=non_negative)
-    predictor_dropout: float = opt(0.5, "dropout before the output layer (released)", check=non_negative)
+    dropout: float = opt(0.2, "dropout of hidden states and feed-forward (released)", check=dropout_rate)
+    attention_dropout: float = opt(0.3, "dropout of attention weights (released)", check=dropout_rate)
+    embedding_dropout: float = opt(0.5, "dropout of the visual-semantic embeddings (released)", check=dropout_rate)
+    predictor_dropout: float = opt(0.5, "dropout before the output layer (released)", check=dropout_rate)
     embedding_relu: bool = opt(True, "ReLU before the embedding LayerNorm (released)")
     w_g_layernorm: bool = opt(True, "W_g (Eq. 6) as Linear with bias + LayerNorm (released)")
     vocabulary: Literal["full", "corpus", "words"] = opt("words", "decoder output: all of CLIP's BPE | the corpus's "
@@ -406,6 +406,9 @@ class Train:
                              grad_clip_value=0.1), "Adam with the Noam schedule (lr is Noam's factor); released "
                                                "betas, eps and gradient value clipping")
     seed: int = opt(0, "seed of the weights, the data order, dropout and noise")
+
+    def __post_init__(self):
+        divides("heads", "hidden")(self)
 
 
 @dataclass(frozen=True, kw_only=True)

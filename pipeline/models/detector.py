@@ -53,22 +53,25 @@ class Detector:
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image], threshold: float) -> list[Detection]:
-        images = [im.convert("RGB") for im in images]
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        """Per image: its labels, scores and boxes. One forward pass per image: in a batch, DETR's
+        processor pads every image to the largest, and the padding reaches the others' features through
+        the backbone's convolutions despite ``pixel_mask``; alone, a photo's tags depend on its bytes
+        only, so ``tag.batch_size`` changes speed, never tags (the README's promise)."""
+        return [self._detect_one(image.convert("RGB"), threshold) for image in images]
+
+    def _detect_one(self, image: Image.Image, threshold: float) -> Detection:
+        inputs = self.processor(images=[image], return_tensors="pt").to(self.device)
         outputs = self.model(**inputs)
-        sizes = torch.tensor([[im.height, im.width] for im in images])
-        results = self.processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
+        height, width = image.height, image.width
+        r = self.processor.post_process_object_detection(outputs, threshold=threshold,
+                                                         target_sizes=torch.tensor([[height, width]]))[0]
         id2label = self.model.config.id2label
-        detections = []
-        for r, (height, width) in zip(results, sizes.tolist()):
-            keep = [i for i, lab in enumerate(r["labels"].tolist()) if id2label[lab] != "N/A"]
-            # DETR's boxes (centre +- half size) can overhang the image: clip them to it
-            boxes = torch.minimum(r["boxes"].clamp(min=0), torch.tensor([width, height, width, height]))
-            detections.append(Detection(
-                labels=[id2label[r["labels"][i].item()] for i in keep],
-                scores=[float(r["scores"][i]) for i in keep],
-                boxes=[[float(v) for v in boxes[i]] for i in keep]))
-        return detections
+        keep = [i for i, lab in enumerate(r["labels"].tolist()) if id2label[lab] != "N/A"]
+        # DETR's boxes (centre +- half size) can overhang the image: clip them to it
+        boxes = torch.minimum(r["boxes"].clamp(min=0), torch.tensor([width, height, width, height]))
+        return Detection(labels=[id2label[r["labels"][i].item()] for i in keep],
+                         scores=[float(r["scores"][i]) for i in keep],
+                         boxes=[[float(v) for v in boxes[i]] for i in keep])
 
 
 WORLD_DETECTOR_TYPE = "synthcap-world-detector"

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import at_least, opt
+from pipeline.config import at_least, divides, dropout_rate, opt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,7 +36,10 @@ class Decoder:
     layers: int = opt(4, "Transformer layers (Eq. 6: 4)", check=at_least(1))
     heads: int = opt(4, "attention heads (Eq. 6: 4)", check=at_least(1))
     max_len: int = opt(40, "caption tokens incl. start and end (CLIP BPE)", check=at_least(2))
-    dropout: float = opt(0.1, "dropout")
+    dropout: float = opt(0.1, "dropout", check=dropout_rate)
+
+    def __post_init__(self):
+        divides("heads", "width")(self)
 
 
 @dataclass
@@ -53,7 +56,8 @@ class DecoderConfig:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        assert cfg.width % cfg.heads == 0
+        if cfg.width % cfg.heads:
+            raise ValueError(f"decoder heads ({cfg.heads}) must divide its width ({cfg.width})")
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)

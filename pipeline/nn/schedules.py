@@ -20,13 +20,17 @@ import torch
 from pipeline.config import at_least, non_negative, opt, positive
 
 
+def adam_betas(betas) -> str | None:
+    return None if all(0.0 <= b < 1.0 for b in betas) else "must both lie in [0, 1)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Optim:
     name: Literal["adam", "adamw"] = opt("adamw", "adam (L2 weight decay, all parameters) | adamw (decoupled "
                                                   "decay on >= 2-D weights only, as nanoGPT)")
     lr: float = opt(1e-4, "peak learning rate (noam: the factor)", check=positive)
     weight_decay: float = opt(0.0, "weight decay", check=non_negative)
-    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas")
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas", check=adam_betas)
     eps: float = opt(1e-8, "Adam epsilon", check=positive)
     schedule: Literal["constant", "linear", "noam"] = opt("constant", "constant | linear | noam (see "
                                                                       "pipeline/nn/schedules.py)")

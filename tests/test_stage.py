@@ -1,0 +1,56 @@
+"""What every stage does first (pipeline/stage.py): one process per stage instance."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import paths, stage
+
+REPO = paths.REPO
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from pipeline import paths, stage
+paths.ARTIFACTS = Path(sys.argv[1])
+stage.start("train", "syntic")
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_stage_instance_started_twice_stops_at_once_naming_the_first(tmp_path, monkeypatch):
+    """`python -m stages.train syntic` while `dvc repro train@syntic` runs must not train into the same folder."""
+    monkeypatch.setattr(paths, "ARTIFACTS", tmp_path)
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "started"
+        began = time.time()
+        with pytest.raises(SystemExit, match=rf"train@syntic: another process is running this stage\. .*pid {first.pid}"):
+            stage.start("train", "syntic")
+        assert time.time() - began < 5
+        stage.start("train", "pcmnet")                    # another instance of the stage runs beside it
+    finally:
+        first.kill()
+        first.wait()
+    stage.start("train", "syntic")                        # the kernel dropped the dead holder's lock
+
+
+def test_status_names_a_damaged_metrics_file_and_goes_on(artifacts_root, capsys):
+    from pipeline import cli
+    from pipeline import config as cfg
+    config = cfg.load()
+    first, second = list(config.methods)[:2]
+    evalset = next(iter(config.evalsets))
+    for name in (first, second):
+        paths.model(name).mkdir(parents=True)
+        (paths.model(name) / "train_report.json").write_text(
+            '{"clip_model": {"name": "c", "pretrained": null, "seed": 0}, "summary": "fine"}')
+        paths.metrics(name, evalset).parent.mkdir(parents=True)
+    paths.metrics(first, evalset).write_text('{"BLEU-4": 0.')                     # torn
+    paths.metrics(second, evalset).write_text('{"BLEU-4": 0.25, "images_evaluated": 3}')
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"{paths.metrics(first, evalset)} cannot be read" in out and f"`dvc repro -f evaluate@{first}-{evalset}`" in out
+    assert "BLEU-4 0.250" in out                                                    # the next instance still shown
