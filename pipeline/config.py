@@ -339,6 +339,8 @@ class WorldClip:
     batch_size: int = opt(64, "pairs per InfoNCE batch", check=at_least(2))
     lr: float = opt(3e-3, "AdamW peak learning rate (warm-up, cosine decay)", check=positive)
     heldout: int = opt(1000, "held-out pairs of the zero-shot retrieval report", check=at_least(10))
+    shape_twins: bool = opt(False, "half the pairs are the other half's shape twins, each in its original's batch "
+                                  "(hard negatives that colour cannot tell apart; pipeline/world/clip_training.py)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ def main(name: str) -> None:
     c = world.clip
     report = train_world_clip(config.models.clip.name, paths.world(name) / "clip", seed=world.seed, pairs=c.pairs,
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, heldout=c.heldout,
-                              image_size=world.image_size)
+                              shape_twins=c.shape_twins, image_size=world.image_size)
     write_json(paths.world_metrics(name, "clip"), report)
     say(f"world_clip@{name}: {report}")
 

@@ -167,3 +167,16 @@ def test_a_world_eval_set_keeps_each_images_scene(tmp_path):
                                   {"split": "train", "image_name": "b", "captions": ["y", "z"]}]))
     assert write_frequent_caption(tmp_path / "f.json", corpus, tmp_path / "references.json")["caption"] == "y"
     assert {r["prediction"] for r in json.loads((tmp_path / "f.json").read_text())} == {"y"}
+
+
+def test_a_shape_twin_differs_from_its_scene_in_shapes_only_and_keeps_pairs_pairs():
+    from pipeline.world.scenes import shape_twin
+    rng = world_rng(0, "twin-test")
+    for _ in range(200):
+        scene = sample_scene(rng)
+        twin = shape_twin(scene, rng)
+        assert twin.background == scene.background and len(twin.objects) == len(scene.objects)
+        for a, b in zip(scene.objects, twin.objects):
+            assert b.shape != a.shape and (a.colour, a.size, a.x, a.y) == (b.colour, b.size, b.x, b.y)
+        mapping = {(a.shape, b.shape) for a, b in zip(scene.objects, twin.objects)}
+        assert len({a for a, _ in mapping}) == len(mapping)            # one shape, one replacement

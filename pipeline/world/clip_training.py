@@ -7,7 +7,10 @@ No pretrained CLIP can be downloaded here, so the world trains its own stand-in,
 
 - Data: ``pairs`` scenes from ``world_rng(seed, "clip")`` (``sample_scene``), each rendered once in the
   photo style and passed through the model's own open_clip ``preprocess`` (the function the encode
-  stages apply to PIL images), cached as tensors. Every epoch gives each scene a fresh caption
+  stages apply to PIL images), cached as tensors. With ``shape_twins``, half of them are the other
+  half's shape twins (``scenes.shape_twin``: the same picture with other shapes), and each pair of twins
+  shares a batch: hard negatives (as NegCLIP's) that colour alone cannot tell apart, without which a
+  small CLIP learns colours and barely shapes. Every epoch gives each scene a fresh caption
   (``describe``) from the stream ``world_rng(seed, "clip-captions")``: the grammar's phrasings, synonyms
   and group orders vary, so the text tower sees one scene phrased many ways.
 - Training: the symmetric InfoNCE loss with the model's learnable ``logit_scale`` (clamped to ln 100 as
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 from pipeline.models.clip import encode_tokens, load_clip   # (also registers pipeline/models/configs with open_clip)
 from pipeline.world.grammar import describe
 from pipeline.world.render import render
-from pipeline.world.scenes import Scene, sample_scene, world_rng
+from pipeline.world.scenes import Scene, sample_scene, shape_twin, world_rng
 
 KS = (1, 5, 10)
 LOG_SCALE_MAX = math.log(100.0)
@@ -184,7 +187,8 @@ def check_loaded(name: str, path: Path, model, pixels: torch.Tensor, captions: S
 def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: int = 10000, epochs: int = 14,
                      batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.1,
                      warmup: float = 0.05, heldout: int = 1000, image_size: int = 64, threads: int = 2,
-                     eval_each_epoch: bool = True, check_pairs: int = 256, progress: bool = True) -> dict:
+                     shape_twins: bool = False, eval_each_epoch: bool = True, check_pairs: int = 256,
+                     progress: bool = True) -> dict:
     """Train the open_clip model ``name`` (built from its config, weights from ``seed``) on the world's
     web pairs and save it to ``out_dir/model.safetensors`` (module docstring).
 
@@ -194,7 +198,8 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
       ``warmup``: the share of all steps spent warming the learning rate up linearly.
     - ``heldout``: evaluation pairs (retrieval ranks each among all of them); ``image_size``: the render
       size, which must be the model's image size; ``threads``: torch threads and render processes
-      (the result is deterministic for a given seed and thread count); ``eval_each_epoch``: retrieval
+      (the result is deterministic for a given seed and thread count); ``shape_twins``: half the
+      pairs are the other half's shape twins, each twin in its original's batch (module docstring); ``eval_each_epoch``: retrieval
       after each epoch into ``history`` (cheap next to an epoch); ``check_pairs``: held-out pairs used
       to check the saved file against the in-memory model.
 
@@ -220,8 +225,16 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
                              f"set image_size in the model config to the render size")
         tokenizer = open_clip.get_tokenizer(name)
 
+        if shape_twins and batch_size % 2:
+            raise ValueError(f"shape_twins pairs each scene with its twin in one batch: batch_size must be even, "
+                             f"got {batch_size}")
         rng = world_rng(seed, "clip")
-        scenes = [sample_scene(rng) for _ in range(pairs)]
+        if shape_twins:          # [a, twin of a, b, twin of b, ...]
+            twin_rng = world_rng(seed, "clip-twins")
+            scenes = [s for a in (sample_scene(rng) for _ in range(pairs // 2)) for s in (a, shape_twin(a, twin_rng))]
+            pairs = len(scenes)
+        else:
+            scenes = [sample_scene(rng) for _ in range(pairs)]
         test_scenes, test_captions = heldout_pairs(seed, heldout)
         images = render_photos(scenes + test_scenes, image_size, workers=threads)
         pixels = preprocess_all(images[:pairs], preprocess)
@@ -244,7 +257,11 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
         step = 0
         for epoch in range(epochs):
             tokens = tokenizer([describe(s, caption_rng) for s in scenes])
-            order = torch.from_numpy(order_rng.permutation(pairs))
+            if shape_twins:      # twins stay side by side, so each shares its original's batch
+                first = 2 * order_rng.permutation(pairs // 2)
+                order = torch.from_numpy(np.stack([first, first + 1], 1).reshape(-1))
+            else:
+                order = torch.from_numpy(order_rng.permutation(pairs))
             epoch_losses = []
             for b in range(steps_per_epoch):
                 rows = order[b * batch_size:(b + 1) * batch_size]
@@ -280,6 +297,7 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
             "model": name, "file": path.name, "seed": seed, "pairs": pairs, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
             "steps": total, "heldout": heldout, "image_size": image_size, "threads": threads,
+            "shape_twins": shape_twins,
             **{k: final[k] for k in final if k[:3] in ("i2t", "t2i")},
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-steps_per_epoch:])),
             "logit_scale": float(model.logit_scale.detach().exp()),

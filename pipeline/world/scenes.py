@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -114,3 +114,14 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 3, duplicate_rate:
         x, y = cell_centre(int(cell), rng)
         objects.append(WorldObject(shape, colour, str(rng.choice(SIZES)), x, y))
     return Scene(tuple(objects), background=int(rng.integers(1 << 31)))
+
+
+def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """``scene`` with every shape replaced by another (one shape always by the same one, so a pair of
+    red circles stays a pair); colours, sizes, positions and background stay: the two differ in shape only."""
+    new = {}
+    for o in scene.objects:
+        if o.shape not in new:
+            new[o.shape] = str(rng.choice([s for s in SHAPES if s != o.shape]))
+    return Scene(tuple(replace(o, shape=new[o.shape]) for o in scene.objects), background=scene.background)
+
