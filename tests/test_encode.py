@@ -115,3 +115,36 @@ def test_truncated_text_encoder_equals_encode_text_for_vit_b_32_architecture():
     with torch.no_grad():
         expected = l2_normalize_torch(big.model.encode_text(big.tokenizer(TEXTS[:4]))).numpy()
     np.testing.assert_allclose(big.encode_texts(TEXTS[:4]), expected, atol=1e-5)
+
+
+def test_a_resnet_clip_encodes_every_column_from_its_attention_pool():
+    """A ResNet CLIP (RN50x4 in the CapDec profile) has no transformer tower: its columns come from the
+    attention pool, checked against torch's own multi-head attention over the pool's tokens."""
+    import torch.nn.functional as F
+    from pipeline.extract.encode import patch_grid
+    from pipeline.models.clip import IMAGE_COLUMNS, load_clip
+    clip = load_clip("synthcap-tiny-rn", seed=0)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = clip.encode_pixels(pixels, IMAGE_COLUMNS)
+    assert patch_grid(clip) == {"num_patches": 4, "dim": 64, "num_tokens": 5}
+    visual, pool = clip.model.visual, clip.model.visual.attnpool
+    with torch.no_grad():
+        np.testing.assert_allclose(out["global"], F.normalize(visual(pixels), dim=-1).numpy(), atol=1e-6)
+        captured = {}
+        hook = pool.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
+        visual(pixels)
+        hook.remove()
+        x = captured["x"].flatten(2).permute(2, 0, 1)                                   # (HW)NC, as the pool
+        x = torch.cat([x.mean(0, keepdim=True), x]) + pool.positional_embedding[:, None, :]
+        pooled, weights = F.multi_head_attention_forward(
+            x, x, x, x.shape[-1], pool.num_heads, None,
+            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            average_attn_weights=True)
+    np.testing.assert_allclose(out["attention"], weights.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["cls_attention"], weights[:, 0, 1:].numpy(), atol=1e-5)
+    values = pool.c_proj(pool.v_proj(x.permute(1, 0, 2))).detach()          # each cell's value, projected
+    assert out["patches"].shape == (3, 4, 64)
+    np.testing.assert_allclose(out["patches"], values[:, 1:].numpy(), atol=1e-6)
+    np.testing.assert_allclose(F.normalize(pooled[0], dim=-1).numpy(), out["global"], atol=1e-5)

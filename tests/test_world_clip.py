@@ -48,6 +48,8 @@ def test_a_tiny_run_saves_a_file_load_clip_reads_with_the_same_features(tiny_run
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert 0.0 <= report[key] <= 1.0
     assert len(report["history"]) == 1
+    probe = report["zero_shot_single_object"]
+    assert probe["chance"] == 1 / 7 and all(0.0 <= probe[k] <= 1.0 for k in ("shape_accuracy", "colour_accuracy"))
 
     # and again from outside: the file in a fresh open_clip model vs the pipeline's loader
     model, _, preprocess = open_clip.create_model_and_transforms(NAME, pretrained=None)

@@ -120,7 +120,11 @@ def patch_grid(clip: ClipEncoder, columns: Sequence[str] = IMAGE_COLUMNS) -> dic
     """Shape facts written beside the image features so readers can unflatten them: N_p and D, and
     ``num_tokens`` = N_p + 1 (CLS first) when the ``attention`` map is among ``columns``."""
     visual = clip.model.visual
-    grid = visual.grid_size if hasattr(visual, "grid_size") else None
+    if hasattr(visual, "attnpool"):          # a ResNet CLIP: the attention pool's grid (image size / 32)
+        side = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+        grid = (side // 32, side // 32)
+    else:
+        grid = visual.grid_size if hasattr(visual, "grid_size") else None
     num_patches = int(grid[0] * grid[1]) if grid else None
     facts = {"num_patches": num_patches, "dim": clip.dim}
     if "attention" in columns and num_patches:

@@ -11,7 +11,8 @@ Per image (MacCap Eq. 10-13 and PCM-Net Eq. 2 need more than the global feature)
   over heads ((N_p + 1) x (N_p + 1); row i is token i's attention, each row sums to 1). Its row 0
   holds ``cls_attention`` (columns 1..N_p) and the CLS token's attention to itself (column 0).
 Both attention columns come from one extra pass of the last block's attention over its captured
-input; when neither is asked for, that pass is skipped.
+input; when neither is asked for, that pass is skipped. A ResNet CLIP has no transformer tower: its
+columns come from its attention pool (``_resnet_columns``: the grid cells are the patches).
 Per text: the projected EOT feature, L2-normalised (``encode_texts``: batches of similar length, each
 run up to its longest text).
 """
@@ -55,6 +56,8 @@ class ClipEncoder:
         if unknown:
             raise ValueError(f"unknown image feature column(s) {unknown} (known: {', '.join(IMAGE_COLUMNS)})")
         visual = self.model.visual
+        if hasattr(visual, "attnpool"):          # a ResNet CLIP (RN50, RN50x4, ...): no transformer tower
+            return _resnet_columns(visual, pixels.to(self.device, self._dtype), columns)
         last_block = visual.transformer.resblocks[-1]
         want_attention = "cls_attention" in columns or "attention" in columns
         captured: dict[str, torch.Tensor] = {}
@@ -103,6 +106,39 @@ class ClipEncoder:
     @property
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def _resnet_columns(visual: torch.nn.Module, pixels: torch.Tensor, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """The image columns of a ResNet CLIP, from its attention pool (``visual.attnpool``, whose query is the
+    mean of the last grid, prepended as token 0): ``global`` is the pool's output; the grid cells are the
+    patches, each its value through the pool's output projection (``c_proj(v_proj(token))``, what the pool
+    mixes into ``global``); ``attention`` is the pool's attention over the mean token and the cells, heads
+    averaged, and ``cls_attention`` the mean token's row over the cells."""
+    captured: dict[str, torch.Tensor] = {}
+    hook = visual.attnpool.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
+    try:
+        pooled = visual(pixels)
+    finally:
+        hook.remove()
+    pool, grid = visual.attnpool, captured["x"]
+    tokens = grid.flatten(2).permute(0, 2, 1)                                    # [B, N, C]
+    tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + pool.positional_embedding.to(tokens.dtype)
+    out: dict[str, np.ndarray] = {}
+    if "global" in columns:
+        out["global"] = l2_normalize_torch(pooled).float().cpu().numpy()
+    if "patches" in columns:
+        out["patches"] = pool.c_proj(pool.v_proj(tokens[:, 1:])).float().cpu().numpy()
+    if "cls_attention" in columns or "attention" in columns:
+        b, n, c = tokens.shape
+        heads = pool.num_heads
+        q = pool.q_proj(tokens).view(b, n, heads, c // heads).transpose(1, 2)
+        k = pool.k_proj(tokens).view(b, n, heads, c // heads).transpose(1, 2)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / (c // heads) ** 0.5, dim=-1).mean(dim=1)
+        if "cls_attention" in columns:
+            out["cls_attention"] = attention[:, 0, 1:].float().cpu().numpy()
+        if "attention" in columns:
+            out["attention"] = attention.float().cpu().numpy()
+    return {c: out[c] for c in columns}
 
 
 def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from pipeline.models.clip import encode_tokens, load_clip   # (also registers pipeline/models/configs with open_clip)
 from pipeline.world.grammar import describe
 from pipeline.world.render import render
-from pipeline.world.scenes import Scene, sample_scene, shape_twin, world_rng
+from pipeline.world.scenes import COLOURS, SHAPES, Scene, sample_scene, shape_twin, world_rng
 
 KS = (1, 5, 10)
 LOG_SCALE_MAX = math.log(100.0)
@@ -122,6 +122,31 @@ def evaluate(model, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, flo
     """Zero-shot retrieval of the held-out pairs (:func:`retrieval_recall`)."""
     images, texts = encode(model, pixels, tokens)
     return retrieval_recall(images @ texts.T)
+
+
+@torch.no_grad()
+def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size: int = 64) -> dict[str, float]:
+    """Zero-shot shape and colour of ``n`` single-object photos (scenes of ``world_rng(seed, "clip-probe")``):
+    the image against "a picture of a {colour} {shape}" for the 7 shapes at its true colour, and for the
+    7 colours at its true shape. Retrieval recall can be high on colours alone; this says whether the
+    model sees shapes at all (chance: 1/7)."""
+    rng = world_rng(seed, "clip-probe")
+    scenes: list[Scene] = []
+    while len(scenes) < n:
+        scene = sample_scene(rng)
+        if len(scene.objects) == 1:
+            scenes.append(scene)
+    model.eval()
+    images = model.encode_image(preprocess_all([render(s, "photo", size) for s in scenes], preprocess), normalize=True)
+    shape_names = list(SHAPES)
+    shapes = colours = 0
+    for scene, image in zip(scenes, images):
+        o = scene.objects[0]
+        texts = F.normalize(encode_text_trimmed(model, tokenizer([f"a picture of a {o.colour} {w}" for w in shape_names])), dim=-1)
+        shapes += shape_names[int((texts @ image).argmax())] == o.shape
+        texts = F.normalize(encode_text_trimmed(model, tokenizer([f"a picture of a {c} {o.shape}" for c in COLOURS])), dim=-1)
+        colours += COLOURS[int((texts @ image).argmax())] == o.colour
+    return {"shape_accuracy": shapes / n, "colour_accuracy": colours / n, "chance": 1 / len(shape_names)}
 
 
 def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -292,6 +317,7 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
         path = out_dir / "model.safetensors"
         save_weights(model, path)
         check = check_loaded(name, path, model, test_pixels[:check_pairs], test_captions[:check_pairs])
+        probe = attribute_probe(model, preprocess, tokenizer, seed, size=image_size)
         final = history[-1]
         return {
             "model": name, "file": path.name, "seed": seed, "pairs": pairs, "epochs": epochs,
@@ -302,7 +328,7 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-steps_per_epoch:])),
             "logit_scale": float(model.logit_scale.detach().exp()),
             "heldout_duplicate_captions": heldout - len(set(test_captions)),
-            "history": history, "check": check,
+            "history": history, "check": check, "zero_shot_single_object": probe,
             "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
             "seconds": round(time.perf_counter() - start, 1),
         }
