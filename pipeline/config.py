@@ -333,14 +333,16 @@ class WorldEval:
 
 @dataclass(frozen=True, kw_only=True)
 class WorldClip:
-    """The world's CLIP (architecture `models.clip.name`), trained contrastively on photo-style web pairs."""
+    """The world's CLIP (architecture `models.clip.name`), trained contrastively on web pairs."""
     pairs: int = opt(12000, "web pairs (scenes apart from the corpus's and the eval set's)", check=at_least(1))
-    epochs: int = opt(12, "passes over the pairs, each with fresh captions", check=at_least(1))
+    epochs: int = opt(6, "passes over the pairs, each with fresh captions", check=at_least(1))
     batch_size: int = opt(64, "pairs per InfoNCE batch", check=at_least(2))
-    lr: float = opt(3e-3, "AdamW peak learning rate (warm-up, cosine decay)", check=positive)
+    lr: float = opt(1e-3, "AdamW peak learning rate (warm-up, cosine decay)", check=positive)
     heldout: int = opt(1000, "held-out pairs of the zero-shot retrieval report", check=at_least(10))
     shape_twins: bool = opt(False, "half the pairs are the other half's shape twins, each in its original's batch "
                                   "(hard negatives that colour cannot tell apart; pipeline/world/clip_training.py)")
+    synthetic_share: float = opt(0.25, "share of the web pairs rendered in the synthetic style (web data holds "
+                                      "renders beside photos; pipeline/world/clip_training.py)", check=in_unit_interval)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.models.clip import load_clip
+from pipeline.world.render import render
 from pipeline.world.clip_training import (contrastive_loss, encode, encode_text_trimmed,
-                                          heldout_pairs, optimizer_for, preprocess_all, render_photos,
+                                          heldout_pairs, optimizer_for, preprocess_all, render_scenes,
                                           retrieval_recall, train_world_clip)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,8 +58,8 @@ def test_a_tiny_run_saves_a_file_load_clip_reads_with_the_same_features(tiny_run
     model.eval()
     clip = load_clip(NAME, pretrained=str(path))
     scenes, captions = heldout_pairs(0, 8)
-    pixels = preprocess_all(render_photos(scenes, 64), clip.preprocess)
-    assert torch.equal(pixels, preprocess_all(render_photos(scenes, 64), preprocess))
+    pixels = preprocess_all(render_scenes(scenes, 64), clip.preprocess)
+    assert torch.equal(pixels, preprocess_all(render_scenes(scenes, 64), preprocess))
     images, texts = encode(model, pixels, open_clip.get_tokenizer(NAME)(captions))
     np.testing.assert_allclose(clip.encode_pixels(pixels, ["global"])["global"], images.numpy(), atol=1e-5)
     np.testing.assert_allclose(clip.encode_texts(captions), texts.numpy(), atol=1e-5)
@@ -84,7 +85,7 @@ def test_the_loss_goes_down_on_a_fixed_batch():
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(NAME, pretrained=None)
     scenes, captions = heldout_pairs(3, 16)
-    pixels = preprocess_all(render_photos(scenes, 64), preprocess)
+    pixels = preprocess_all(render_scenes(scenes, 64), preprocess)
     tokens = open_clip.get_tokenizer(NAME)(captions)
     optimizer = optimizer_for(model, lr=1e-3, weight_decay=0.1)
     model.train()
@@ -130,3 +131,27 @@ def test_retrieval_recall_is_the_brute_force_count_with_ties_counted_against(see
     assert retrieval_recall(torch.eye(4).flip(0))["t2i_r1"] == 0.0
     with pytest.raises(ValueError):
         retrieval_recall(np.zeros((3, 4)))
+
+
+def test_a_synthetic_share_renders_that_share_of_the_web_pairs_in_the_synthetic_style(tmp_path, monkeypatch):
+    from pipeline.world import clip_training
+    seen = {}
+    real = clip_training.render_scenes
+
+    def spy(scenes, size, workers=1, styles=None):
+        seen["styles"] = list(styles)
+        return real(scenes, size, workers, styles)
+
+    monkeypatch.setattr(clip_training, "render_scenes", spy)
+    report = train_world_clip(NAME, tmp_path, **{**TINY, "pairs": 96, "synthetic_share": 0.5})
+    train, heldout = seen["styles"][:96], seen["styles"][96:]
+    assert report["synthetic_pairs"] == train.count("synthetic") and 30 <= train.count("synthetic") <= 66
+    assert set(train) == {"photo", "synthetic"} and set(heldout) == {"photo"}     # retrieval is on photos
+    for key in ("zero_shot_single_object", "zero_shot_single_object_synthetic"):
+        assert 0.0 <= report[key]["colour_accuracy"] <= 1.0
+    scenes, _ = heldout_pairs(0, 3)
+    for image, scene, style in zip(real(scenes, 64, styles=["synthetic", "photo", "synthetic"]), scenes,
+                                   ["synthetic", "photo", "synthetic"]):
+        assert np.array_equal(np.asarray(image), np.asarray(render(scene, style, 64)))
+    with pytest.raises(ValueError, match="synthetic_share"):
+        train_world_clip(NAME, tmp_path / "bad", **{**TINY, "synthetic_share": 1.5})

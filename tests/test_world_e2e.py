@@ -29,7 +29,7 @@ def small_world(p: dict) -> dict:
         "external_results": {"_replace": True},
         "modality_gap": {"models": []},
     })
-    p["methods"]["syntic"]["train"]["epochs"] = 10
+    p["methods"]["syntic"]["train"]["epochs"] = 30
     return p
 
 

@@ -1,13 +1,17 @@
-"""The world's CLIP: an open_clip model trained contrastively on the world's "web" pairs (photo style).
+"""The world's CLIP: an open_clip model trained contrastively on the world's "web" pairs.
 
 No pretrained CLIP can be downloaded here, so the world trains its own stand-in, saved as one
 ``model.safetensors`` that the ordinary loader reads back as pretrained weights::
 
-    load_clip("synthcap-world-vit", pretrained=str(out_dir / "model.safetensors"))
+    load_clip("synthcap-world-rn", pretrained=str(out_dir / "model.safetensors"))
 
 - Data: ``pairs`` scenes from ``world_rng(seed, "clip")`` (``sample_scene``), each rendered once in the
-  photo style and passed through the model's own open_clip ``preprocess`` (the function the encode
-  stages apply to PIL images), cached as tensors. With ``shape_twins``, half of them are the other
+  photo style, or with probability ``synthetic_share`` (stream ``world_rng(seed, "clip-styles")``) in the
+  synthetic style: real CLIP's web data holds renders and clip art beside photos, so it reads a Stable
+  Diffusion image's content although the image sits apart from photos in its feature space; a CLIP
+  that never saw the synthetic style would not (the photo-only world CLIP reads a synthetic image's
+  colour at little above chance). Each image is passed through the model's own open_clip
+  ``preprocess`` (the function the encode stages apply to PIL images), cached as tensors. With ``shape_twins``, half of them are the other
   half's shape twins (``scenes.shape_twin``: the same picture with other shapes), and each pair of twins
   shares a batch: hard negatives (as NegCLIP's) that colour alone cannot tell apart, without which a
   small CLIP learns colours and barely shapes. Every epoch gives each scene a fresh caption
@@ -19,7 +23,8 @@ No pretrained CLIP can be downloaded here, so the world trains its own stand-in,
   ``world_rng(seed, "clip-order")``, weights from ``torch.manual_seed(seed)``).
 - Evaluation: zero-shot retrieval on ``heldout`` pairs from ``world_rng(seed, "clip-heldout")`` (each
   scene followed by its one caption in that stream): image->text and text->image R@1/5/10 by
-  :func:`retrieval_recall`, after every epoch (the report's ``history``) and at the end.
+  :func:`retrieval_recall`, after every epoch (the report's ``history``) and at the end (photo style);
+  :func:`attribute_probe`: zero-shot shape and colour of single objects, in both styles.
 - Check: the saved file is loaded by ``pipeline.models.clip.load_clip`` and must give the in-memory
   model's image (``encode_pixels(..., ["global"])``) and text (``encode_texts``) features to ``atol``.
 """
@@ -69,20 +74,22 @@ def retrieval_recall(similarity: np.ndarray | torch.Tensor, ks: Sequence[int] = 
     return out
 
 
-def _render_photo(args: tuple[Scene, int]) -> np.ndarray:
-    scene, size = args
-    return np.asarray(render(scene, "photo", size))
+def _render(args: tuple[Scene, str, int]) -> np.ndarray:
+    scene, style, size = args
+    return np.asarray(render(scene, style, size))
 
 
-def render_photos(scenes: Sequence[Scene], size: int, workers: int = 1) -> list[Image.Image]:
-    """The scenes in the photo style, rendered by ``workers`` forked processes (rendering is numpy and
-    PIL only; a scene always renders to the same bytes, so the result does not depend on ``workers``)."""
-    jobs = [(s, size) for s in scenes]
+def render_scenes(scenes: Sequence[Scene], size: int, workers: int = 1,
+                  styles: Sequence[str] | None = None) -> list[Image.Image]:
+    """The scenes in the photo style (or each in its own of ``styles``), rendered by ``workers`` forked
+    processes (rendering is numpy and PIL only; a scene always renders to the same bytes, so the result
+    does not depend on ``workers``)."""
+    jobs = [(s, "photo" if styles is None else styles[i], size) for i, s in enumerate(scenes)]
     if workers > 1 and len(jobs) >= 64 and "fork" in multiprocessing.get_all_start_methods():
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            arrays = pool.map(_render_photo, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+            arrays = pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
     else:
-        arrays = [_render_photo(j) for j in jobs]
+        arrays = [_render(j) for j in jobs]
     return [Image.fromarray(a) for a in arrays]
 
 
@@ -125,8 +132,9 @@ def evaluate(model, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, flo
 
 
 @torch.no_grad()
-def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size: int = 64) -> dict[str, float]:
-    """Zero-shot shape and colour of ``n`` single-object photos (scenes of ``world_rng(seed, "clip-probe")``):
+def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size: int = 64,
+                    style: str = "photo") -> dict[str, float]:
+    """Zero-shot shape and colour of ``n`` single-object images in ``style`` (scenes of ``world_rng(seed, "clip-probe")``):
     the image against "a picture of a {colour} {shape}" for the 7 shapes at its true colour, and for the
     7 colours at its true shape. Retrieval recall can be high on colours alone; this says whether the
     model sees shapes at all (chance: 1/7)."""
@@ -137,7 +145,7 @@ def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size:
         if len(scene.objects) == 1:
             scenes.append(scene)
     model.eval()
-    images = model.encode_image(preprocess_all([render(s, "photo", size) for s in scenes], preprocess), normalize=True)
+    images = model.encode_image(preprocess_all([render(s, style, size) for s in scenes], preprocess), normalize=True)
     shape_names = list(SHAPES)
     shapes = colours = 0
     for scene, image in zip(scenes, images):
@@ -212,7 +220,7 @@ def check_loaded(name: str, path: Path, model, pixels: torch.Tensor, captions: S
 def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: int = 10000, epochs: int = 14,
                      batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.1,
                      warmup: float = 0.05, heldout: int = 1000, image_size: int = 64, threads: int = 2,
-                     shape_twins: bool = False, eval_each_epoch: bool = True, check_pairs: int = 256,
+                     shape_twins: bool = False, synthetic_share: float = 0.0, eval_each_epoch: bool = True, check_pairs: int = 256,
                      progress: bool = True) -> dict:
     """Train the open_clip model ``name`` (built from its config, weights from ``seed``) on the world's
     web pairs and save it to ``out_dir/model.safetensors`` (module docstring).
@@ -224,7 +232,8 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
     - ``heldout``: evaluation pairs (retrieval ranks each among all of them); ``image_size``: the render
       size, which must be the model's image size; ``threads``: torch threads and render processes
       (the result is deterministic for a given seed and thread count); ``shape_twins``: half the
-      pairs are the other half's shape twins, each twin in its original's batch (module docstring); ``eval_each_epoch``: retrieval
+      pairs are the other half's shape twins, each twin in its original's batch (module docstring); ``synthetic_share``: the share of
+      pairs rendered in the synthetic style instead (module docstring); ``eval_each_epoch``: retrieval
       after each epoch into ``history`` (cheap next to an epoch); ``check_pairs``: held-out pairs used
       to check the saved file against the in-memory model.
 
@@ -260,8 +269,13 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
             pairs = len(scenes)
         else:
             scenes = [sample_scene(rng) for _ in range(pairs)]
+        if not 0.0 <= synthetic_share <= 1.0:
+            raise ValueError(f"synthetic_share is a share of the pairs, in [0, 1]; got {synthetic_share}")
+        style_rng = world_rng(seed, "clip-styles")
+        styles = ["synthetic" if style_rng.random() < synthetic_share else "photo" for _ in scenes]
         test_scenes, test_captions = heldout_pairs(seed, heldout)
-        images = render_photos(scenes + test_scenes, image_size, workers=threads)
+        images = render_scenes(scenes + test_scenes, image_size, workers=threads,
+                               styles=styles + ["photo"] * len(test_scenes))
         pixels = preprocess_all(images[:pairs], preprocess)
         test_pixels = preprocess_all(images[pairs:], preprocess)
         del images
@@ -318,17 +332,20 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
         save_weights(model, path)
         check = check_loaded(name, path, model, test_pixels[:check_pairs], test_captions[:check_pairs])
         probe = attribute_probe(model, preprocess, tokenizer, seed, size=image_size)
+        probe_synthetic = attribute_probe(model, preprocess, tokenizer, seed, size=image_size, style="synthetic")
         final = history[-1]
         return {
             "model": name, "file": path.name, "seed": seed, "pairs": pairs, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
             "steps": total, "heldout": heldout, "image_size": image_size, "threads": threads,
-            "shape_twins": shape_twins,
+            "shape_twins": shape_twins, "synthetic_share": synthetic_share,
+            "synthetic_pairs": styles.count("synthetic"),
             **{k: final[k] for k in final if k[:3] in ("i2t", "t2i")},
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-steps_per_epoch:])),
             "logit_scale": float(model.logit_scale.detach().exp()),
             "heldout_duplicate_captions": heldout - len(set(test_captions)),
             "history": history, "check": check, "zero_shot_single_object": probe,
+            "zero_shot_single_object_synthetic": probe_synthetic,
             "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
             "seconds": round(time.perf_counter() - start, 1),
         }
