@@ -468,6 +468,8 @@ class ExternalResult:
 @dataclass(frozen=True, kw_only=True)
 class Evaluate:
     clipscore_w: float = opt(2.5, "CLIPScore weight w (Hessel et al. 2021)", check=positive)
+    meteor: bool = opt(True, "score METEOR 1.5 (a Java process: some seconds per evaluation); false lists it "
+                             "as skipped, as SPICE is without its jars")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -645,7 +647,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "caption": ("methods.{name}.method", "methods.{name}.caption", "device"),
     "evaluate": ("evaluate", "models.clip", "device"),
     "score": ("external_results.{name}", "evaluate", "models.clip", "device"),
-    "modality_gap": ("modality_gap.evalset", "modality_gap.lambdas", "methods.{name}", "models.clip", "device"),
+    "modality_gap": ("modality_gap.evalset", "modality_gap.lambdas", "methods.{name}", "evaluate.meteor", "models.clip",
+                     "device"),
     "report": ("report", "methods", "evalsets", "external_results", "modality_gap.models", "profile", "models",
                "corpus.source", "worlds"),
 }

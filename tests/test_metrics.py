@@ -57,6 +57,12 @@ def test_coco_metrics_are_fractions_and_cider_unscaled(identical_scores):
     assert 1.0 < scores["CIDEr"] <= 10.0  # CIDEr-D is not scaled to [0, 1]
 
 
+def test_meteor_off_is_listed_as_skipped_and_leaves_the_other_scores_alone(worse_scores):
+    without = caption_metrics(WORSE_PREDICTIONS, REFERENCES, meteor=False)
+    assert "METEOR" not in without["scores"] and "evaluate.meteor" in without["skipped"]["METEOR"]
+    assert without["scores"] == {k: v for k, v in worse_scores["scores"].items() if k != "METEOR"}
+
+
 def test_corpus_bleu_matches_hand_computation():
     predictions = {"dog": "A dog, a dog runs on grass.", "cats": "Two cats sleep."}
     references = {

@@ -28,6 +28,7 @@ def small_world(p: dict) -> dict:
         "methods": {"_replace": True, "syntic": p["methods"]["syntic"]},
         "external_results": {"_replace": True},
         "modality_gap": {"models": []},
+        "evaluate": {"meteor": False},
     })
     p["methods"]["syntic"]["train"]["epochs"] = 30
     return p

@@ -86,7 +86,7 @@ def run_modality_gap(name: str, config: Config, out_dir: Path, progress: bool = 
 
     rows, skipped = [], {}
     for lam in g.lambdas:
-        scored = caption_metrics(predictions[lam], references)
+        scored = caption_metrics(predictions[lam], references, meteor=config.evaluate.meteor)
         rows.append({"lambda": lam, **{k: float(v) for k, v in scored["scores"].items()}})
         skipped.update(scored["skipped"])
     examples = {i: {str(lam): predictions[lam][i] for lam in g.lambdas} for i in sorted(references)[:5]}

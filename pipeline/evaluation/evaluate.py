@@ -37,7 +37,7 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
         raise ValueError(f"no caption of any image of eval set {evalset}")
     references = dict(zip(all_ids, images.read_column("references").to_pylist()))
     references = {i: references[i] for i in ids}
-    coco = caption_metrics({i: predictions[i] for i in ids}, references)
+    coco = caption_metrics({i: predictions[i] for i in ids}, references, meteor=config.evaluate.meteor)
 
     image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])[keep]
     check_dim(image_features, clip.dim, f"eval image features of {evalset}")

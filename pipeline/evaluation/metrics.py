@@ -39,6 +39,8 @@ MAX_IDS_SHOWN = 5
 def caption_metrics(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
+    *,
+    meteor: bool = True,
 ) -> dict:
     """Score one caption per image against its references with the COCO caption metrics.
 
@@ -49,7 +51,9 @@ def caption_metrics(
     [, "SPICE"]: float}, "skipped": {metric: reason}}``. BLEU, METEOR, ROUGE-L and SPICE are
     fractions in [0, 1]; CIDEr (CIDEr-D) is unscaled. SPICE runs only when the Stanford CoreNLP
     jars it needs are installed (see :func:`missing_spice_jars`); otherwise it is listed in
-    ``skipped`` with the reason, and ``skipped`` is empty when every metric ran.
+    ``skipped`` with the reason, and ``skipped`` is empty when every metric ran. ``meteor=False``
+    skips METEOR (params ``evaluate.meteor``: it starts a Java process of some seconds per call),
+    listed in ``skipped`` the same way.
 
     Raises ValueError / TypeError on malformed input (naming the offending image ids) and
     RuntimeError when Java is not installed.
@@ -58,8 +62,8 @@ def caption_metrics(
     _require_java()
     predicted_tokens, reference_tokens = _tokenize(predictions, references)
 
-    scores = _coco_scores(predicted_tokens, reference_tokens)
-    skipped = {}
+    scores = _coco_scores(predicted_tokens, reference_tokens, meteor)
+    skipped = {} if meteor else {"METEOR": "evaluate.meteor is false in params.yaml (set it true to score METEOR)"}
     missing_jars = missing_spice_jars()
     if missing_jars:
         skipped["SPICE"] = _spice_skip_reason(missing_jars)
@@ -184,11 +188,12 @@ def _tokenize_checked(tokenizer, captions: dict[Hashable, list[str]]) -> dict:
     return tokenized
 
 
-def _coco_scores(predicted: dict, referenced: dict) -> dict[str, float]:
-    """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D over the whole corpus."""
+def _coco_scores(predicted: dict, referenced: dict, meteor: bool = True) -> dict[str, float]:
+    """BLEU-1..4, METEOR (unless ``meteor`` is false), ROUGE-L and CIDEr-D over the whole corpus."""
     bleu, _ = Bleu(4).compute_score(referenced, predicted, verbose=0)
     scores = {f"BLEU-{n}": float(value) for n, value in enumerate(bleu, start=1)}
-    scores["METEOR"] = _meteor_score(referenced, predicted)
+    if meteor:
+        scores["METEOR"] = _meteor_score(referenced, predicted)
     scores["ROUGE-L"] = float(Rouge().compute_score(referenced, predicted)[0])
     scores["CIDEr"] = float(Cider().compute_score(referenced, predicted)[0])
     return scores
