@@ -39,9 +39,9 @@ def test_plot_curve_writes_a_png_even_with_missing_scores(tmp_path):
 
 def analysis_config(name: str, inst: cfg.MethodInstance, lambdas, evalset="tiny"):
     """What run_modality_gap reads of the typed configuration: the instance, the analysis section, the
-    CLIP text encoder and the device."""
+    CLIP text encoder, whether METEOR is scored and the device."""
     return SimpleNamespace(
-        methods={name: inst}, device="cpu",
+        methods={name: inst}, device="cpu", evaluate=cfg.parse(cfg.Evaluate, {}, "evaluate"),
         modality_gap=cfg.parse(cfg.ModalityGap, {"models": [name], "evalset": evalset, "lambdas": lambdas},
                                "modality_gap"),
         models=SimpleNamespace(clip=cfg.parse(cfg.ModelRef, {"name": "synthcap-tiny-vit", "seed": 0},
