@@ -153,5 +153,8 @@ def test_a_synthetic_share_renders_that_share_of_the_web_pairs_in_the_synthetic_
     for image, scene, style in zip(real(scenes, 64, styles=["synthetic", "photo", "synthetic"]), scenes,
                                    ["synthetic", "photo", "synthetic"]):
         assert np.array_equal(np.asarray(image), np.asarray(render(scene, style, 64)))
+    train_world_clip(NAME, tmp_path / "twins", **{**TINY, "pairs": 96, "synthetic_share": 0.5, "shape_twins": True})
+    twins = seen["styles"][:96]
+    assert twins[0::2] == twins[1::2] and set(twins) == {"photo", "synthetic"}   # a twin differs in shape alone
     with pytest.raises(ValueError, match="synthetic_share"):
         train_world_clip(NAME, tmp_path / "bad", **{**TINY, "synthetic_share": 1.5})

@@ -11,12 +11,13 @@ No pretrained CLIP can be downloaded here, so the world trains its own stand-in,
   Diffusion image's content although the image sits apart from photos in its feature space; a CLIP
   that never saw the synthetic style would not (the photo-only world CLIP reads a synthetic image's
   colour at little above chance). Each image is passed through the model's own open_clip
-  ``preprocess`` (the function the encode stages apply to PIL images), cached as tensors. With ``shape_twins``, half of them are the other
-  half's shape twins (``scenes.shape_twin``: the same picture with other shapes), and each pair of twins
-  shares a batch: hard negatives (as NegCLIP's) that colour alone cannot tell apart, without which a
-  small CLIP learns colours and barely shapes. Every epoch gives each scene a fresh caption
-  (``describe``) from the stream ``world_rng(seed, "clip-captions")``: the grammar's phrasings, synonyms
-  and group orders vary, so the text tower sees one scene phrased many ways.
+  ``preprocess`` (the function the encode stages apply to PIL images), cached as tensors. With
+  ``shape_twins``, half of them are the other half's shape twins (``scenes.shape_twin``: the same
+  picture with other shapes), and each pair of twins shares a batch: hard negatives (as NegCLIP's) that
+  colour alone cannot tell apart, without which a small CLIP learns colours and barely shapes. Every
+  epoch gives each scene a fresh caption (``describe``) from the stream ``world_rng(seed,
+  "clip-captions")``: the grammar's phrasings, synonyms and group orders vary, so the text tower sees
+  one scene phrased many ways.
 - Training: the symmetric InfoNCE loss with the model's learnable ``logit_scale`` (clamped to ln 100 as
   open_clip does), AdamW (weight decay on matrices only, open_clip's rule), linear warm-up then cosine
   decay to zero. Deterministic for a given seed and thread count (batches from
@@ -134,10 +135,11 @@ def evaluate(model, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, flo
 @torch.no_grad()
 def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size: int = 64,
                     style: str = "photo") -> dict[str, float]:
-    """Zero-shot shape and colour of ``n`` single-object images in ``style`` (scenes of ``world_rng(seed, "clip-probe")``):
-    the image against "a picture of a {colour} {shape}" for the 7 shapes at its true colour, and for the
-    7 colours at its true shape. Retrieval recall can be high on colours alone; this says whether the
-    model sees shapes at all (chance: 1/7)."""
+    """Zero-shot shape and colour of ``n`` single-object images in ``style`` (scenes of
+    ``world_rng(seed, "clip-probe")``): the image against "a picture of a {colour} {shape}" for the 7
+    shapes at its true colour, and for the 7 colours at its true shape (the 49 prompts encoded once).
+    Retrieval recall can be high on colours alone; this says whether the model sees shapes at all
+    (chance: 1/7)."""
     rng = world_rng(seed, "clip-probe")
     scenes: list[Scene] = []
     while len(scenes) < n:
@@ -147,13 +149,15 @@ def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size:
     model.eval()
     images = model.encode_image(preprocess_all([render(s, style, size) for s in scenes], preprocess), normalize=True)
     shape_names = list(SHAPES)
+    prompts = [f"a picture of a {c} {w}" for c in COLOURS for w in shape_names]
+    table = F.normalize(encode_text_trimmed(model, tokenizer(prompts)), dim=-1)
+    table = table.view(len(COLOURS), len(shape_names), -1)          # [colour, shape, D]
     shapes = colours = 0
     for scene, image in zip(scenes, images):
         o = scene.objects[0]
-        texts = F.normalize(encode_text_trimmed(model, tokenizer([f"a picture of a {o.colour} {w}" for w in shape_names])), dim=-1)
-        shapes += shape_names[int((texts @ image).argmax())] == o.shape
-        texts = F.normalize(encode_text_trimmed(model, tokenizer([f"a picture of a {c} {o.shape}" for c in COLOURS])), dim=-1)
-        colours += COLOURS[int((texts @ image).argmax())] == o.colour
+        c, w = COLOURS.index(o.colour), shape_names.index(o.shape)
+        shapes += int((table[c] @ image).argmax()) == w          # the 7 shapes at its colour
+        colours += int((table[:, w] @ image).argmax()) == c      # the 7 colours at its shape
     return {"shape_accuracy": shapes / n, "colour_accuracy": colours / n, "chance": 1 / len(shape_names)}
 
 
@@ -220,8 +224,8 @@ def check_loaded(name: str, path: Path, model, pixels: torch.Tensor, captions: S
 def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: int = 10000, epochs: int = 14,
                      batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.1,
                      warmup: float = 0.05, heldout: int = 1000, image_size: int = 64, threads: int = 2,
-                     shape_twins: bool = False, synthetic_share: float = 0.0, eval_each_epoch: bool = True, check_pairs: int = 256,
-                     progress: bool = True) -> dict:
+                     shape_twins: bool = False, synthetic_share: float = 0.0, eval_each_epoch: bool = True,
+                     check_pairs: int = 256, progress: bool = True) -> dict:
     """Train the open_clip model ``name`` (built from its config, weights from ``seed``) on the world's
     web pairs and save it to ``out_dir/model.safetensors`` (module docstring).
 
@@ -232,13 +236,15 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
     - ``heldout``: evaluation pairs (retrieval ranks each among all of them); ``image_size``: the render
       size, which must be the model's image size; ``threads``: torch threads and render processes
       (the result is deterministic for a given seed and thread count); ``shape_twins``: half the
-      pairs are the other half's shape twins, each twin in its original's batch (module docstring); ``synthetic_share``: the share of
-      pairs rendered in the synthetic style instead (module docstring); ``eval_each_epoch``: retrieval
+      pairs are the other half's shape twins, each twin in its original's batch; ``synthetic_share``: the
+      share of pairs rendered in the synthetic style instead (both: module docstring); ``eval_each_epoch``: retrieval
       after each epoch into ``history`` (cheap next to an epoch); ``check_pairs``: held-out pairs used
       to check the saved file against the in-memory model.
 
     Returns the report: final retrieval (``i2t_r1`` ... ``t2i_r10``), ``loss_first``/``loss_last``
     (first step, mean of the last epoch), per-epoch ``history``, the settings, timings, the file."""
+    if not 0.0 <= synthetic_share <= 1.0:
+        raise ValueError(f"synthetic_share is a share of the pairs, in [0, 1]; got {synthetic_share}")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,10 +275,10 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
             pairs = len(scenes)
         else:
             scenes = [sample_scene(rng) for _ in range(pairs)]
-        if not 0.0 <= synthetic_share <= 1.0:
-            raise ValueError(f"synthetic_share is a share of the pairs, in [0, 1]; got {synthetic_share}")
         style_rng = world_rng(seed, "clip-styles")
-        styles = ["synthetic" if style_rng.random() < synthetic_share else "photo" for _ in scenes]
+        group = 2 if shape_twins else 1          # twins share a style: they differ in their shapes alone
+        styles = [style for _ in range(pairs // group)
+                  for style in ["synthetic" if style_rng.random() < synthetic_share else "photo"] * group]
         test_scenes, test_captions = heldout_pairs(seed, heldout)
         images = render_scenes(scenes + test_scenes, image_size, workers=threads,
                                styles=styles + ["photo"] * len(test_scenes))
