@@ -34,14 +34,19 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@$(BIN)/synthcap status
 
+# Two pytest-xdist workers, one per core (TEST_WORKERS=0: one process). --dist loadgroup keeps each long
+# end-to-end build on one worker; tests/conftest.py orders the suite so that both stay busy.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # The developer's loop (README, "Tests"): every test but the end-to-end `dvc repro` runs, the Ray
 # cluster and the other slow ones (pyproject.toml, markers); about 4 minutes on 2 cores. make test
 # (and CI, .ci/run) still runs all of them.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e and not cluster and not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not e2e and not cluster and not slow"
 
 # Every benchmark, one table, and artifacts/bench/results.json (bench/run.py; README, "Scale"):
 # make bench DEVICE=cuda on a GPU; make bench QUICK=1 for a smoke test of the benchmarks (no figures).

@@ -12,6 +12,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on two cores: each worker, and every stage process it starts
+    # (they inherit the variable), uses one torch thread, so that the two never wait on each other's threads.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 SHARED_DATA = Path(os.environ.get("SYNTHCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
 METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
 
@@ -84,3 +90,18 @@ def coco_file(tmp_path):
             {"image_id": 42, "id": 3, "caption": "A bus on a street."},
         ],
     })
+
+
+def pytest_collection_modifyitems(config, items):
+    """The order that keeps `make test`'s two workers (pytest-xdist, ``--dist loadgroup``) busy: first the two
+    long builds, each one worker's (the end-to-end pipeline's ``finished`` checkout with the tests that read it in
+    place, the small world), then every other test, and last the end-to-end tests that copy the finished checkout,
+    by when it exists. Without xdist the order changes nothing: every test passes alone and in any order."""
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        if group and group.args[0] == "finished":
+            return 0
+        if group and group.args[0] == "world":
+            return 1
+        return 3 if "workdir" in item.fixturenames else 2
+    items.sort(key=rank)          # stable: collection order within a rank

@@ -6,6 +6,8 @@ Every test passes alone and in any order: the pipeline runs to the end once per 
 tests that only read use that checkout, and each test that changes anything (params, code, bytes, a DVC
 remote, git) works on its own copy of it (``workdir``: artifacts, dvc.lock and DVC cache included), so
 no test sees another's changes and none retrains what the finished run already holds."""
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -112,18 +114,45 @@ def fresh(tmp_path, shared_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, shared_data) -> Path:
-    """The scratch repository after a complete `dvc repro`, built once for the module. Tests only read it:
-    a test that changes anything takes ``workdir``."""
-    root = new_checkout(tmp_path_factory.mktemp("finished") / "repo", shared_data)
-    repro(root)
-    return root
+def finished(tmp_path_factory, shared_data, worker_id) -> Path:
+    """The scratch repository after a complete `dvc repro`, built once per run. Tests only read it: a test
+    that changes anything takes ``workdir``. Under pytest-xdist (`make test`) the workers share one build:
+    the first to need it builds it under a file lock, the others wait for it (tests/conftest.py orders the
+    suite so that the wait is short); a failed build is reported to each, not retried."""
+    if worker_id == "master":                                   # no xdist: the module's own build
+        root = new_checkout(tmp_path_factory.mktemp("finished") / "repo", shared_data)
+        repro(root)
+        return root
+    base = tmp_path_factory.getbasetemp().parent / "finished"  # this run's workers share getbasetemp().parent
+    base.mkdir(exist_ok=True)
+    with open(base / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (base / "failed.txt").exists():
+            pytest.fail(f"the shared finished checkout failed to build:\n{(base / 'failed.txt').read_text()}")
+        if not (base / "done").exists():
+            try:
+                repro(new_checkout(base / "repo", shared_data))
+            except BaseException as error:
+                (base / "failed.txt").write_text(str(error))
+                raise
+            (base / "done").touch()
+    return base / "repo"
+
+
+@contextlib.contextmanager
+def using(finished: Path, exclusive: bool):
+    """A lock on the finished checkout across pytest-xdist workers: copies of it share the lock, a test that
+    runs DVC in it (DVC writes its state and may rewrite dvc.lock) holds it alone."""
+    with open(finished.parent / "use.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture
 def workdir(finished, tmp_path) -> Path:
     """This test's own copy of the finished repository, to change as it likes."""
-    return copy_checkout(finished, tmp_path / "repo")
+    with using(finished, exclusive=False):
+        return copy_checkout(finished, tmp_path / "repo")
 
 
 def env() -> dict:
@@ -181,6 +210,7 @@ def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(fresh):
     assert digests(shards) == resumed
 
 
+@pytest.mark.xdist_group("finished")    # with the build, on one worker: tests/conftest.py
 def test_full_pipeline_produces_every_artifact_and_finite_metrics(finished):
     workdir = finished                       # the `dvc repro` of the fixture; this test only reads
     art = workdir / "artifacts"
@@ -208,8 +238,10 @@ def test_full_pipeline_produces_every_artifact_and_finite_metrics(finished):
         curve = json.loads((art / f"methods/{method}/train_curve.json").read_text())
         report = json.loads((art / f"methods/{method}/model/train_report.json").read_text())
         assert [row["step"] for row in curve] == list(range(1, report["steps"] + 1)), method
-    plots = subprocess.run(dvc_cmd("plots", "show", "--json"), cwd=workdir, capture_output=True, text=True,
-                           env=env(), check=True)
+    with using(finished, exclusive=True):
+        plots = subprocess.run(dvc_cmd("plots", "show", "--json"), cwd=workdir, capture_output=True, text=True,
+                               env=env(), check=True)
+        assert repro(workdir)[0] == [], "an unchanged pipeline must not rerun anything"
     assert all(f"artifacts/methods/{m}/train_curve.json" in plots.stdout for m in METHODS)
     gap = json.loads((art / "methods/unsupervised-clipcap/modality_gap.json").read_text())
     assert (art / "methods/unsupervised-clipcap/modality_gap.png").stat().st_size > 0
@@ -222,14 +254,13 @@ def test_full_pipeline_produces_every_artifact_and_finite_metrics(finished):
     assert f"torch {torch_version}" in html and "trained with other software" not in html
     assert json.loads((art / "methods/syntic/model/train_report.json").read_text())["environment"]["torch"] == torch_version
 
-    assert repro(workdir)[0] == [], "an unchanged pipeline must not rerun anything"
-
 
 def synthcap(root: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=root, capture_output=True, text=True,
                           env=env())
 
 
+@pytest.mark.xdist_group("finished")    # with the build, on one worker: tests/conftest.py
 def test_synthcap_caption_captions_a_photo_with_every_method_and_skips_a_corrupt_one(finished, shared_data,
                                                                                     tmp_path):
     workdir = finished                       # read only: the photos and the output live in tmp_path
@@ -329,6 +360,7 @@ def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(work
     assert not (features / "artifacts/synthetic").exists()
 
 
+@pytest.mark.xdist_group("finished")    # with the build, on one worker: tests/conftest.py
 def test_synthcap_score_gives_evaluates_numbers_and_names_missing_and_extra_images(finished, tmp_path):
     workdir = finished                       # read only: the result file lives in tmp_path
     captions = json.loads((workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json").read_text())

@@ -158,3 +158,11 @@ def test_a_synthetic_share_renders_that_share_of_the_web_pairs_in_the_synthetic_
     assert twins[0::2] == twins[1::2] and set(twins) == {"photo", "synthetic"}   # a twin differs in shape alone
     with pytest.raises(ValueError, match="synthetic_share"):
         train_world_clip(NAME, tmp_path / "bad", **{**TINY, "synthetic_share": 1.5})
+
+
+def test_rendering_in_spawned_processes_gives_the_bytes_of_rendering_in_this_one():
+    scenes, _ = heldout_pairs(3, 70)                              # 64 or more: the pool renders them
+    styles = ["synthetic" if i % 3 == 0 else "photo" for i in range(70)]
+    pooled = render_scenes(scenes, 32, workers=2, styles=styles)
+    assert [np.asarray(im).tobytes() for im in pooled] == \
+           [np.asarray(render(s, style, 32)).tobytes() for s, style in zip(scenes, styles)]

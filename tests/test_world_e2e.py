@@ -16,7 +16,7 @@ from pipeline import config
 from pipeline.profiles import merge, render, resolve_profile
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("world")]    # one worker builds the world (tests/conftest.py)
 
 
 def small_world(p: dict) -> dict:

@@ -82,12 +82,13 @@ def _render(args: tuple[Scene, str, int]) -> np.ndarray:
 
 def render_scenes(scenes: Sequence[Scene], size: int, workers: int = 1,
                   styles: Sequence[str] | None = None) -> list[Image.Image]:
-    """The scenes in the photo style (or each in its own of ``styles``), rendered by ``workers`` forked
-    processes (rendering is numpy and PIL only; a scene always renders to the same bytes, so the result
-    does not depend on ``workers``)."""
+    """The scenes in the photo style (or each in its own of ``styles``), rendered by ``workers`` processes
+    (rendering is numpy and PIL only; a scene always renders to the same bytes, so the result does not
+    depend on ``workers``). The processes are spawned, never forked: the caller has torch's OpenMP threads
+    and the stage's orphan watch running, and a fork of a threaded process may hang its child."""
     jobs = [(s, "photo" if styles is None else styles[i], size) for i, s in enumerate(scenes)]
-    if workers > 1 and len(jobs) >= 64 and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+    if workers > 1 and len(jobs) >= 64:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
             arrays = pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
     else:
         arrays = [_render(j) for j in jobs]
