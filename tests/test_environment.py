@@ -121,3 +121,19 @@ def test_one_faiss_build_per_lock():
     for flavour in FLAVOURS:
         faiss = [p for p in locked_pins(REQUIREMENTS / f"{flavour}.txt") if p.startswith("faiss")]
         assert faiss == (["faiss-gpu-cu12"] if flavour == "gpu" else ["faiss-cpu"]), flavour
+
+
+def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
+    """`make test` keeps each long end-to-end build on one worker with pytest-xdist's ``--dist loadgroup``;
+    pytest 9.2 silently broke it (pytest-dev/pytest-xdist#1386), and two workers then build the same world."""
+    import subprocess
+    (tmp_path / "test_grouped.py").write_text(
+        "import os, pytest\n"
+        "pytestmark = pytest.mark.xdist_group('g')\n"
+        + "".join(f"def test_{i}():\n    open('{tmp_path}/{i}', 'w').write(os.environ['PYTEST_XDIST_WORKER'])\n"
+                  for i in range(4)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p",
+                          "no:cacheprovider", "-o", "addopts=", str(tmp_path / "test_grouped.py")],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len({(tmp_path / str(i)).read_text() for i in range(4)}) == 1
