@@ -43,7 +43,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST)
 
 # The developer's loop (README, "Tests"): every test but the end-to-end `dvc repro` runs, the Ray
-# cluster and the other slow ones (pyproject.toml, markers); about 4 minutes on 2 cores. make test
+# cluster and the other slow ones (pyproject.toml, markers); about 3 minutes on 2 cores. make test
 # (and CI, .ci/run) still runs all of them.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not e2e and not cluster and not slow"
