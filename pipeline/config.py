@@ -343,6 +343,8 @@ class WorldClip:
                                   "(hard negatives that colour cannot tell apart; pipeline/world/clip_training.py)")
     synthetic_share: float = opt(0.25, "share of the web pairs rendered in the synthetic style (web data holds "
                                       "renders beside photos; pipeline/world/clip_training.py)", check=in_unit_interval)
+    threads: int = opt(2, "torch threads while training, and render processes; the weights depend on it (float sums "
+                          "in another order), so it is a parameter", check=at_least(1))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ def main(name: str) -> None:
     report = train_world_clip(config.models.clip.name, paths.world(name) / "clip", seed=world.seed, pairs=c.pairs,
                               epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, heldout=c.heldout,
                               shape_twins=c.shape_twins, synthetic_share=c.synthetic_share,
-                              image_size=world.image_size)
+                              image_size=world.image_size, threads=c.threads)
     write_json(paths.world_metrics(name, "clip"), report)
     say(f"world_clip@{name}: {report}")
 

@@ -23,7 +23,8 @@ def small_world(p: dict) -> dict:
     """The world profile cut to SynTIC alone and a world that trains in about two minutes."""
     p = merge(p, {
         "worlds": {"shapes": {"corpus": {"scenes": 300, "captions_per_scene": 2}, "eval": {"images": 40},
-                              "clip": {"pairs": 6000, "epochs": 6, "heldout": 200},
+                              "clip": {"pairs": 6000, "epochs": 6, "heldout": 200,
+                                       "threads": 1},     # make test's other worker has the other core
                               "detector": {"images": 1500, "epochs": 4, "heldout": 100}}},
         "methods": {"_replace": True, "syntic": p["methods"]["syntic"]},
         "external_results": {"_replace": True},
