@@ -2,6 +2,9 @@
 loader reads back with the same features, the loss going down, the retrieval metric against brute force,
 reproducibility from the seed."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import open_clip
 import pytest
@@ -166,3 +169,23 @@ def test_rendering_in_spawned_processes_gives_the_bytes_of_rendering_in_this_one
     pooled = render_scenes(scenes, 32, workers=2, styles=styles)
     assert [np.asarray(im).tobytes() for im in pooled] == \
            [np.asarray(render(s, style, 32)).tobytes() for s, style in zip(scenes, styles)]
+
+
+def test_a_script_without_a_main_guard_still_renders_every_scene(tmp_path):
+    """Spawned render processes import the caller's main module; in a script with no `__main__` guard they
+    die at once. The pool must then fail over to this process (same bytes), never wait forever."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from pipeline.world.clip_training import heldout_pairs, render_scenes\n"
+        "scenes, _ = heldout_pairs(3, 70)\n"
+        "images = render_scenes(scenes, 32, workers=2)\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, np.stack([np.asarray(im) for im in images]))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "guard the calling script" in out.stderr
+    scenes, _ = heldout_pairs(3, 70)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), np.stack([np.asarray(render(s, "photo", 32)) for s in scenes]))

@@ -35,6 +35,8 @@ import logging
 import math
 import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Sequence
 
@@ -85,12 +87,22 @@ def render_scenes(scenes: Sequence[Scene], size: int, workers: int = 1,
     """The scenes in the photo style (or each in its own of ``styles``), rendered by ``workers`` processes
     (rendering is numpy and PIL only; a scene always renders to the same bytes, so the result does not
     depend on ``workers``). The processes are spawned, never forked: the caller has torch's OpenMP threads
-    and the stage's orphan watch running, and a fork of a threaded process may hang its child."""
+    and the stage's orphan watch running, and a fork of a threaded process may hang its child. A spawned
+    process imports the caller's main module; where that fails (a script with no `__main__` guard), the
+    scenes are rendered here, with a warning."""
     jobs = [(s, "photo" if styles is None else styles[i], size) for i, s in enumerate(scenes)]
+    arrays = None
     if workers > 1 and len(jobs) >= 64:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            arrays = pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
-    else:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                arrays = list(pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+        except BrokenProcessPool:
+            # A spawned process imports the caller's main module: a script without an `if __name__ ==
+            # "__main__":` guard kills it (every stage has the guard). The same bytes, in this process.
+            logging.getLogger(__name__).warning(
+                "render processes could not start (guard the calling script's entry point with "
+                "`if __name__ == \"__main__\":`); rendering %d scenes in this process", len(jobs))
+    if arrays is None:
         arrays = [_render(j) for j in jobs]
     return [Image.fromarray(a) for a in arrays]
 
