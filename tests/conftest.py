@@ -12,14 +12,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SYNTHCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest-xdist workers on two cores: each worker, and every stage process it starts
     # (they inherit the variable), uses one torch thread, so that the two never wait on each other's threads.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-SHARED_DATA = Path(os.environ.get("SYNTHCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
-METHODS_MD = REPO.parent / "shared" / "docs" / "METHODS.md"
 
 
 def methods_md_section(title: str | None = None, next_title: str | None = None) -> str:
@@ -93,15 +93,13 @@ def coco_file(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The order that keeps `make test`'s two workers (pytest-xdist, ``--dist loadgroup``) busy: first the two
-    long builds, each one worker's (the end-to-end pipeline's ``finished`` checkout with the tests that read it in
-    place, the small world), then every other test, and last the end-to-end tests that copy the finished checkout,
-    by when it exists. Without xdist the order changes nothing: every test passes alone and in any order."""
+    """The order that keeps `make test`'s two workers (pytest-xdist, ``--dist loadgroup``) busy: first the long
+    builds, each group (``xdist_group``) one worker's (the end-to-end pipeline's ``finished`` checkout with the
+    tests that read it in place, the small world), then every other test, and last the end-to-end tests that
+    copy the finished checkout, by when it exists. Without xdist the order changes nothing: every test passes
+    alone and in any order."""
     def rank(item) -> int:
-        group = item.get_closest_marker("xdist_group")
-        if group and group.args[0] == "finished":
+        if item.get_closest_marker("xdist_group"):
             return 0
-        if group and group.args[0] == "world":
-            return 1
-        return 3 if "workdir" in item.fixturenames else 2
+        return 2 if "workdir" in item.fixturenames else 1
     items.sort(key=rank)          # stable: collection order within a rank

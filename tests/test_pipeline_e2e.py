@@ -116,14 +116,12 @@ def fresh(tmp_path, shared_data) -> Path:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, shared_data, worker_id) -> Path:
     """The scratch repository after a complete `dvc repro`, built once per run. Tests only read it: a test
-    that changes anything takes ``workdir``. Under pytest-xdist (`make test`) the workers share one build:
-    the first to need it builds it under a file lock, the others wait for it (tests/conftest.py orders the
-    suite so that the wait is short); a failed build is reported to each, not retried."""
-    if worker_id == "master":                                   # no xdist: the module's own build
-        root = new_checkout(tmp_path_factory.mktemp("finished") / "repo", shared_data)
-        repro(root)
-        return root
-    base = tmp_path_factory.getbasetemp().parent / "finished"  # this run's workers share getbasetemp().parent
+    that changes anything takes ``workdir``. Under pytest-xdist (`make test`) the workers share one build
+    (their basetemps share a parent): the first to need it builds it under a file lock, the others wait for
+    it (tests/conftest.py orders the suite so that the wait is short); a failed build is reported to each,
+    not retried."""
+    base = (tmp_path_factory.mktemp("finished") if worker_id == "master"
+            else tmp_path_factory.getbasetemp().parent / "finished")
     base.mkdir(exist_ok=True)
     with open(base / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
