@@ -349,12 +349,15 @@ class WorldClip:
 
 @dataclass(frozen=True, kw_only=True)
 class WorldDetector:
-    """The world's shape detector, trained on photo-style images."""
+    """The world's shape detector, trained on photo-style images (and a share in the synthetic style)."""
     images: int = opt(1500, "training images", check=at_least(1))
     epochs: int = opt(8, "passes over the images", check=at_least(1))
     batch_size: int = opt(32, "images per step", check=at_least(1))
     lr: float = opt(3e-3, "AdamW peak learning rate (one-cycle)", check=positive)
     heldout: int = opt(300, "held-out images of the label precision/recall report", check=at_least(1))
+    synthetic_share: float = opt(0.0, "share of the training images rendered in the synthetic style (a COCO detector "
+                                      "still finds objects in Stable Diffusion images; pipeline/world/"
+                                      "detector_training.py)", check=in_unit_interval)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,9 +1,11 @@
 """The world's shape detector (pipeline/world/detector.py, detector_training.py): a saved folder loads
 through load_detector and detects as the model in memory; detections do not depend on the batch; the
-decoding of the heads by hand; the label P/R/F1 and box IoU metrics by hand; a seed gives the weights."""
+decoding of the heads by hand; the label P/R/F1 and box IoU metrics by hand; a seed gives the weights; the
+synthetic share of the training images."""
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -129,3 +131,35 @@ def test_the_tagger_runs_the_loaded_detector(tiny, tmp_path):
                       batch_size=2, draft_size=detector.input_size)
     expected = [distinct_tags(d, 3) for d in detector.detect(images, 0.0)]
     assert table.column("labels").to_pylist() == [d.labels for d in expected]
+
+
+def test_the_synthetic_share_renders_that_share_of_the_training_images_in_the_synthetic_style(monkeypatch):
+    """``synthetic_share`` draws each training image's style from its own stream: 0 renders every image as a
+    photo (the scenes and everything else as before), 1 every image synthetic; out of [0, 1] is refused."""
+    import pipeline.world.detector_training as training
+    seen = {}
+    real = training.render_pixels
+
+    def spy(scenes, style, size, progress=False):
+        seen.setdefault("styles", style if isinstance(style, list) else [style] * len(scenes))
+        seen.setdefault("scenes", scenes)
+        return real(scenes, style, size, progress)
+
+    monkeypatch.setattr(training, "render_pixels", spy)
+    kw = dict(TINY, images=40, heldout=2)
+    styles = {}
+    for share in (0.0, 0.5, 1.0):
+        seen.clear()
+        _, report = fit_world_detector(seed=1, synthetic_share=share, **kw)
+        styles[share] = seen["styles"]
+        assert report["synthetic_images"] == seen["styles"].count("synthetic")
+        assert seen["scenes"] == draw_scenes(1, "detector", 40)      # the scenes do not depend on the share
+    assert set(styles[0.0]) == {"photo"} and set(styles[1.0]) == {"synthetic"}
+    assert 8 <= styles[0.5].count("synthetic") <= 32
+    pixels = real(draw_scenes(1, "detector", 3), ["photo", "synthetic", "photo"], 64)
+    assert torch.equal(pixels[1], torch.from_numpy(
+        np.array(render(draw_scenes(1, "detector", 3)[1], "synthetic", 64))).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="synthetic_share"):
+        fit_world_detector(seed=1, synthetic_share=1.5, **kw)
+    with pytest.raises(ValueError, match="2 styles for 3 scenes"):
+        real(draw_scenes(1, "detector", 3), ["photo", "photo"], 64)

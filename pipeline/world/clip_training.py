@@ -295,7 +295,8 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
         test_scenes, test_captions = heldout_pairs(seed, heldout)
         images = render_scenes(scenes + test_scenes, image_size, workers=threads,
                                styles=styles + ["photo"] * len(test_scenes))
-        pixels = preprocess_all(images[:pairs], preprocess)
+        # channels_last: the same convolutions, ~30% faster on CPU (mkldnn) for this small ResNet
+        pixels = preprocess_all(images[:pairs], preprocess).contiguous(memory_format=torch.channels_last)
         test_pixels = preprocess_all(images[pairs:], preprocess)
         del images
         test_tokens = tokenizer(test_captions)
@@ -306,6 +307,7 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
             raise ValueError(f"{pairs} pairs make no batch of {batch_size}")
         total = steps_per_epoch * epochs
         warmup_steps = max(1, int(round(warmup * total)))
+        model = model.to(memory_format=torch.channels_last)
         optimizer = optimizer_for(model, lr, weight_decay)
         caption_rng, order_rng = world_rng(seed, "clip-captions"), world_rng(seed, "clip-order")
         losses: list[float] = []
