@@ -11,12 +11,15 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPTokenizer
 
 
 def clip_tokenizer_from_open_clip(folder: Path):
-    """A transformers CLIPTokenizer whose vocab.json/merges.txt are rebuilt from open_clip's BPE file."""
+    """A transformers CLIPTokenizer whose vocab.json/merges.txt are rebuilt from open_clip's BPE file.
+    open_clip and transformers are imported here, not at the top: every stage parses the method modules
+    that import this one, and importing open_clip costs seconds a stage without a model need not pay."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     byte_symbols = list(bytes_to_unicode().values())
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
@@ -31,7 +34,7 @@ def clip_tokenizer_from_open_clip(folder: Path):
 
 
 @lru_cache(maxsize=1)
-def clip_bpe_tokenizer() -> CLIPTokenizer:
+def clip_bpe_tokenizer() -> "CLIPTokenizer":  # noqa: F821 (transformers, imported when it is built)
     """The tokenizer, built once per process (it takes seconds): treat it as read-only."""
     with tempfile.TemporaryDirectory() as tmp:
         return clip_tokenizer_from_open_clip(Path(tmp))     # the files are read while building it
