@@ -246,10 +246,11 @@ def make_world_artifacts(config, images: int = 8, seed: int = 3, tags: bool = Tr
                                                         "eval": {"images": images, "references": 3 * images},
                                                         "frequent_caption": {"caption": frequent, "count": 3}})
         write_json(paths.world_metrics(world, "clip"), {"model": "synthcap-world-vit", "pairs": 20000, "heldout": 1000,
+                                                        "synthetic_pairs": 5000, "shape_twins": True,
                                                         "i2t_r1": 0.21, "i2t_r5": 0.62, "i2t_r10": 0.8,
                                                         "t2i_r1": 0.2, "t2i_r5": 0.6, "t2i_r10": 0.79})
         write_json(paths.world_metrics(world, "detector"), {
-            "heldout": 500, "threshold": 0.4,
+            "heldout": 500, "threshold": 0.4, "images": 1500, "synthetic_images": 0,
             "heldout_photo": {"precision": 0.93, "recall": 0.88, "f1": 0.904},
             "heldout_synthetic": {"precision": 0.7, "recall": 0.6, "f1": 0.646}})
     write_json(paths.SYNTHETIC_IMAGES / "report.json", {
@@ -377,6 +378,10 @@ def test_world_section_reports_clip_detector_and_synthetic_pairs(world_page):
     section = page[page.index("<h2>The world shapes: its data and models"):page.index("<h2>Caption metrics</h2>")]
     assert "<h3>CLIP</h3>" in section and "0.620" in section and "R@5 bar 0.5: met" in section
     assert "<h3>Detector</h3>" in section and "0.904" in section and "F1 bar 0.8: met" in section
+    # the styles each model trained on, from its own report: a detector of photos alone meets a domain gap
+    assert "20000 web pairs apart from the corpus and the eval set (15000 in the photo style, 5000 in the " \
+           "synthetic style), each beside its shape twin in its batch" in section
+    assert "trained on 1500 images, all in the photo style" in section and "synthetic style (domain gap)" in section
     assert "<h3>Synthetic pairs</h3>" in section and "853 of 1200" in section and "binding 104" in section
     assert "world run" in page and "never compared with the papers" in page
 

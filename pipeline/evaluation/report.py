@@ -581,6 +581,15 @@ def _recall(report: Mapping, direction: str, k: int) -> float | None:
     return None
 
 
+def _style_note(synthetic, total) -> str:
+    """The styles a world model trained on, from its own report: " (N in the photo style, M in the synthetic style)"."""
+    if _number(synthetic) is None or _number(total) is None:
+        return ""
+    if not synthetic:
+        return ", all in the photo style"
+    return f" ({_text(total - synthetic)} in the photo style, {_text(synthetic)} in the synthetic style)"
+
+
 def _bar_note(value: float | None, bar: float, what: str) -> str:
     if value is None:
         return ""
@@ -614,14 +623,18 @@ def _world_models_section(world: Mapping) -> str:
                         for d, label in (("i2t", "image → text"), ("t2i", "text → image")))
         r5 = _recall(clip, "i2t", 5)
         parts.append(f"<h3>CLIP</h3>\n<p>The world's CLIP ({_text(clip.get('model', ''))}), trained contrastively on "
-                     f"{_text(clip.get('pairs', MISSING))} photo-style web pairs apart from the corpus and the eval set: "
+                     f"{_text(clip.get('pairs', MISSING))} web pairs apart from the corpus and the eval set"
+                     + _style_note(clip.get("synthetic_pairs"), clip.get("pairs"))
+                     + (", each beside its shape twin in its batch" if clip.get("shape_twins") else "") + ": "
                      f"its zero-shot retrieval among {_text(clip.get('heldout', MISSING))} held-out pairs (the share of "
                      "queries whose match ranks in the top k)" + _bar_note(r5, CLIP_R5_BAR, "image → text R@5") + ".</p>\n"
                      f'<table class="metrics"><thead><tr><th></th>{header}</tr></thead><tbody>{lines}</tbody></table>')
     detector = world.get("detector")
     if detector:
         styles = [(label, detector.get(key)) for key, label in (("heldout_photo", "photo style (held out)"),
-                                                                ("heldout_synthetic", "synthetic style (domain gap)"))
+                                                                ("heldout_synthetic", "synthetic style"
+                                                                 + ("" if detector.get("synthetic_images") else
+                                                                    " (domain gap)")))
                   if isinstance(detector.get(key), Mapping)]
         if not styles and _number(detector.get("f1")) is not None:
             styles = [("held out", detector)]
@@ -629,7 +642,10 @@ def _world_models_section(world: Mapping) -> str:
                                                                   for k in ("precision", "recall", "f1")) + "</tr>"
                         for label, m in styles)
         photo_f1 = _number(styles[0][1].get("f1")) if styles else None
-        parts.append("<h3>Detector</h3>\n<p>The world's shape detector, trained on photo-style images: the precision, "
+        parts.append("<h3>Detector</h3>\n<p>The world's shape detector, trained on "
+                     f"{_text(detector.get('images', MISSING))} images"
+                     + _style_note(detector.get("synthetic_images", 0), detector.get("images"))
+                     + ": the precision, "
                      "recall and F1 of the shape labels it finds per held-out image against the shapes in the scene"
                      + (f" ({_text(detector.get('heldout'))} images, score threshold {_text(detector.get('threshold'))})"
                         if detector.get("heldout") is not None else "")
