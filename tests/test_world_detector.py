@@ -140,10 +140,10 @@ def test_the_synthetic_share_renders_that_share_of_the_training_images_in_the_sy
     seen = {}
     real = training.render_pixels
 
-    def spy(scenes, style, size, progress=False):
+    def spy(scenes, style, size):
         seen.setdefault("styles", style if isinstance(style, list) else [style] * len(scenes))
         seen.setdefault("scenes", scenes)
-        return real(scenes, style, size, progress)
+        return real(scenes, style, size)
 
     monkeypatch.setattr(training, "render_pixels", spy)
     kw = dict(TINY, images=40, heldout=2)

@@ -12,7 +12,6 @@ from functools import lru_cache
 from pathlib import Path
 
 
-
 def clip_tokenizer_from_open_clip(folder: Path):
     """A transformers CLIPTokenizer whose vocab.json/merges.txt are rebuilt from open_clip's BPE file.
     open_clip and transformers are imported here, not at the top: every stage parses the method modules
@@ -29,8 +28,6 @@ def clip_tokenizer_from_open_clip(folder: Path):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
                          pad_token="<|endoftext|>")
-
-
 
 
 @lru_cache(maxsize=1)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from pipeline.models import weights_sha256
 from pipeline.models.detector import Detection
 from pipeline.world.detector import (WorldDetector, WorldDetectorConfig, box_iou, save_world_detector)
-from pipeline.world.render import object_box, render
+from pipeline.world.render import draw_styles, object_box, render_scenes
 from pipeline.world.scenes import Scene, sample_scene, world_rng
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5)    # the held-out label F1 is also reported at these
@@ -47,15 +47,11 @@ def draw_scenes(seed: int, purpose: str, n: int) -> list[Scene]:
     return [sample_scene(rng) for _ in range(n)]
 
 
-def render_pixels(scenes: list[Scene], style: str | list[str], size: int, progress: bool = False) -> torch.Tensor:
+def render_pixels(scenes: list[Scene], style: str | list[str], size: int) -> torch.Tensor:
     """[N, 3, size, size] uint8 renderings of ``scenes`` in ``style`` (one for all, or one per scene)."""
     styles = [style] * len(scenes) if isinstance(style, str) else style
-    if len(styles) != len(scenes):
-        raise ValueError(f"{len(styles)} styles for {len(scenes)} scenes")
-    out = torch.empty(len(scenes), 3, size, size, dtype=torch.uint8)
-    for i, scene in enumerate(tqdm(scenes, desc="  render", unit="img", disable=not progress, leave=False)):
-        out[i] = torch.from_numpy(np.array(render(scene, styles[i], size))).permute(2, 0, 1)
-    return out
+    images = render_scenes(scenes, size, styles=styles)
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
 
 
 def scene_targets(scene: Scene, config: WorldDetectorConfig, flip: bool = False) -> dict[str, torch.Tensor]:
@@ -174,8 +170,6 @@ def fit_world_detector(*, seed: int, images: int, epochs: int, batch_size: int, 
     shared 2-core machine two threads of a model this small wait on each other (4-5x slower under load).
     The weights depend on it (reduction order): a seed gives the same weights at the same ``threads``.
     ``threshold``: the score threshold of the report and the config's ``default_threshold`` (None: 0.3)."""
-    if not 0.0 <= synthetic_share <= 1.0:
-        raise ValueError(f"synthetic_share is a share of the images, in [0, 1]; got {synthetic_share}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -184,9 +178,8 @@ def fit_world_detector(*, seed: int, images: int, epochs: int, batch_size: int, 
             config.default_threshold = threshold
         started = time.perf_counter()
         scenes = draw_scenes(seed, "detector", images)
-        style_rng = world_rng(seed, "detector-styles")
-        styles = ["synthetic" if style_rng.random() < synthetic_share else "photo" for _ in scenes]
-        pixels = render_pixels(scenes, styles, image_size, progress)
+        styles = draw_styles(world_rng(seed, "detector-styles"), images, synthetic_share)
+        pixels = render_pixels(scenes, styles, image_size)
         targets = [stack_targets(scenes, config, flip) for flip in (False, True)]
         rendered = time.perf_counter()
 

@@ -8,11 +8,18 @@
 
 The picture depends only on the scene and the style: the scene's ``background`` seeds every random
 choice, so a scene always renders to the same bytes. Shapes are drawn at 4x and reduced (anti-aliasing).
+``render_scenes`` renders many (in processes), ``draw_styles`` gives a model's training images their
+styles (the world CLIP's and detector's synthetic share).
 """
 from __future__ import annotations
 
 import io
+import logging
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -120,3 +127,44 @@ def _photo(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=int(rng.integers(75, 92)))
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def draw_styles(rng: np.random.Generator, n: int, synthetic_share: float, group: int = 1) -> list[str]:
+    """The styles of ``n`` training images: each run of ``group`` images (e.g. a scene and its shape twin)
+    is "synthetic" with probability ``synthetic_share`` (one draw of ``rng`` per run), else "photo"."""
+    if not 0.0 <= synthetic_share <= 1.0:
+        raise ValueError(f"synthetic_share is a share of the images, in [0, 1]; got {synthetic_share}")
+    return [style for _ in range(n // group)
+            for style in ["synthetic" if rng.random() < synthetic_share else "photo"] * group]
+
+
+def _render(args: tuple[Scene, str, int]) -> np.ndarray:
+    scene, style, size = args
+    return np.asarray(render(scene, style, size))
+
+
+def render_scenes(scenes: Sequence[Scene], size: int, workers: int = 1,
+                  styles: Sequence[str] | None = None) -> list[Image.Image]:
+    """The scenes in the photo style (or each in its own of ``styles``), rendered by ``workers`` processes
+    (a scene always renders to the same bytes, so the result does not depend on ``workers``). The processes
+    are spawned, never forked: the caller may have torch's OpenMP threads and a stage's orphan watch
+    running, and a fork of a threaded process may hang its child. A spawned process imports the caller's
+    main module; where that fails (a script with no `__main__` guard), the scenes are rendered here, with a
+    warning."""
+    if styles is not None and len(styles) != len(scenes):
+        raise ValueError(f"{len(styles)} styles for {len(scenes)} scenes")
+    jobs = [(s, "photo" if styles is None else styles[i], size) for i, s in enumerate(scenes)]
+    arrays = None
+    if workers > 1 and len(jobs) >= 64:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                arrays = list(pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+        except BrokenProcessPool:
+            # A spawned process imports the caller's main module: a script without an `if __name__ ==
+            # "__main__":` guard kills it (every stage has the guard). The same bytes, in this process.
+            logging.getLogger(__name__).warning(
+                "render processes could not start (guard the calling script's entry point with "
+                "`if __name__ == \"__main__\":`); rendering %d scenes in this process", len(jobs))
+    if arrays is None:
+        arrays = [_render(j) for j in jobs]
+    return [Image.fromarray(a) for a in arrays]
