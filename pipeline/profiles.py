@@ -22,7 +22,7 @@ from pipeline import config as cfg
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
 PARAMS = REPO / "params.yaml"
-DEMO_PROFILE = "offline"     # what params.yaml holds in a fresh clone, and what `make demo` runs (the world: next)
+DEMO_PROFILE = "world"       # what params.yaml holds in a fresh clone, and what `make demo` runs
 
 
 def merge(base: dict, overlay: dict) -> dict:

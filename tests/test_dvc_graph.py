@@ -17,10 +17,11 @@ from pipeline.profiles import use_profile
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["params.yaml", "world"])
+@pytest.fixture(scope="module", params=["params.yaml", "offline"])
 def resolved(request, tmp_path_factory):
     """(the configuration, its stages as DVC resolves them: foreach and matrix expanded by DVC itself), for
-    params.yaml as committed and for the world profile (whose stages exist only there)."""
+    params.yaml as committed (the world profile, whose world stages exist only there) and for the offline
+    profile (its eval set of photos, the demo_photos stage's)."""
     root = REPO
     if request.param != "params.yaml":
         root = tmp_path_factory.mktemp(request.param)

@@ -1,4 +1,4 @@
-"""Profiles: params.yaml is the offline profile, fully expanded; the paper profiles carry METHODS.md's numbers
+"""Profiles: params.yaml is the demo's (world) profile, fully expanded; the paper profiles carry METHODS.md's numbers
 and plan every stage."""
 import re
 import shutil

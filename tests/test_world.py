@@ -180,3 +180,24 @@ def test_a_shape_twin_differs_from_its_scene_in_shapes_only_and_keeps_pairs_pair
             assert b.shape != a.shape and (a.colour, a.size, a.x, a.y) == (b.colour, b.size, b.x, b.y)
         mapping = {(a.shape, b.shape) for a, b in zip(scene.objects, twin.objects)}
         assert len({a for a, _ in mapping}) == len(mapping)            # one shape, one replacement
+
+
+def test_a_binding_twin_moves_every_colour_to_other_objects_and_keeps_the_rest():
+    from pipeline.world.scenes import binding_twin
+    rng = world_rng(0, "binding-twin-test")
+    twins = none = 0
+    for _ in range(300):
+        scene = sample_scene(rng)
+        twin = binding_twin(scene, rng)
+        if len({o.colour for o in scene.objects}) < 2:
+            assert twin is None                                        # nothing to swap
+            none += 1
+            continue
+        twins += 1
+        assert twin.background == scene.background and len(twin.objects) == len(scene.objects)
+        for a, b in zip(scene.objects, twin.objects):
+            assert b.colour != a.colour and (a.shape, a.size, a.x, a.y) == (b.shape, b.size, b.x, b.y)
+        mapping = {(a.colour, b.colour) for a, b in zip(scene.objects, twin.objects)}
+        assert len({a for a, _ in mapping}) == len(mapping)            # a pair of red circles stays a pair
+        assert {o.colour for o in twin.objects} == {o.colour for o in scene.objects}   # the same colours, moved
+    assert twins > 50 and none > 50

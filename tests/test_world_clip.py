@@ -152,6 +152,7 @@ def test_a_synthetic_share_renders_that_share_of_the_web_pairs_in_the_synthetic_
     assert set(train) == {"photo", "synthetic"} and set(heldout) == {"photo"}     # retrieval is on photos
     for key in ("zero_shot_single_object", "zero_shot_single_object_synthetic"):
         assert 0.0 <= report[key]["colour_accuracy"] <= 1.0
+    assert 0.0 <= report["zero_shot_binding"]["binding_accuracy"] <= 1.0
     scenes, _ = heldout_pairs(0, 3)
     for image, scene, style in zip(real(scenes, 64, styles=["synthetic", "photo", "synthetic"]), scenes,
                                    ["synthetic", "photo", "synthetic"]):

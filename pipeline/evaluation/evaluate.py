@@ -11,8 +11,7 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.data.aligned import check_dim
 from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
-from pipeline.evaluation.metrics import caption_metrics, clip_score, ref_clip_score
-from pipeline.models.clip import clip_for
+from pipeline.evaluation.metrics import caption_metrics, clip_score, ref_clip_score, start_meteor
 from pipeline.stage import read_json
 
 CLIPSCORE_PROMPT = "A photo depicts "  # Hessel et al. 2021 prefix every caption with it
@@ -22,6 +21,9 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
     """-> (metrics: {metric: float, images_evaluated, images_skipped, images_missing}, details:
     per-image scores, skipped images and metrics with reasons). ``predictions`` maps eval image ids to
     captions; images without one (a result file that misses some) are left out and counted."""
+    if config.evaluate.meteor:
+        start_meteor()              # its Java process loads while CLIP is imported, loaded and run below
+    from pipeline.models.clip import clip_for      # open_clip: seconds to import
     images = ShardedArtifact(paths.evalset(evalset))
     features = ShardedArtifact(paths.eval_features(evalset))
     c = config.models.clip
@@ -37,7 +39,6 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
         raise ValueError(f"no caption of any image of eval set {evalset}")
     references = dict(zip(all_ids, images.read_column("references").to_pylist()))
     references = {i: references[i] for i in ids}
-    coco = caption_metrics({i: predictions[i] for i in ids}, references, meteor=config.evaluate.meteor)
 
     image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])[keep]
     check_dim(image_features, clip.dim, f"eval image features of {evalset}")
@@ -48,6 +49,7 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
     w = config.evaluate.clipscore_w
     clip_s, clip_per_image = clip_score(image_features, caption_features, w=w)
     ref_s, ref_per_image = ref_clip_score(image_features, caption_features, reference_features, w=w)
+    coco = caption_metrics({i: predictions[i] for i in ids}, references, meteor=config.evaluate.meteor)
     skipped_images = read_json(paths.evalset(evalset) / "report.json")["skipped"]
     metrics = {**{k: float(v) for k, v in coco["scores"].items()}, "CLIPScore": float(clip_s),
                "RefCLIPScore": float(ref_s), "images_evaluated": len(ids), "images_skipped": len(skipped_images),

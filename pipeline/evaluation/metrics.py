@@ -199,6 +199,14 @@ def _coco_scores(predicted: dict, referenced: dict, meteor: bool = True) -> dict
     return scores
 
 
+def start_meteor() -> None:
+    """Start METEOR's Java process now, if Java is installed: it loads its paraphrase tables for about
+    5 s and scores in well under one, so a caller that starts it before other work (loading CLIP,
+    CLIPScore) overlaps the two; :func:`caption_metrics` then reuses the running process."""
+    if shutil.which("java") is not None:
+        _METEOR.scorer()
+
+
 def _meteor_score(referenced: dict, predicted: dict) -> float:
     """METEOR 1.5 through the process-wide METEOR scorer."""
     scorer = _METEOR.scorer()

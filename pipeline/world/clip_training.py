@@ -25,7 +25,8 @@ No pretrained CLIP can be downloaded here, so the world trains its own stand-in,
 - Evaluation: zero-shot retrieval on ``heldout`` pairs from ``world_rng(seed, "clip-heldout")`` (each
   scene followed by its one caption in that stream): image->text and text->image R@1/5/10 by
   :func:`retrieval_recall`, after every epoch (the report's ``history``) and at the end (photo style);
-  :func:`attribute_probe`: zero-shot shape and colour of single objects, in both styles.
+  :func:`attribute_probe`: zero-shot shape and colour of single objects, in both styles;
+  :func:`binding_probe`: whether an image is closer to its caption than to the caption with its colours swapped.
 - Check: the saved file is loaded by ``pipeline.models.clip.load_clip`` and must give the in-memory
   model's image (``encode_pixels(..., ["global"])``) and text (``encode_texts``) features to ``atol``.
 """
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 from pipeline.models.clip import encode_tokens, load_clip   # (also registers pipeline/models/configs with open_clip)
 from pipeline.world.grammar import describe
 from pipeline.world.render import draw_styles, render, render_scenes
-from pipeline.world.scenes import COLOURS, SHAPES, Scene, sample_scene, shape_twin, world_rng
+from pipeline.world.scenes import COLOURS, SHAPES, Scene, binding_twin, sample_scene, shape_twin, world_rng
 
 KS = (1, 5, 10)
 LOG_SCALE_MAX = math.log(100.0)
@@ -139,6 +140,31 @@ def attribute_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size:
         shapes += int((table[c] @ image).argmax()) == w          # the 7 shapes at its colour
         colours += int((table[:, w] @ image).argmax()) == c      # the 7 colours at its shape
     return {"shape_accuracy": shapes / n, "colour_accuracy": colours / n, "chance": 1 / len(shape_names)}
+
+
+@torch.no_grad()
+def binding_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size: int = 64,
+                  style: str = "photo") -> dict[str, float]:
+    """Zero-shot colour-shape binding on ``n`` images of scenes with two or more colours (scenes of
+    ``world_rng(seed, "clip-binding-probe")``): the share in which the image is closer to its caption than
+    to its binding twin's (``scenes.binding_twin``: the same shapes with the colours swapped), both phrased
+    alike (the same grammar draws). Chance: 0.5; a model that sees colours and shapes but not which goes
+    with which stays there."""
+    rng, twin_rng = world_rng(seed, "clip-binding-probe"), world_rng(seed, "clip-binding-probe-twins")
+    scenes, twins = [], []
+    while len(scenes) < n:
+        scene = sample_scene(rng)
+        twin = binding_twin(scene, twin_rng)
+        if twin is not None:
+            scenes.append(scene)
+            twins.append(twin)
+    model.eval()
+    images = model.encode_image(preprocess_all([render(s, style, size) for s in scenes], preprocess), normalize=True)
+    captions = [describe(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
+    twin_captions = [describe(t, np.random.default_rng(i)) for i, t in enumerate(twins)]
+    own = (images * encode_text_trimmed(model, tokenizer(captions))).sum(-1)
+    swapped = (images * encode_text_trimmed(model, tokenizer(twin_captions))).sum(-1)
+    return {"binding_accuracy": float((own > swapped).double().mean()), "chance": 0.5}
 
 
 def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -316,6 +342,7 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
         check = check_loaded(name, path, model, test_pixels[:check_pairs], test_captions[:check_pairs])
         probe = attribute_probe(model, preprocess, tokenizer, seed, size=image_size)
         probe_synthetic = attribute_probe(model, preprocess, tokenizer, seed, size=image_size, style="synthetic")
+        binding = binding_probe(model, preprocess, tokenizer, seed, size=image_size)
         final = history[-1]
         return {
             "model": name, "file": path.name, "seed": seed, "pairs": pairs, "epochs": epochs,
@@ -328,7 +355,7 @@ def train_world_clip(name: str, out_dir: str | Path, *, seed: int = 0, pairs: in
             "logit_scale": float(model.logit_scale.detach().exp()),
             "heldout_duplicate_captions": heldout - len(set(test_captions)),
             "history": history, "check": check, "zero_shot_single_object": probe,
-            "zero_shot_single_object_synthetic": probe_synthetic,
+            "zero_shot_single_object_synthetic": probe_synthetic, "zero_shot_binding": binding,
             "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
             "seconds": round(time.perf_counter() - start, 1),
         }

@@ -125,3 +125,16 @@ def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
             new[o.shape] = str(rng.choice([s for s in SHAPES if s != o.shape]))
     return Scene(tuple(replace(o, shape=new[o.shape]) for o in scene.objects), background=scene.background)
 
+
+
+def binding_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """``scene`` with its colours moved to other objects (each colour to another, one colour always to the
+    same one: a pair of red circles stays a pair), or None when it has fewer than two colours; shapes,
+    sizes, positions and background stay: the two differ in which colour goes with which shape only
+    (NegCLIP's swapped-attribute negatives), which a bag of colours and shapes cannot tell apart."""
+    colours = sorted({o.colour for o in scene.objects})
+    if len(colours) < 2:
+        return None
+    shift = int(rng.integers(1, len(colours)))          # a cyclic shift: no colour stays where it was
+    new = {c: colours[(i + shift) % len(colours)] for i, c in enumerate(colours)}
+    return Scene(tuple(replace(o, colour=new[o.colour]) for o in scene.objects), background=scene.background)
