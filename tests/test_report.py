@@ -248,7 +248,12 @@ def make_world_artifacts(config, images: int = 8, seed: int = 3, tags: bool = Tr
         write_json(paths.world_metrics(world, "clip"), {"model": "synthcap-world-vit", "pairs": 20000, "heldout": 1000,
                                                         "synthetic_pairs": 5000, "shape_twins": True,
                                                         "i2t_r1": 0.21, "i2t_r5": 0.62, "i2t_r10": 0.8,
-                                                        "t2i_r1": 0.2, "t2i_r5": 0.6, "t2i_r10": 0.79})
+                                                        "t2i_r1": 0.2, "t2i_r5": 0.6, "t2i_r10": 0.79,
+                                                        "zero_shot_single_object": {"shape_accuracy": 0.875,
+                                                                                    "colour_accuracy": 1.0,
+                                                                                    "chance": 1 / 7},
+                                                        "zero_shot_binding": {"binding_accuracy": 0.5675,
+                                                                              "chance": 0.5}})
         write_json(paths.world_metrics(world, "detector"), {
             "heldout": 500, "threshold": 0.4, "images": 1500, "synthetic_images": 0,
             "heldout_photo": {"precision": 0.93, "recall": 0.88, "f1": 0.904},
@@ -382,6 +387,8 @@ def test_world_section_reports_clip_detector_and_synthetic_pairs(world_page):
     assert "20000 web pairs apart from the corpus and the eval set (15000 in the photo style, 5000 in the " \
            "synthetic style), each beside its shape twin in its batch" in section
     assert "trained on 1500 images, all in the photo style" in section and "synthetic style (domain gap)" in section
+    assert "the shape of a single object 0.875 and its colour 1.000 (chance 0.143)" in section
+    assert "the same caption with the colours swapped 0.568 (chance 0.500)" in section   # the probes, as reported
     assert "<h3>Synthetic pairs</h3>" in section and "853 of 1200" in section and "binding 104" in section
     assert "world run" in page and "never compared with the papers" in page
 

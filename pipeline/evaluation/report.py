@@ -598,6 +598,26 @@ def _bar_note(value: float | None, bar: float, what: str) -> str:
             f'{"met" if ok else "missed"})</span>')
 
 
+def _probe_note(clip: Mapping) -> str:
+    """The world CLIP's zero-shot probes (pipeline/world/clip_training.py), where its report has them: shape and
+    colour of single objects, and colour-shape binding, the limit the methods' binding errors come from."""
+    single, binding = clip.get("zero_shot_single_object"), clip.get("zero_shot_binding")
+    if not isinstance(single, Mapping) and not isinstance(binding, Mapping):
+        return ""
+    text = "Zero-shot probes on photo-style images:"
+    if isinstance(single, Mapping):
+        text += (f" the shape of a single object {_fraction(single.get('shape_accuracy'))} and its colour "
+                 f"{_fraction(single.get('colour_accuracy'))} (chance {_fraction(single.get('chance'))})")
+    if isinstance(binding, Mapping):
+        text += ((";" if isinstance(single, Mapping) else "") +
+                 f" an image of two or more colours closer to its caption than to the same caption with the colours "
+                 f"swapped {_fraction(binding.get('binding_accuracy'))} (chance {_fraction(binding.get('chance'))}). "
+                 "A CLIP that sees colours and shapes but barely which goes with which (as real CLIP, a bag of words "
+                 "in this respect: Yuksekgonul et al., ICLR 2023) caps every captioner's colour-shape binding, the "
+                 "largest share of its wrong objects")
+    return f'<p class="legend">{_text(text)}.</p>'
+
+
 def _world_models_section(world: Mapping) -> str:
     """The world's own models and data: what the methods are built on (each part only if its report exists)."""
     name = world.get("name", "")
@@ -628,7 +648,8 @@ def _world_models_section(world: Mapping) -> str:
                      + (", each beside its shape twin in its batch" if clip.get("shape_twins") else "") + ": "
                      f"its zero-shot retrieval among {_text(clip.get('heldout', MISSING))} held-out pairs (the share of "
                      "queries whose match ranks in the top k)" + _bar_note(r5, CLIP_R5_BAR, "image → text R@5") + ".</p>\n"
-                     f'<table class="metrics"><thead><tr><th></th>{header}</tr></thead><tbody>{lines}</tbody></table>')
+                     f'<table class="metrics"><thead><tr><th></th>{header}</tr></thead><tbody>{lines}</tbody></table>'
+                     + _probe_note(clip))
     detector = world.get("detector")
     if detector:
         styles = [(label, detector.get(key)) for key, label in (("heldout_photo", "photo style (held out)"),
