@@ -55,7 +55,7 @@ BENCH_OUT ?= artifacts/bench/results.json
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.run --device $(DEVICE) --out $(BENCH_OUT) $(if $(QUICK),--quick)
 
-# Select a configuration profile: make profile NAME=paper-syntic-coco (NAME=offline switches back).
+# Select a configuration profile: make profile NAME=paper-syntic-coco (NAME=world switches back to the demo's).
 profile: $(STAMP)
 	$(BIN)/python -m pipeline.profiles use $(NAME)
 

@@ -613,8 +613,8 @@ def _probe_note(clip: Mapping) -> str:
                  f" an image of two or more colours closer to its caption than to the same caption with the colours "
                  f"swapped {_fraction(binding.get('binding_accuracy'))} (chance {_fraction(binding.get('chance'))}). "
                  "A CLIP that sees colours and shapes but barely which goes with which (as real CLIP, a bag of words "
-                 "in this respect: Yuksekgonul et al., ICLR 2023) caps every captioner's colour-shape binding, the "
-                 "largest share of its wrong objects")
+                 "in this respect: Yuksekgonul et al., ICLR 2023) caps every captioner's colour-shape binding (the "
+                 "Binding column of the exact metrics)")
     return f'<p class="legend">{_text(text)}.</p>'
 
 
