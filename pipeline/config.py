@@ -389,7 +389,8 @@ class Generate:
     resolution: int | None = opt(None, "pixels; null = the model's own", check=at_least(8))
     steps: int = opt(20, "sampling steps", check=at_least(1))
     guidance_scale: float = opt(7.5, "classifier-free guidance", check=non_negative)
-    batch_size: int = opt(16, "prompts per forward pass", check=at_least(1), speed_only=True)
+    batch_size: int = opt(16, "prompts per forward pass; a parameter: on some CPUs a batched UNet's float sums differ "
+                              "in the last bit from one image's, moving a pixel by one level", check=at_least(1))
     seed: int = opt(0, "per-caption seed = hash(seed, caption_id)")
     image_format: Literal["png", "jpeg"] = opt("png", "png (lossless) | jpeg")
 

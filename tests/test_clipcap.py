@@ -283,6 +283,37 @@ def test_prefix_mlp_maps_a_feature_to_prefix_length_embeddings_of_the_lm_width()
     assert isinstance(single.net, torch.nn.Linear) and single(x).shape == (3, 1, 32)
 
 
+def test_decaps_start_token_follows_the_prefix_in_training_and_decoding():
+    """start_token (the released DeCap's [prefix, SOT, words]): the loss and the greedy caption equal a
+    direct computation on the LM with the start token's embedding after the prefix."""
+    torch.manual_seed(0)
+    m = clipcap.create(train_settings(start_token=True, prefix_hidden=0, prefix_length=1), {"feature_dim": 64}).eval()
+    plain = clipcap.create(train_settings(prefix_hidden=0, prefix_length=1), {"feature_dim": 64}).eval()
+    lm, feats = m.causal, torch.from_numpy(l2_normalize(np.random.default_rng(1).standard_normal((3, 64)))).float()
+    with torch.no_grad():
+        mapped = m.prefix_mlp(feats)                                                    # [3, 1, W]
+        sot = lm.embed(torch.full((3, 1), lm.bos_id))
+        assert m.prefix(feats).shape == (3, 2, lm.width) and plain.prefix(feats).shape == (3, 1, lm.width)
+        torch.testing.assert_close(m.prefix(feats), torch.cat([mapped, sot], dim=1))
+        tokens, lengths = lm.encode(["a dog runs on the grass", "two children", "a man rides a red bike"], 16)
+        x = torch.cat([mapped, sot, lm.embed(tokens)], dim=1)
+        mask = (torch.arange(x.shape[1])[None] < (2 + lengths)[:, None]).long()
+        logits = lm.model(inputs_embeds=x, attention_mask=mask).logits[:, 1:1 + tokens.shape[1]]   # after SOT
+        target = tokens.masked_fill(torch.arange(tokens.shape[1])[None] >= lengths[:, None], -100)
+        direct = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                   ignore_index=-100)
+        torch.testing.assert_close(m.loss({"feature": feats, "tokens": tokens, "lengths": lengths}), direct)
+        for b in range(3):                                  # greedy from [prefix, SOT], by hand
+            seq, ids = torch.cat([mapped[b:b + 1], sot[b:b + 1]], dim=1), []
+            for _ in range(m.cfg.max_len):
+                nxt = int(lm.model(inputs_embeds=seq).logits[0, -1].argmax())
+                if nxt == lm.eos_id:
+                    break
+                ids.append(nxt)
+                seq = torch.cat([seq, lm.embed(torch.tensor([[nxt]]))], dim=1)
+            assert m.generate(feats[b:b + 1]) == [lm.decode(ids)]
+
+
 def test_variant_labels_and_settings_validation():
     assert variant(*[cfg.parse(k, v, "x") for k, v in zip((clipcap.Train, clipcap.Caption),
                                                            VARIANTS["unsupervised-clipcap"])]) == "matched+mean"

@@ -18,6 +18,7 @@ from conftest import methods_md_section
 from pipeline import config as cfg
 from pipeline import paths, runner
 from pipeline.methods import Data, Phase, Step, cmsa
+from pipeline.evaluation import metrics
 from pipeline.methods.cmsa import (Generator, discriminator_loss, entity_set, id_tokens, joint_reward,
                                    salient_concepts, scst_loss, variant)
 from pipeline.nn import decoding, schedules
@@ -123,16 +124,17 @@ def test_entities_are_the_tags_the_salient_concepts_or_both():
 # ---------------------------------------------------------------------------------------------
 # 4. The joint reward, 5. SCST
 # ---------------------------------------------------------------------------------------------
-def test_the_joint_reward_is_the_weighted_clip_cosine_plus_the_discriminator_probability():
-    text = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
-    image = torch.tensor([[1.0, 0.0], [0.0, 2.0]])                                # cosines 0.6 and 0
-    prob = torch.tensor([0.9, 0.25])
-    reward, terms = joint_reward(text, image, prob, 2.0, 0.5)
-    torch.testing.assert_close(reward, torch.tensor([2.0 * 0.6 + 0.5 * 0.9, 0.5 * 0.25]))
-    torch.testing.assert_close(terms["clip"], torch.tensor([0.6, 0.0]))
+def test_the_joint_reward_is_the_weighted_clipscore_plus_the_discriminator_probability():
+    text = torch.tensor([[3.0, 4.0], [1.0, 0.0], [-1.0, 0.0]])
+    image = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])                   # cosines 0.6, 0 and -1
+    prob = torch.tensor([0.9, 0.25, 0.5])
+    reward, terms = joint_reward(text, image, prob, 2.0, 0.5)                    # CLIPScore: 2.5 * max(cos, 0)
+    torch.testing.assert_close(terms["clip"], torch.tensor([2.5 * 0.6, 0.0, 0.0]))
+    torch.testing.assert_close(reward, torch.tensor([2.0 * 2.5 * 0.6 + 0.5 * 0.9, 0.5 * 0.25, 0.5 * 0.5]))
     torch.testing.assert_close(terms["fluency"], prob)
-    reward, terms = joint_reward(text, image, None, 1.0, 0.0)                    # B-R off
-    torch.testing.assert_close(reward, torch.tensor([0.6, 0.0])) and set(terms) == {"clip"}
+    assert float(metrics.clip_score(image[:1].numpy(), text[:1].numpy())[0]) == pytest.approx(float(terms["clip"][0]))
+    reward, terms = joint_reward(text, image, None, 1.0, 0.0, clip_scale=1.0)    # B-R off, the raw cosine
+    torch.testing.assert_close(reward, torch.tensor([0.6, 0.0, 0.0])) and set(terms) == {"clip"}
     reward, terms = joint_reward(None, None, prob, 0.0, 1.0)                     # C-R off
     torch.testing.assert_close(reward, prob) and set(terms) == {"fluency"}
     with pytest.raises(ValueError, match="at least one term"):
@@ -199,7 +201,7 @@ def test_the_model_rewards_samples_and_greedy_captions_in_one_encoder_call():
     model, s, data, rows, calls = hand_model()
     model.train()
     batch = cmsa.batch(model, rows, np.arange(6), s, data, Step(0, 0, 0, 0, "rl"))
-    # the reward of captions = w_c cos(CLIP_t(caption), image) + w_f sigmoid(D(caption)), by hand
+    # the reward of captions = w_c 2.5 max(cos(CLIP_t(caption), image), 0) + w_f sigmoid(D(caption)), by hand
     ids = [[3, 4], [5], []]
     image = batch["image"][:3]
     reward, terms = model.reward(ids, image)
@@ -207,7 +209,8 @@ def test_the_model_rewards_samples_and_greedy_captions_in_one_encoder_call():
     text = torch.from_numpy(stub_encoder(16, [])(texts))
     model.discriminator.eval()
     prob = torch.sigmoid(model.discriminator.score(ids)).detach()
-    torch.testing.assert_close(reward, (text * image).sum(-1) / image.norm(dim=-1) + prob)
+    cosine = (text * image).sum(-1) / (text.norm(dim=-1) * image.norm(dim=-1))
+    torch.testing.assert_close(reward, 2.5 * cosine.clamp(min=0) + prob)
     assert model.discriminator.training is False and calls == [texts]
     # through the SCST loss: one encoder call for the batch's 6 samples and 6 greedy captions
     model.train()

@@ -82,6 +82,45 @@ def test_every_paper_profile_row_matches_its_paper_row_with_the_papers_settings(
     assert matched >= 1, f"{profile} has no row the papers report"
 
 
+SYNTIC_PAPER = REPO.parent / "shared" / "seeds" / "001_f977dab971b3a38b.txt"
+TABLE4_VARIANTS = {"Baseline": "Baseline", "+Feature Optimization (FO)": "FO", "+Feature Projection (FP)": "FP",
+                   "+Auxiliary Feature (AF)": "AF", "+FO & AF w/o FP": "FO+AF", "+FP & FO w/o AF": "FO+FP",
+                   "+FP & AF w/o FO": "FP+AF", "SynTIC": "FO+FP+AF"}
+
+
+def test_syntics_table_4_and_its_tt_row_are_the_papers_numbers():
+    """Every row of SynTIC's Table 4 (MSCOCO and MSCOCO -> Flickr30k) and SynTIC-TT (Table 2), read from the
+    paper's text, is in paper_results.yaml under the variant the method module names it."""
+    if not SYNTIC_PAPER.is_file():
+        pytest.skip(f"the SynTIC paper's text is not at {SYNTIC_PAPER}")
+    text = SYNTIC_PAPER.read_text(encoding="utf-8").replace("<b>", "").replace("</b>", "")
+    table4 = text[text.index("Baseline\t25.1"):text.index("Table 4:")]
+    metrics = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+    for line in table4.strip().splitlines():
+        label, *values = line.split("\t")
+        variant = TABLE4_VARIANTS[label]
+        numbers = [float(v) for v in values]
+        for eval_dataset, half in (("coco", numbers[:5]), ("flickr30k", numbers[5:])):
+            row = papers.paper_row("syntic", variant, "coco", eval_dataset)
+            assert row is not None, f"Table 4 {label!r} on {eval_dataset}"
+            assert row.metrics == dict(zip(metrics, half)), row.id
+    tt = re.search(r"SynTIC-TT\t(.*)", text).group(1).split("\t")
+    assert papers.paper_row("syntic", "FO+FP+AF-TT", "coco", "flickr30k").metrics == \
+        dict(zip(metrics, map(float, tt[:5])))          # COCO -> Flickr30k: C 43.2
+
+
+@pytest.mark.parametrize("profile", ["paper-syntic-coco", "paper-coco-to-flickr30k"])
+def test_every_syntic_row_of_a_paper_profile_has_its_published_numbers(profile):
+    c = config.from_dict(resolve_profile(profile))
+    for name, instance in c.methods.items():
+        if instance.method != "syntic":
+            continue
+        variant = get("syntic").variant(instance.train, instance.caption)
+        for evalset in c.evalsets.values():
+            assert papers.paper_row("syntic", variant, c.corpus.source, evalset.dataset) is not None, \
+                f"{profile}: {name} ({variant}) on {evalset.dataset} has no paper row"
+
+
 def test_a_setting_that_differs_from_the_papers_makes_the_row_not_comparable():
     c = config.from_dict(resolve_profile("paper-capdec-coco"))
     capdec = c.methods["capdec"]

@@ -3,7 +3,9 @@ A model that records the scene it drew (the world's, ``image.info["scene"]``) ad
 the ground truth of each image, which the checker compares with its caption.
 
 Image i depends only on (caption i, its seed), where the seed is a hash of the run's base seed and the
-caption id, so batching, sharding, crashes and the executor never change a pixel.
+caption id, so sharding, crashes and the executor never change a pixel. The batch size can, by one level:
+on some CPUs a batched UNet's float sums differ in the last bit from one image's, so
+``generate.batch_size`` is a parameter of the stage, not a speed-only setting.
 """
 from __future__ import annotations
 

@@ -183,6 +183,7 @@ class ClipCapConfig:
     max_len: int = 30
     freeze_lm: bool = False
     label_smoothing: float = 0.0
+    start_token: bool = False       # DeCap: [prefix, SOT, words...]
 
 
 class ClipCapCaptioner(nn.Module):
@@ -195,9 +196,10 @@ class ClipCapCaptioner(nn.Module):
         self.causal = lm
         self.lm = lm.model
         limit = lm.max_positions
-        if limit is not None and cfg.prefix_length + cfg.max_len > limit:
-            raise ValueError(f"prefix_length {cfg.prefix_length} + max_len {cfg.max_len} exceeds the language "
-                             f"model's {limit} positions")
+        if limit is not None and cfg.prefix_length + cfg.start_token + cfg.max_len > limit:
+            raise ValueError(f"prefix_length {cfg.prefix_length} + max_len {cfg.max_len}"
+                             + (" + the start token" if cfg.start_token else "")
+                             + f" exceeds the language model's {limit} positions")
         if cfg.mapper == "transformer":
             self.prefix_mlp = TransformerMapper(cfg.feature_dim, lm.width, cfg.prefix_length, cfg.mapper_clip_length,
                                                 cfg.mapper_layers)
@@ -218,7 +220,13 @@ class ClipCapCaptioner(nn.Module):
         return next(self.prefix_mlp.parameters()).device
 
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
-        return self.prefix_mlp(features.to(self.device, torch.float32))
+        """The LM's input before the caption: the mapped feature [B, P, W], then (``start_token``, as the
+        released DeCap trains and decodes) the start token's embedding: [B, P + 1, W]."""
+        prefix = self.prefix_mlp(features.to(self.device, torch.float32))
+        if not self.cfg.start_token:
+            return prefix
+        sot = torch.full((prefix.shape[0], 1), self.causal.bos_id, dtype=torch.long, device=prefix.device)
+        return torch.cat([prefix, self.causal.embed(sot).to(prefix.dtype)], dim=1)
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Eq. 1 (Eq. 2 when the batch pairs each target with another caption's feature)."""
@@ -257,6 +265,8 @@ class Train:
                                   check=at_least(1))
     mapper_layers: int = opt(8, "transformer mapper: layers (ClipCap, CapDec: 8)", check=at_least(1))
     freeze_lm: bool = opt(False, "train the prefix MLP only")
+    start_token: bool = opt(False, "the start token's embedding follows the prefix, in training and decoding: "
+                                   "DeCap's [prefix, SOT, words] (released code); ClipCap and CapDec: none")
     max_len: int = opt(30, "caption tokens incl. the end token (training and decoding)", check=at_least(1))
     label_smoothing: float = opt(0.0, "label smoothing of the caption cross-entropy")
     epochs: int = opt(10, "passes over the corpus", check=at_least(1))
@@ -304,7 +314,8 @@ def create(train: Train, facts: dict, data: Data | None = None) -> ClipCapCaptio
                                           prefix_hidden=train.prefix_hidden, mapper=train.mapper,
                                           mapper_clip_length=train.mapper_clip_length,
                                           mapper_layers=train.mapper_layers, max_len=train.max_len,
-                                          freeze_lm=train.freeze_lm, label_smoothing=train.label_smoothing), lm)
+                                          freeze_lm=train.freeze_lm, label_smoothing=train.label_smoothing,
+                                          start_token=train.start_token), lm)
 
 
 def _partners(train: Train, data: Data, epoch: int) -> np.ndarray:

@@ -48,9 +48,14 @@ top to bottom:
    generator cannot produce. Its loss is the binary cross-entropy of real (label 1) against generated
    (label 0), the two halves averaged (``discriminator_loss``; "GANs", the other paper it cites).
 4. Joint reward (``joint_reward``). Outline: "Joint reward: image-text alignment (CLIP similarity) +
-   language fluency (discriminator)". C-R = the cosine between the CLIP text feature of the generated
-   caption (the artifacts' own CLIP text encoder, ``Data.text_encoder``) and the image's CLIP feature;
-   B-R = the discriminator's probability that the caption is real, sigmoid(logit). R =
+   language fluency (discriminator)". C-R is CLIPScore (Hessel et al. 2021, which the paper cites for it):
+   w * max(cos, 0), w = ``clip_reward_scale`` (CLIPScore's 2.5), cos between the CLIP text feature of the
+   generated caption (the artifacts' own CLIP text encoder, ``Data.text_encoder``) and the image's CLIP
+   feature (the caption as generated, without CLIPScore's "A photo depicts" prefix: the reward reads
+   the text the discriminator reads). So C-R spans [0, 2.5] (about 0.75 at a raw cosine of 0.3) beside B-R in [0, 1]: a raw
+   cosine would leave the alignment term a third of its cited weight. ``clip_reward_scale: 1`` with a
+   non-negative cosine is the raw similarity. B-R = the discriminator's probability that the caption is
+   real, sigmoid(logit). R =
    ``clip_reward_weight`` * C-R + ``fluency_reward_weight`` * B-R (not given: 1 and 1). A term is on
    when its switch (``clip_reward``, ``fluency_reward``) is on and its weight is above 0 ("0 switches
    it off"). All texts of a batch (its samples and its greedy baselines) are encoded in ONE call of the
@@ -112,7 +117,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import ModelRef, at_least, divides, dropout_rate, non_negative, opt
+from pipeline.config import ModelRef, at_least, divides, dropout_rate, non_negative, opt, positive
 from pipeline.methods import Data, Needs, Phase, Step
 from pipeline.models import weights_sha256
 from pipeline.nn import decoding, schedules
@@ -308,12 +313,15 @@ def classifier_from_config(config: dict) -> nn.Module:
 # 4. Joint reward, 5. SCST
 # ---------------------------------------------------------------------------------------------
 def joint_reward(text_feats: torch.Tensor | None, image_feats: torch.Tensor | None, real_prob: torch.Tensor | None,
-                 clip_weight: float, fluency_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """R = clip_weight * cos(text, image) + fluency_weight * P(real). A term with weight 0 (or None
-    inputs) is left out. -> (R [N], {"clip": C-R [N], "fluency": B-R [N]} of the terms that are on)."""
+                 clip_weight: float, fluency_weight: float, clip_scale: float = 2.5
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """R = clip_weight * C-R + fluency_weight * B-R, C-R = CLIPScore = clip_scale * max(cos(text, image), 0),
+    B-R = P(real). A term with weight 0 (or None inputs) is left out. -> (R [N], {"clip": C-R [N],
+    "fluency": B-R [N]} of the terms that are on)."""
     terms, total = {}, None
     if clip_weight > 0:
-        terms["clip"] = (F.normalize(text_feats.float(), dim=-1) * F.normalize(image_feats.float(), dim=-1)).sum(-1)
+        cosine = (F.normalize(text_feats.float(), dim=-1) * F.normalize(image_feats.float(), dim=-1)).sum(-1)
+        terms["clip"] = clip_scale * cosine.clamp(min=0)
         total = clip_weight * terms["clip"]
     if fluency_weight > 0:
         terms["fluency"] = real_prob.float()
@@ -347,6 +355,7 @@ class CMSAConfig:
     concept_k: int = 5
     num_concepts: int = 0
     clip_weight: float = 1.0          # 0: C-R off
+    clip_scale: float = 2.5           # CLIPScore's w: C-R = w * max(cos, 0)
     fluency_weight: float = 1.0       # 0: B-R off (no discriminator)
 
 
@@ -430,7 +439,7 @@ class CMSACaptioner(nn.Module):
             text = torch.from_numpy(np.asarray(self.text_encoder(texts), dtype=np.float32)).to(image.device)
         if self.cfg.fluency_weight > 0:
             prob = self.real_probability(ids).to(image.device)
-        return joint_reward(text, image, prob, self.cfg.clip_weight, self.cfg.fluency_weight)
+        return joint_reward(text, image, prob, self.cfg.clip_weight, self.cfg.fluency_weight, self.cfg.clip_scale)
 
     # ---- the losses of the three phases ---------------------------------------------------------
     def loss(self, batch: dict):
@@ -534,6 +543,8 @@ class Train:
     clip_reward: bool = opt(True, "ablation C-R: the CLIP image-text similarity reward")
     fluency_reward: bool = opt(True, "ablation B-R: the discriminator's fluency reward")
     clip_reward_weight: float = opt(1.0, "weight of C-R (0 switches it off)", check=non_negative)
+    clip_reward_scale: float = opt(2.5, "w of C-R = CLIPScore = w * max(cos, 0) (Hessel et al. 2021, cited by the "
+                                        "paper; 2.5 is CLIPScore's)", check=positive)
     fluency_reward_weight: float = opt(1.0, "weight of B-R (0 switches it off)", check=non_negative)
     fusion_heads: int = opt(4, "heads of the image-entity attention (SynTIC's Eq. 5 module)", check=at_least(1))
     vocabulary: Literal["full", "corpus"] = opt("full", "generator output over all of CLIP's BPE | the BPE ids the "
@@ -653,6 +664,7 @@ def create(train: Train, facts: dict, data: Data | None = None) -> CMSACaptioner
         fusion_heads=train.fusion_heads, use_tags=uses_tags(train), use_concepts=uses_concepts(train),
         concept_k=train.concept_k, num_concepts=len(facts.get("concepts", ())),
         clip_weight=train.clip_reward_weight if uses_clip_reward(train) and train.rl_epochs > 0 else 0.0,
+        clip_scale=train.clip_reward_scale,
         fluency_weight=train.fluency_reward_weight if has_discriminator(train) else 0.0)
     torch.manual_seed(train.seed)                       # the generator's and the small discriminator's weights
     discriminator = _discriminator(train, facts, tokenizer, data)

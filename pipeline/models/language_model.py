@@ -73,6 +73,12 @@ class CausalLM:
         return self.model_id(int(self.tokenizer.eos_token_id))
 
     @property
+    def bos_id(self) -> int:
+        """The start token (CLIP BPE's <|startoftext|>, OPT's </s>; GPT-2's is its end token)."""
+        bos = self.tokenizer.bos_token_id
+        return self.model_id(int(bos if bos is not None else self.tokenizer.eos_token_id))
+
+    @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return self.model_id(int(pad if pad is not None else self.tokenizer.eos_token_id))
