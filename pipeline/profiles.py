@@ -59,16 +59,23 @@ def expand_instances(methods: dict) -> dict:
 
 
 def resolve_profile(name: str) -> dict:
+    """Profile ``name`` merged onto its bases, then its method instances expanded: ``_like`` is resolved once,
+    on the merged profile, so an overlay that changes an instance changes the instances made like it too
+    (the world's `syntic` epochs reach the offline profile's `syntic-baseline`)."""
+    params = _merged(name)
+    if isinstance(params.get("methods"), dict):
+        params["methods"] = expand_instances(params["methods"])
+    return params
+
+
+def _merged(name: str) -> dict:
     path = PROFILES / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
         raise FileNotFoundError(f"no profile {name!r} in {PROFILES} (known: {', '.join(known)})")
     overlay = cfg.read_yaml(path)
     base = overlay.pop("_base", None)
-    params = merge(resolve_profile(base), overlay) if base else overlay
-    if isinstance(params.get("methods"), dict):
-        params["methods"] = expand_instances(params["methods"])
-    return params
+    return merge(_merged(base), overlay) if base else overlay
 
 
 class _NoAliases(yaml.SafeDumper):
@@ -79,7 +86,7 @@ class _NoAliases(yaml.SafeDumper):
 def render(params: dict, name: str) -> str:
     header = (f"# Generated from profiles/{name}.yaml by `make profile NAME={name}`; edit freely (every key is\n"
               f"# documented in pipeline/config.py and the method modules), or switch back with\n"
-              f"# `make profile NAME=offline`. Every stage reads its keys from here (dvc.yaml `params:`).\n")
+              f"# `make profile NAME={DEMO_PROFILE}` (the demo's). Every stage reads its keys from here (dvc.yaml `params:`).\n")
     return header + yaml.dump(params, Dumper=_NoAliases, sort_keys=False, default_flow_style=False, width=100,
                               allow_unicode=True)
 

@@ -43,6 +43,15 @@ def test_an_instance_starts_from_another_with_like():
         expand_instances({"a": {"_like": "nope"}})
 
 
+def test_an_overlays_change_to_an_instance_reaches_the_instances_made_like_it_in_the_base():
+    offline, world = resolve_profile("offline")["methods"], resolve_profile("world")["methods"]
+    assert offline["syntic-baseline"]["train"]["epochs"] == offline["syntic"]["train"]["epochs"] == 20
+    assert world["syntic-baseline"]["train"]["epochs"] == world["syntic"]["train"]["epochs"] == 10   # world.yaml: syntic only
+    assert world["syntic-baseline"]["train"]["fo"] is False                      # its own switches stay
+    assert world["capdec"]["train"]["epochs"] == world["decap"]["train"]["epochs"] == 15
+    assert world["capdec"]["train"]["noise_variance"] == 0.016 and world["decap"]["train"]["start_token"] is True
+
+
 def test_overlay_merges_mappings_and_replaces_the_rest():
     base = {"a": {"x": 1, "y": [1, 2]}, "b": 2}
     assert merge(base, {"a": {"y": [3]}, "c": None}) == {"a": {"x": 1, "y": [3]}, "b": 2, "c": None}

@@ -9,7 +9,8 @@ Read top to bottom:
    LM's width; the LM f_g decodes the caption after them,
        p(y_i | x) = f_g(h(f(x)), y_<i),   L = sum_i CE(p(y_i | x), y_i)
    (``PrefixMLP``, ``ClipCapCaptioner``, ``CausalLM.prefix_loss``). LM and MLP are both trained
-   unless ``freeze_lm``.
+   unless ``freeze_lm``. With ``start_token`` (DeCap's released code) the start token's embedding
+   follows the prefix: the LM reads [h(f(x)), SOT, y_<i] in training and decodes from [h(f(x)), SOT].
 2. Matched captions (``matched``, Unsupervised-ClipCap Eq. 2): the prefix is h(f_t(y')) with y' a
    DIFFERENT caption of the same source image (same corpus ``group_id``) and the target is y.
    ``matched_partners``: per epoch a seeded random single cycle through each group's captions, so

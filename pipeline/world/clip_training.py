@@ -162,8 +162,8 @@ def binding_probe(model, preprocess, tokenizer, seed: int, n: int = 200, size: i
     images = model.encode_image(preprocess_all([render(s, style, size) for s in scenes], preprocess), normalize=True)
     captions = [describe(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
     twin_captions = [describe(t, np.random.default_rng(i)) for i, t in enumerate(twins)]
-    own = (images * encode_text_trimmed(model, tokenizer(captions))).sum(-1)
-    swapped = (images * encode_text_trimmed(model, tokenizer(twin_captions))).sum(-1)
+    texts = encode_text_trimmed(model, tokenizer(captions + twin_captions))      # one pass for both
+    own, swapped = (images * texts[:n]).sum(-1), (images * texts[n:]).sum(-1)
     return {"binding_accuracy": float((own > swapped).double().mean()), "chance": 0.5}
 
 

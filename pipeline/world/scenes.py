@@ -126,7 +126,6 @@ def shape_twin(scene: Scene, rng: np.random.Generator) -> Scene:
     return Scene(tuple(replace(o, shape=new[o.shape]) for o in scene.objects), background=scene.background)
 
 
-
 def binding_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
     """``scene`` with its colours moved to other objects (each colour to another, one colour always to the
     same one: a pair of red circles stays a pair), or None when it has fewer than two colours; shapes,
