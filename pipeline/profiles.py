@@ -4,7 +4,8 @@
 ``DEMO_PROFILE``. Any other profile is an overlay: ``_base: offline`` plus the keys it changes, merged recursively
 (a mapping merges, anything else replaces; a mapping with ``_replace: true`` replaces the base's
 mapping whole, e.g. a profile's own list of methods or eval sets). A method instance may start from
-another with ``_like: NAME`` (merged recursively, so an ablation row names only what it switches).
+another with ``_like: NAME`` (merged recursively, so an ablation row names only what it switches), resolved
+once the profile is merged onto its bases.
 The result is validated (pipeline/config.py) before it is written. Select one with::
 
     make profile NAME=paper-syntic-coco      # = python -m pipeline.profiles use paper-syntic-coco
