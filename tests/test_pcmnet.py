@@ -14,7 +14,7 @@ from pipeline.methods import Data, pcmnet
 from pipeline.methods.pcmnet import (GLOBAL, TEXTUAL, VISUAL, PCMNet, PCMNetConfig, clip_weights, mix_up_inference,
                                      mix_up_train, no_mix, patch_affinity, pcm, related_patches, salient_concepts,
                                      textual_feature_map, variant, weighted_caption_loss)
-from pipeline.nn import schedules
+from pipeline.nn import decoding, schedules
 from pipeline.nn.schedules import Optim
 from pipeline.nn.tokenizer import CaptionTokenizer
 
@@ -91,8 +91,8 @@ def test_mix_up_replaces_exactly_the_most_related_patches():
     affinity = patch_affinity(patches, salient)
     assert set(related_patches(affinity, 2)[0].tolist()) == {1, 4}
     textual = textual_feature_map(affinity, salient, 0.01)
-    tokens, types, positions = pcm(g, patches, concepts, k=2, m=2, tau=0.01, training=True)
-    assert tokens.shape == patches.shape
+    tokens, types, positions, padding = pcm(g, patches, concepts, k=2, m=2, tau=0.01, training=True)
+    assert tokens.shape == patches.shape and not padding.any()
     for j in range(5):
         if j in (1, 4):
             assert torch.equal(tokens[0, j], textual[0, j]) and types[0, j] == TEXTUAL
@@ -112,26 +112,47 @@ def test_mix_up_train_and_inference_shapes_on_a_batch():
     rng = torch.Generator().manual_seed(0)
     visual, textual = torch.randn(3, 7, 4, generator=rng), torch.randn(3, 7, 4, generator=rng)
     idx = torch.tensor([[0, 6], [3, 2], [5, 1]])
-    tokens, types, positions = mix_up_train(visual, textual, idx)
+    tokens, types, positions, padding = mix_up_train(visual, textual, idx)
     for b in range(3):
         for j in range(7):
             src = textual if j in idx[b].tolist() else visual
             assert torch.equal(tokens[b, j], src[b, j])
         assert (types[b] == TEXTUAL).sum() == 2
-    tokens, types, positions = mix_up_inference(visual, textual, idx)
+    assert not padding.any()
+    tokens, types, positions, padding = mix_up_inference(visual, textual, idx)
     assert tokens.shape == (3, 9, 4) and types.shape == (3, 9) and positions.shape == (3, 9)
     assert torch.equal(tokens[:, :7], visual)                          # the real patch map untouched
     for b in range(3):
-        for slot, j in enumerate(idx[b].tolist()):
-            assert torch.equal(tokens[b, 7 + slot], textual[b, j])     # the top-M v^t_j appended
+        for slot, j in enumerate(sorted(idx[b].tolist())):
+            assert torch.equal(tokens[b, 7 + slot], textual[b, j])     # the top-M v^t_j appended, in patch order
             assert positions[b, 7 + slot] == j + 1                     # at the position of patch j
-    assert (types[:, :7] == VISUAL).all() and (types[:, 7:] == TEXTUAL).all()
+    assert (types[:, :7] == VISUAL).all() and (types[:, 7:] == TEXTUAL).all() and not padding.any()
+
+
+def test_inference_appends_each_selected_patch_once_and_pads_the_shorter_rows():
+    """Pairs can name a patch twice: it is appended once, and a row with fewer distinct patches is
+    padded (a zero token marked in ``padding``) to the batch's largest."""
+    rng = torch.Generator().manual_seed(1)
+    visual, textual = torch.randn(3, 5, 4, generator=rng), torch.randn(3, 5, 4, generator=rng)
+    idx = torch.tensor([[4, 4, 1], [2, 2, 2], [3, 0, 1]])
+    tokens, types, positions, padding = mix_up_inference(visual, textual, idx)
+    appended = {0: [1, 4], 1: [2], 2: [0, 1, 3]}                       # the distinct patches, in patch order
+    assert tokens.shape == (3, 5 + 3, 4)
+    for b, patches in appended.items():
+        assert torch.equal(tokens[b, :5], visual[b]) and not padding[b, :5].any()
+        for slot in range(3):
+            if slot < len(patches):
+                j = patches[slot]
+                assert torch.equal(tokens[b, 5 + slot], textual[b, j]) and positions[b, 5 + slot] == j + 1
+                assert types[b, 5 + slot] == TEXTUAL and not padding[b, 5 + slot]
+            else:
+                assert padding[b, 5 + slot] and not tokens[b, 5 + slot].any()
 
 
 def test_inference_pcm_concatenates_m_textual_patches():
     g, patches, concepts = crafted()
-    tokens, types, positions = pcm(g, patches, concepts, k=2, m=2, tau=0.01, training=False)
-    assert tokens.shape == (1, 7, 6)
+    tokens, types, positions, padding = pcm(g, patches, concepts, k=2, m=2, tau=0.01, training=False)
+    assert tokens.shape == (1, 7, 6) and not padding.any()
     assert torch.equal(tokens[0, :5], patches[0])
     assert sorted(positions[0, 5:].tolist()) == [2, 5]
 
@@ -160,25 +181,29 @@ def tiny_model(cfg=None, seed=0, tok=None):
     return PCMNet(cfg, tok or CaptionTokenizer(), torch.randn(cfg.num_concepts, cfg.feature_dim)).eval()
 
 
-def test_embedding_uses_one_fc_per_stream_with_position_and_type(tok):
-    model = tiny_model()
+@pytest.mark.parametrize("relu", [False, True])
+def test_embedding_uses_one_fc_per_stream_with_position_and_type(tok, relu):
+    """As released: FC + position + token type, then ReLU (embedding_relu), then LayerNorm."""
+    model = tiny_model(tiny_config(embedding_relu=relu))
     enc = model.encoder
-    g, tokens, types, positions = model.encoder_inputs(tiny_batch(tok))
+    g, tokens, types, positions, padding = model.encoder_inputs(tiny_batch(tok))
     x0 = enc.embed(g, tokens, types, positions)
+    act = torch.relu if relu else (lambda x: x)
     for b in range(2):
-        manual = [enc.global_fc(g[b]) + enc.pos_emb.weight[0] + enc.type_emb.weight[GLOBAL]]
+        manual = [act(enc.global_fc(g[b]) + enc.pos_emb.weight[0] + enc.type_emb.weight[GLOBAL])]
         for j in range(tokens.shape[1]):
             fc = enc.textual_fc if types[b, j] == TEXTUAL else enc.visual_fc
-            manual.append(fc(tokens[b, j]) + enc.pos_emb.weight[positions[b, j]] + enc.type_emb.weight[types[b, j]])
+            manual.append(act(fc(tokens[b, j]) + enc.pos_emb.weight[positions[b, j]] + enc.type_emb.weight[types[b, j]]))
         torch.testing.assert_close(x0[b], enc.emb_ln(torch.stack(manual)), atol=1e-5, rtol=1e-5)
-    assert x0.shape == (4, 1 + 6 + 2, 16)                 # eval: Np + M tokens after the global one
+    assert x0.shape[0] == 4 and x0.shape[1] <= 1 + 6 + 2   # eval: Np + at most M tokens after the global one
 
 
 def test_eq6_eq7_inter_layer_global_feature(tok):
     model = tiny_model()
     enc = model.encoder
-    inputs = model.encoder_inputs(tiny_batch(tok))
-    out = enc(*inputs)
+    *inputs, padding = model.encoder_inputs(tiny_batch(tok))
+    assert not padding.any()                                           # top-M patches: M distinct ones
+    out = enc(*inputs, padding)
     x = enc.embed(*inputs)
     globals_ = [x[:, 0]]
     for layer in enc.layers:
@@ -201,13 +226,116 @@ def test_decoder_is_causal(tok):
     torch.testing.assert_close(model(changed)[:, :4], logits[:, :4])
 
 
+def repeating_pair_images():
+    """Two images over one-hot concepts e0..e7 whose salient concepts (K = 3) are e0, e1, e2. Image 0:
+    patch 2 = e0 + e1 holds both top (patch, concept) pairs, so "pairs" with M = 2 names patch 2
+    twice; image 1: patches 1 and 4 match e0 and e1, two distinct patches. The other patches are
+    orthogonal to e0..e2 (affinity 0)."""
+    e = torch.eye(8)
+    g = torch.stack([e[0] + e[1] + e[2], e[0] + e[1] + e[2]])
+    noise = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(4))
+    patches = noise * torch.tensor([0, 0, 0, 1, 1, 1, 1, 1.0])                 # nothing on e0..e2
+    patches[0, 2] = e[0] + e[1]
+    patches[1, 1], patches[1, 4] = e[0], e[1]
+    return g, patches, e
+
+
+def pairs_model(tok, seed=0):
+    config = tiny_config(num_concepts=8, salient_k=3, mix_m=2, mix_select="pairs", embedding_relu=True)
+    torch.manual_seed(seed)
+    return PCMNet(config, tok, repeating_pair_images()[2]).eval()
+
+
+def test_an_image_whose_pairs_repeat_a_patch_gets_it_once(tok):
+    """Against a direct computation: the encoder on [g; V_I; v^t_2] (patch 2's textual feature, Eq. 3
+    by hand, once, at patch 2's position), not [g; V_I; v^t_2; v^t_2]."""
+    g, patches, concepts = repeating_pair_images()
+    model = pairs_model(tok)
+    _, salient = salient_concepts(g, concepts, 3)
+    assert related_patches(patch_affinity(patches, salient), 2, "pairs")[0].tolist() == [2, 2]
+    a = [cos(patches[0, 2].tolist(), concepts[k].tolist()) for k in range(3)]         # Eq. 2, e0..e2
+    weights = torch.softmax(torch.tensor(a) / model.cfg.tau, dim=0)                       # Eq. 3
+    vt = sum(weights[k] * concepts[k] for k in range(3))
+
+    def encoded(appended: int):
+        tokens = torch.cat([patches[:1], vt.expand(1, appended, 8)], dim=1)
+        types = torch.tensor([[VISUAL] * 6 + [TEXTUAL] * appended])
+        positions = torch.tensor([[1, 2, 3, 4, 5, 6] + [3] * appended])
+        return model.encoder(g[:1], tokens, types, positions, torch.zeros(1, 6 + appended, dtype=torch.bool))
+
+    memory = model.encode({"global": g[:1], "patches": patches[:1]})
+    assert memory.states.shape == (1, 1 + 6 + 1, 16) and not memory.padding.any()
+    torch.testing.assert_close(memory.states, encoded(1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(memory.states[:, 0], encoded(2)[:, 0], atol=1e-3)       # twice would weigh it double
+
+
+def test_a_padded_batch_gives_each_image_the_logits_and_captions_it_gets_alone(tok):
+    """Image 0 appends one patch, image 1 two: image 0's row is padded, and the padding is masked
+    in the encoder's self-attention and the decoder's cross-attention, in greedy and beam search."""
+    g, patches, _ = repeating_pair_images()
+    model = pairs_model(tok, seed=3)
+    batch = {"global": g, "patches": patches}
+    memory = model.encode(batch)
+    assert memory.padding.tolist() == [[False] * 8 + [True], [False] * 9]
+    tokens, _ = tok.encode(["a dog runs on the grass", "a man rides a bike"], model.cfg.max_len)
+    together = model.decoder(memory, tokens)
+    for b in range(2):
+        alone = {"global": g[b:b + 1], "patches": patches[b:b + 1]}
+        mem = model.encode(alone)
+        torch.testing.assert_close(memory.states[b:b + 1, :mem.states.shape[1]], mem.states, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together[b:b + 1], model.decoder(mem, tokens[b:b + 1]), atol=1e-5, rtol=1e-5)
+        for beam_size in (1, 3):
+            assert model.generate(batch, beam_size)[b] == model.generate(alone, beam_size)[0]
+    # the mask matters: attending to the padded slot changes image 0's logits
+    unmasked = model.decoder(decoding.Memory(memory.states, torch.zeros_like(memory.padding)), tokens)
+    assert not torch.allclose(unmasked[0], together[0], atol=1e-4)
+
+
+def test_beam_search_carries_the_memory_padding_with_each_beam():
+    """decoding.beam expands a Memory per beam, rows and padding together: a decoder that returns
+    logits from the unpadded mean of its memory sees image b's own rows and mask."""
+    class MeanOfMemory(torch.nn.Module):
+        def forward(self, memory, tokens):
+            keep = (~memory.padding).float()[..., None]
+            mean = (memory.states * keep).sum(1) / keep.sum(1)                     # [B, V]
+            return mean[:, None, :].expand(-1, tokens.shape[1], -1)
+
+    states = torch.tensor([[[0.0, 5.0, 1.0], [9.0, 0.0, 0.0]], [[0.0, 1.0, 4.0], [0.0, 1.0, 4.0]]])
+    padding = torch.tensor([[False, True], [False, False]])
+    memory = decoding.Memory(states, padding)
+    # eot = 0 is never best: each row repeats its own argmax (1, then 2), the padded 9 never counts
+    assert decoding.beam(MeanOfMemory(), memory, sot=0, eot=0, max_len=3, beam_size=2) == [[1, 1], [2, 2]]
+    assert decoding.greedy(MeanOfMemory(), memory, sot=0, eot=0, max_len=3) == [[1, 1], [2, 2]]
+
+
+def test_decoder_words_enter_with_sinusoidal_positions_layernorm_and_leave_through_an_untied_linear(tok):
+    """As released (xmodaler TokenBaseEmbedding + BasePredictor): h_0 = LN(E[w_t] + PE[t]) with
+    PE[t, 2i] = sin(t / 10000^(2i/H)), PE[t, 2i+1] = cos(t / 10000^(2i/H)); logits = W h + b."""
+    model = tiny_model()
+    dec = model.decoder
+    H = model.cfg.hidden
+    pe = torch.tensor([[math.sin(t / 10000 ** (i / H)) if i % 2 == 0 else math.cos(t / 10000 ** ((i - 1) / H))
+                        for i in range(H)] for t in range(model.cfg.max_len)])
+    torch.testing.assert_close(dec.word_positions, pe, atol=1e-6, rtol=1e-6)
+    batch = tiny_batch(tok)
+    memory = model.encode(batch)
+    tokens = batch["tokens"]
+    T = tokens.shape[1]
+    h = dec.emb_ln(dec.tok_emb.weight[tokens] + pe[:T])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(T)
+    for layer in dec.layers:
+        h = layer(h, memory.states, tgt_mask=causal, memory_key_padding_mask=memory.padding)
+    torch.testing.assert_close(model(batch), h @ dec.output.weight.T + dec.output.bias, atol=1e-5, rtol=1e-5)
+    assert dec.output.bias is not None and dec.output.weight.data_ptr() != dec.tok_emb.weight.data_ptr()
+
+
 def test_base_variant_feeds_the_patch_map_as_it_is(tok):
     config = tiny_config(mixup=False, num_concepts=0)
     model = PCMNet(config, tok).eval()
     batch = tiny_batch(tok, cfg=config)
-    g, tokens, types, positions = model.encoder_inputs(batch)
-    assert torch.equal(tokens, batch["patches"]) and (types == VISUAL).all()
-    assert model.encode(batch).shape == (4, 1 + 6, 16)
+    g, tokens, types, positions, padding = model.encoder_inputs(batch)
+    assert torch.equal(tokens, batch["patches"]) and (types == VISUAL).all() and not padding.any()
+    assert model.encode(batch).states.shape == (4, 1 + 6, 16)
     assert no_mix(batch["patches"])[2][0].tolist() == [1, 2, 3, 4, 5, 6]
     assert [variant(pcmnet.Train(mixup=bool(m), cxe=bool(c)), None) for m, c in ((0, 0), (1, 0), (0, 1), (1, 1))] == \
         ["Base", "Base+Mix-up", "Base+CXE", "Base+Mix-up+CXE"]
@@ -226,7 +354,7 @@ def test_noise_goes_on_the_unit_global_input_at_training_and_is_renormalised(tok
     model.train()
     big = dict(batch, **{"global": 3 * torch.randn(4096, 8), "patches": torch.randn(4096, 6, 8)})
     torch.manual_seed(7)
-    g, tokens, types, positions = model.encoder_inputs(big)
+    g, tokens, types, positions, padding = model.encoder_inputs(big)
     torch.manual_seed(7)
     noise = torch.randn_like(big["global"]) * 0.016 ** 0.5
     torch.testing.assert_close(g, F.normalize(F.normalize(big["global"], dim=-1) + noise, dim=-1))
@@ -493,6 +621,7 @@ def test_released_recipe_switches_reach_the_model():
     assert (model.cfg.label_smoothing, model.cfg.focal_gamma, model.cfg.mix_select) == (0.1, 2.0, "pairs")
     attn = [m.self_attn.dropout for m in model.encoder.layers] + [m.multihead_attn.dropout for m in model.decoder.layers]
     assert attn == [0.3] * len(attn) and model.encoder.drop.p == 0.5 and model.decoder.predictor_drop.p == 0.5
+    assert model.decoder.drop.p == 0.1                                # word embeddings (released TOKEN_EMBED)
     assert isinstance(model.encoder.w_g, torch.nn.Sequential) and model.encoder.w_g[0].bias is not None
     assert model.encoder.emb_relu and train.optim.grad_clip_value == 0.1 and train.optim.betas == (0.9, 0.999)
     assert pcmnet.Caption().length_normalize is False                 # beams ranked by summed log-prob

@@ -8,7 +8,9 @@ Read top to bottom:
    CLIP's own ln_post + proj applied to the last layer's patch tokens (pipeline/models/clip.py).
 3. Textual feature map (Eq. 3): v^t_j = sum_k softmax_k(a_jk / tau) c_k.
 4. Mix-up: the M patches most related to the salient concepts are replaced by their v^t_j during
-   training; at inference those M v^t_j are appended to the real patch map.
+   training; at inference those v^t_j are appended to the real patch map, each patch once (so rows
+   append different numbers: the appended part is padded, and the padding masked out of the
+   encoder's self-attention and the decoder's cross-attention).
 5. Captioner (Eq. 4-8): [g_I; mixed patch map] -> fully connected to the hidden size -> N_e
    post-LN Transformer encoder blocks; inter-layer global feature g~ = W_g [g^(0); ..; g^(N_e)]
    (Eq. 6) replaces the global token in the encoder output (Eq. 7); N_d post-LN decoder blocks
@@ -40,12 +42,14 @@ Choices where the paper is silent (each one a single place in the code):
   the usual token-averaged cross-entropy. The introduction's "re-weighting each word by the
   predicted distribution" has no equation; the released loss (``weighted_caption_loss``) is label
   smoothing 0.1 and the loss times the batch mean of (1 - p_target)^2: both are switches.
-- The released recipe (dropouts 0.5 / 0.2 / 0.3 / 0.5, ReLU before the embedding LayerNorm, W_g with
-  bias + LayerNorm, Adam betas (0.9, 0.999), gradient value clipping 0.1, 10,200 words, beams ranked
-  by summed log-prob) is the default of ``Train`` / ``Caption``; each is a switch.
+- The released recipe (dropouts 0.5 / 0.2 / 0.3 / 0.5 and 0.1 on the word embeddings, ReLU on the
+  summed visual-semantic embeddings before their LayerNorm, W_g with bias + LayerNorm, Adam betas
+  (0.9, 0.999), gradient value clipping 0.1, 10,200 words, beams ranked by summed log-prob) is the
+  default of ``Train`` / ``Caption``; each is a switch.
 - Encoder/decoder blocks are torch's post-LN TransformerEncoderLayer / TransformerDecoderLayer,
-  which compute Eq. 5 and Eq. 8 exactly (ReLU as delta, as in the vanilla Transformer [39]); the
-  output layer is tied to the word embedding.
+  which compute Eq. 5 and Eq. 8 exactly (ReLU as delta, as in the vanilla Transformer [39]). The
+  decoder's input and output are the released ones (jianjieluo/PCM-Net on xmodaler): word embedding +
+  sinusoidal position [39], LayerNorm, dropout; an output Linear with bias, not tied to the words.
 
 Settings: ``Train`` and ``Caption`` below (params.yaml ``methods.NAME.train`` / ``.caption``), each
 documented with the paper's value where it gives one.
@@ -106,34 +110,47 @@ def related_patches(affinity: torch.Tensor, m: int, select: str = "patches") -> 
 
 
 def mix_up_train(visual: torch.Tensor, textual: torch.Tensor, idx: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training: V_IT = V_I with patches idx [B, M] replaced by their v^t_j.
-    -> tokens [B, Np, D], token types [B, Np], positions [B, Np] (1..Np)."""
+    -> tokens [B, Np, D], token types [B, Np], positions [B, Np] (1..Np), padding [B, Np] (none)."""
     B, Np, _ = visual.shape
     replace = torch.zeros(B, Np, dtype=torch.bool, device=visual.device)
     replace[torch.arange(B, device=visual.device)[:, None], idx] = True
     tokens = torch.where(replace[..., None], textual.to(visual.dtype), visual)
     types = torch.where(replace, TEXTUAL, VISUAL)
     positions = torch.arange(1, Np + 1, device=visual.device).expand(B, Np)
-    return tokens, types, positions
+    return tokens, types, positions, torch.zeros(B, Np, dtype=torch.bool, device=visual.device)
 
 
 def mix_up_inference(visual: torch.Tensor, textual: torch.Tensor, idx: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inference: V_IT = [V_I; v^t_j for j in idx]. -> tokens [B, Np+M, D], types, positions
-    (an appended v^t_j takes the position j of the patch it stands for)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inference: V_IT = [V_I; v^t_j for each distinct j in idx], each selected patch appended once
+    (in patch order, as released: a patch named by several pairs is not weighted twice), at the
+    position j of the patch it stands for. Rows select different numbers of patches, so the appended
+    part is padded to the batch's largest and ``padding`` marks the slots that hold nothing.
+    -> tokens [B, Np+A, D], types, positions, padding [B, Np+A] (True: padding; A <= M)."""
     B, Np, _ = visual.shape
     rows = torch.arange(B, device=visual.device)[:, None]
-    tokens = torch.cat([visual, textual[rows, idx].to(visual.dtype)], dim=1)
+    selected = torch.zeros(B, Np, dtype=torch.bool, device=visual.device)
+    selected[rows, idx] = True
+    count = selected.sum(dim=1)
+    width = int(count.max()) if B else 0
+    order = torch.sort((~selected).to(torch.int8), dim=1, stable=True).indices[:, :width]   # selected first
+    padded = torch.arange(width, device=visual.device)[None, :] >= count[:, None]
+    appended = textual[rows, order].to(visual.dtype).masked_fill(padded[..., None], 0.0)
+    tokens = torch.cat([visual, appended], dim=1)
     types = torch.cat([torch.full((B, Np), VISUAL, device=visual.device),
-                       torch.full(idx.shape, TEXTUAL, device=visual.device)], dim=1)
-    positions = torch.cat([torch.arange(1, Np + 1, device=visual.device).expand(B, Np), idx + 1], dim=1)
-    return tokens, types, positions
+                       torch.full((B, width), TEXTUAL, device=visual.device)], dim=1)
+    positions = torch.cat([torch.arange(1, Np + 1, device=visual.device).expand(B, Np), order + 1], dim=1)
+    padding = torch.cat([torch.zeros(B, Np, dtype=torch.bool, device=visual.device), padded], dim=1)
+    return tokens, types, positions, padding
 
 
 def pcm(global_feats: torch.Tensor, patches: torch.Tensor, concept_feats: torch.Tensor, k: int, m: int,
-        tau: float, training: bool, select: str = "patches") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 1-3 and the mix-up for one batch: global [B, D], patches [B, Np, D] -> (tokens, types, positions)."""
+        tau: float, training: bool, select: str = "patches"
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 1-3 and the mix-up for one batch: global [B, D], patches [B, Np, D] -> (tokens, types,
+    positions, padding)."""
     _, salient = salient_concepts(global_feats, concept_feats, k)                      # Eq. 1
     affinity = patch_affinity(patches, salient)                                         # Eq. 2
     textual = textual_feature_map(affinity, salient, tau)                               # Eq. 3
@@ -141,11 +158,12 @@ def pcm(global_feats: torch.Tensor, patches: torch.Tensor, concept_feats: torch.
     return (mix_up_train if training else mix_up_inference)(patches, textual, idx)
 
 
-def no_mix(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def no_mix(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Base model (mixup off): the visual patch map as it is."""
     B, Np, _ = patches.shape
     return (patches, torch.full((B, Np), VISUAL, device=patches.device),
-            torch.arange(1, Np + 1, device=patches.device).expand(B, Np))
+            torch.arange(1, Np + 1, device=patches.device).expand(B, Np),
+            torch.zeros(B, Np, dtype=torch.bool, device=patches.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +235,8 @@ class PCMNetConfig:
     attention_dropout: float | None = None   # None: = dropout
     embedding_dropout: float | None = None   # None: = dropout
     predictor_dropout: float = 0.0
-    embedding_relu: bool = False    # ReLU on the stream FCs before the embedding LayerNorm (released)
+    word_embedding_dropout: float = 0.1   # dropout of the decoder's word + position embeddings (released)
+    embedding_relu: bool = False    # ReLU on the summed embeddings, before their LayerNorm (released)
     w_g_layernorm: bool = False     # W_g as Linear with bias + LayerNorm (released) instead of a bias-free Linear
 
 
@@ -245,59 +264,78 @@ class VisualSemanticEncoder(nn.Module):
         self.w_g = nn.Sequential(w_g, nn.LayerNorm(H)) if cfg.w_g_layernorm else w_g
 
     def embed(self, global_feats, tokens, types, positions) -> torch.Tensor:
-        """V^(0) = {g^(0), v^(0)_1..}: [B, 1+N, H]."""
+        """V^(0) = {g^(0), v^(0)_1..}: [B, 1+N, H]. As released: FC, + position, + token type, ReLU,
+        LayerNorm, dropout."""
         B = tokens.shape[0]
         g = self.global_fc(global_feats)[:, None]
         v = torch.where((types == TEXTUAL)[..., None], self.textual_fc(tokens), self.visual_fc(tokens))
-        x = torch.cat([g, v], dim=1)
-        if self.emb_relu:
-            x = F.relu(x)
         all_types = torch.cat([torch.full((B, 1), GLOBAL, device=types.device), types], dim=1)
         all_pos = torch.cat([torch.zeros(B, 1, dtype=positions.dtype, device=positions.device), positions], dim=1)
-        return self.drop(self.emb_ln(x + self.pos_emb(all_pos) + self.type_emb(all_types)))
+        x = torch.cat([g, v], dim=1) + self.pos_emb(all_pos) + self.type_emb(all_types)
+        if self.emb_relu:
+            x = F.relu(x)
+        return self.drop(self.emb_ln(x))
 
-    def forward(self, global_feats, tokens, types, positions) -> torch.Tensor:
-        """-> V~ = [g~; v^(N_e)_1..] [B, 1+N, H] (Eq. 7)."""
+    def forward(self, global_feats, tokens, types, positions, padding) -> torch.Tensor:
+        """-> V~ = [g~; v^(N_e)_1..] [B, 1+N, H] (Eq. 7). padding [B, N] (True: an empty slot) is
+        masked out of every self-attention; the global token is never padding."""
         x = self.embed(global_feats, tokens, types, positions)
+        mask = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)
         globals_ = [x[:, 0]]                                                            # g^(0)
         for layer in self.layers:
-            x = layer(x)                                                                # Eq. 5
+            x = layer(x, src_key_padding_mask=mask)                                     # Eq. 5
             globals_.append(x[:, 0])                                                    # g^(i)
         g_tilde = self.w_g(torch.cat(globals_, dim=-1))                                # Eq. 6
         return torch.cat([g_tilde[:, None], x[:, 1:]], dim=1)                           # Eq. 7
 
 
+def sinusoid_positions(length: int, width: int) -> torch.Tensor:
+    """The Transformer's [39] position encoding: PE[p, 2i] = sin(p / 10000^(2i/width)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/width)) -> [length, width]."""
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * torch.exp(
+        torch.arange(0, width, 2, dtype=torch.float64) * -(math.log(10000.0) / width))
+    pe = torch.zeros(length, width, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : width // 2])
+    return pe.float()
+
+
 class SentenceDecoder(nn.Module):
     """N_d post-LN blocks: masked self-attention, cross-attention to V~, feed-forward (Eq. 8).
-    forward(memory, tokens) follows prefix_decoder's conventions (logits[:, i] predicts
-    tokens[:, i+1]), so its greedy_decode / beam_decode run on it unchanged."""
+    forward(memory, tokens) follows pipeline/nn/decoding.py's conventions (logits[:, i] predicts
+    tokens[:, i+1]; memory a decoding.Memory when it carries padding), so its searches run on it.
+    Word embedding as released (xmodaler TokenBaseEmbedding): word + sinusoidal position, LayerNorm,
+    dropout; output layer (BasePredictor): dropout, then a Linear with bias, not tied."""
 
     def __init__(self, cfg: PCMNetConfig):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden
         self.tok_emb = nn.Embedding(cfg.vocab_size, H)
-        self.pos_emb = nn.Embedding(cfg.max_len, H)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("word_positions", sinusoid_positions(cfg.max_len, H), persistent=False)
+        self.emb_ln = nn.LayerNorm(H)
+        self.drop = nn.Dropout(cfg.word_embedding_dropout)
         self.layers = nn.ModuleList([
             nn.TransformerDecoderLayer(H, cfg.heads, cfg.ffn_dim, cfg.dropout, activation="relu",
                                        batch_first=True, norm_first=False)
             for _ in range(cfg.decoder_layers)])
         _set_attention_dropout(self.layers, cfg)
         self.predictor_drop = nn.Dropout(cfg.predictor_dropout)
+        self.output = nn.Linear(H, cfg.vocab_size)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
 
-    def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """memory [B, S, H], tokens [B, T] -> logits [B, T, vocab] (output layer tied to tok_emb)."""
+    def forward(self, memory: torch.Tensor | decoding.Memory, tokens: torch.Tensor) -> torch.Tensor:
+        """memory [B, S, H] or a Memory (its padding masked out of the cross-attention),
+        tokens [B, T] -> logits [B, T, vocab]."""
+        states, padding = memory if isinstance(memory, decoding.Memory) else (memory, None)
         T = tokens.shape[1]
         if T > self.cfg.max_len:
             raise ValueError(f"{T} tokens > config max_len {self.cfg.max_len}")
-        h = self.drop(self.tok_emb(tokens) + self.pos_emb(torch.arange(T, device=tokens.device)))
+        h = self.drop(self.emb_ln(self.tok_emb(tokens) + self.word_positions[:T]))
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device, dtype=h.dtype)
         for layer in self.layers:
-            h = layer(h, memory, tgt_mask=causal, tgt_is_causal=True)
-        return F.linear(self.predictor_drop(h), self.tok_emb.weight)
+            h = layer(h, states, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=padding)
+        return self.output(self.predictor_drop(h))
 
 
 def _set_attention_dropout(layers: nn.ModuleList, cfg: PCMNetConfig) -> None:
@@ -336,16 +374,19 @@ class PCMNet(nn.Module):
         with Gaussian noise at training."""
         g, patches = batch["global"], batch["patches"]
         if self.cfg.mixup:
-            tokens, types, positions = pcm(g, patches, self.concepts, self.cfg.salient_k, self.cfg.mix_m,
-                                           self.cfg.tau, self.training, self.cfg.mix_select)
+            tokens, types, positions, padding = pcm(g, patches, self.concepts, self.cfg.salient_k, self.cfg.mix_m,
+                                                    self.cfg.tau, self.training, self.cfg.mix_select)
         else:
-            tokens, types, positions = no_mix(patches)
+            tokens, types, positions, padding = no_mix(patches)
         if self.training and self.cfg.noise_variance > 0:                  # normalise, add noise, normalise
             g = F.normalize(F.normalize(g, dim=-1) + torch.randn_like(g) * math.sqrt(self.cfg.noise_variance), dim=-1)
-        return g, tokens, types, positions
+        return g, tokens, types, positions, padding
 
-    def encode(self, batch: dict) -> torch.Tensor:
-        return self.encoder(*self.encoder_inputs(batch))
+    def encode(self, batch: dict) -> decoding.Memory:
+        """V~ with its padding (the global token and every patch slot that holds a patch are kept)."""
+        *inputs, padding = self.encoder_inputs(batch)
+        states = self.encoder(*inputs, padding)
+        return decoding.Memory(states, torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1))
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.decoder(self.encode(batch), batch["tokens"])
@@ -393,7 +434,10 @@ class Train:
     attention_dropout: float = opt(0.3, "dropout of attention weights (released)", check=dropout_rate)
     embedding_dropout: float = opt(0.5, "dropout of the visual-semantic embeddings (released)", check=dropout_rate)
     predictor_dropout: float = opt(0.5, "dropout before the output layer (released)", check=dropout_rate)
-    embedding_relu: bool = opt(True, "ReLU before the embedding LayerNorm (released)")
+    word_embedding_dropout: float = opt(0.1, "dropout of the decoder's word embeddings (released TOKEN_EMBED)",
+                                        check=dropout_rate)
+    embedding_relu: bool = opt(True, "ReLU on the visual-semantic embeddings after position and type are added, "
+                                     "before their LayerNorm (released)")
     w_g_layernorm: bool = opt(True, "W_g (Eq. 6) as Linear with bias + LayerNorm (released)")
     vocabulary: Literal["full", "corpus", "words"] = opt("words", "decoder output: all of CLIP's BPE | the corpus's "
                                                                   "BPE ids | the corpus's most frequent words (released)")
@@ -452,7 +496,8 @@ def create(train: Train, facts: dict, data: Data | None = None) -> PCMNet:
         tau=train.tau, noise_variance=train.noise_variance, clip_w=train.clip_w if train.cxe else None,
         label_smoothing=train.label_smoothing, focal_gamma=train.focal_gamma, mix_select=train.mix_select,
         attention_dropout=train.attention_dropout, embedding_dropout=train.embedding_dropout,
-        predictor_dropout=train.predictor_dropout, embedding_relu=train.embedding_relu,
+        predictor_dropout=train.predictor_dropout, word_embedding_dropout=train.word_embedding_dropout,
+        embedding_relu=train.embedding_relu,
         w_g_layernorm=train.w_g_layernorm)
     concepts = torch.from_numpy(data.concepts[1]) if data is not None else None
     return PCMNet(config, tokenizer, concepts)

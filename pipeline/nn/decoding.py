@@ -5,7 +5,8 @@ Two kinds of decoder are decoded here:
 - A decoder trained from scratch (SynTIC's ``PrefixDecoder``, PCM-Net's ``SentenceDecoder``): any
   module with ``forward(memory, tokens) -> logits [B, T, V]`` where ``logits[:, i]`` is the
   distribution of ``tokens[:, i + 1]``; ``memory`` [B, ...] is what it is conditioned on (a prefix,
-  an encoder output). Sequences start with ``sot`` and end with ``eot``; ``max_len`` bounds the
+  an encoder output), or a ``Memory`` (an encoder output whose length varies per row, with its
+  key-padding mask), whose rows travel together through every search. Sequences start with ``sot`` and end with ``eot``; ``max_len`` bounds the
   whole sequence including both, so at most ``max_len - 1`` tokens are generated. No KV cache:
   captions are short and the decoders small, so each step re-runs the sequence.
 - A pretrained causal LM (transformers): ``generate_from_prefix`` runs its own ``generate`` from
@@ -15,16 +16,35 @@ Every function returns, per row, the generated ids after ``sot`` and without ``e
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class Memory(NamedTuple):
+    """An encoder output padded to the batch's longest row: states [B, S, H] and padding [B, S]
+    (True where a position is padding, torch's key_padding_mask)."""
+    states: torch.Tensor
+    padding: torch.Tensor
+
+
+def _rows(memory, index: torch.Tensor):
+    """memory (a tensor or a Memory) at batch rows ``index`` (repeats allowed: a beam's copies)."""
+    return Memory(memory.states[index], memory.padding[index]) if isinstance(memory, Memory) else memory[index]
+
+
+def _batch_size_and_device(memory) -> tuple[int, torch.device]:
+    first = memory.states if isinstance(memory, Memory) else memory
+    return first.shape[0], first.device
 
 
 @torch.no_grad()
 def greedy(model, memory: torch.Tensor, sot: int, eot: int, max_len: int) -> list[list[int]]:
     """Batched argmax decoding."""
-    B = memory.shape[0]
-    seq = torch.full((B, 1), sot, dtype=torch.long, device=memory.device)
-    done = torch.zeros(B, dtype=torch.bool, device=memory.device)
+    B, device = _batch_size_and_device(memory)
+    seq = torch.full((B, 1), sot, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_len - 1):
         nxt = model(memory, seq)[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
@@ -49,13 +69,14 @@ def beam(model, memory: torch.Tensor, sot: int, eot: int, max_len: int, beam_siz
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     out = []
-    for b in range(memory.shape[0]):
-        seqs = torch.full((1, 1), sot, dtype=torch.long, device=memory.device)
-        scores = torch.zeros(1, device=memory.device)
+    B, device = _batch_size_and_device(memory)
+    for b in range(B):
+        seqs = torch.full((1, 1), sot, dtype=torch.long, device=device)
+        scores = torch.zeros(1, device=device)
         finished: list[tuple[float, list[int]]] = []
         width = beam_size
         for step in range(1, max_len):
-            logits = model(memory[b:b + 1].expand(seqs.shape[0], *memory.shape[1:]), seqs)[:, -1]
+            logits = model(_rows(memory, torch.full((seqs.shape[0],), b, device=device)), seqs)[:, -1]
             cand = (scores[:, None] + F.log_softmax(logits.float(), dim=-1)).view(-1)
             top_v, top_i = cand.topk(width)
             V = logits.shape[-1]
@@ -82,9 +103,9 @@ def sample(model, memory: torch.Tensor, sot: int, eot: int, max_len: int,
     """Draw one caption per row from the model's distribution, keeping the graph (for policy
     gradients). -> tokens [B, T] (sot first, eot then padding with eot) and the log-prob of each
     generated token [B, T-1] (0 after eot)."""
-    B = memory.shape[0]
-    seq = torch.full((B, 1), sot, dtype=torch.long, device=memory.device)
-    done = torch.zeros(B, dtype=torch.bool, device=memory.device)
+    B, device = _batch_size_and_device(memory)
+    seq = torch.full((B, 1), sot, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     logps = []
     for _ in range(max_len - 1):
         logp = F.log_softmax(model(memory, seq)[:, -1].float() / temperature, dim=-1)
