@@ -443,9 +443,33 @@ class TargetSupport(CaptionSource):
 
 @dataclass(frozen=True, kw_only=True)
 class Concepts:
-    """PCM-Net's concept vocabulary: frequent corpus nouns."""
-    size: int = opt(1000, "concepts kept", check=at_least(1))
-    min_count: int = opt(2, "a noun must occur at least this often", check=at_least(1))
+    """PCM-Net's concept vocabulary (Eq. 1's c_j) and the CLIP text feature of each concept."""
+    source: Literal["corpus_nouns", "word_list"] = opt(
+        "corpus_nouns", "corpus_nouns: the `size` most frequent nouns of the corpus (the paper, Sec. 3.2) | "
+                        "word_list: the fixed `words` (the released code's list of COCO object words)")
+    size: int = opt(1000, "corpus_nouns: concepts kept", check=at_least(1))
+    min_count: int = opt(2, "corpus_nouns: a noun must occur at least this often", check=at_least(1))
+    words: list[str] = opt([], "word_list: the concepts, in order (the profile names their source)")
+    templates: list[str] = opt(["A photo of {}"], "the sentences encoded for a concept, {} standing for it; with "
+                                                  "several, a prompt ensemble: the mean of their unit CLIP features, "
+                                                  "renormalised (the paper: one, \"A photo of {c}\")")
+
+    def __post_init__(self):
+        if self.source == "word_list" and not self.words:
+            raise ConfigError("`concepts.words` is empty: `concepts.source: word_list` needs the list of concepts")
+        if self.source == "corpus_nouns" and self.words:
+            raise ConfigError("`concepts.words` is read only with `concepts.source: word_list` (the source is "
+                              "corpus_nouns): remove the words or set the source")
+        repeated = sorted({w for w in self.words if self.words.count(w) > 1})
+        if repeated or any(not w.strip() for w in self.words):
+            raise ConfigError(f"`concepts.words` must hold distinct, non-empty words, got repeats {repeated}"
+                              if repeated else "`concepts.words` holds an empty word")
+        if not self.templates:
+            raise ConfigError("`concepts.templates` is empty: give at least one sentence with {} for the concept")
+        for template in self.templates:
+            if template.count("{}") != 1 or template.count("{") != 1 or template.count("}") != 1:
+                raise ConfigError(f"`concepts.templates`: each sentence holds {{}} once, where the concept goes, "
+                                  f"and no other braces, got {template!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
 """PCM-Net's concept vocabulary (pipeline/extract/concepts.py): the noun rule, the vocabulary of real
 captions, and the artifact the concepts stage writes (concept_table), read back by
 pipeline/data/vocabularies.py."""
+import re
 import subprocess
 import sys
 
@@ -8,12 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline import config as cfg
 from pipeline import paths
 from pipeline.data.captions import read_captions
-from pipeline.data.shards import ModelMismatchError, read_meta, write_table_atomic
+from pipeline.data.shards import ModelMismatchError, feature_numpy, read_meta, write_table_atomic
 from pipeline.data.vocabularies import read_concepts
 from pipeline.extract.concepts import (PROMPT_TEMPLATE, STOPWORDS, concept_prompt, concept_table, concept_vocabulary,
-                                       noun_counts, nouns, ranked_concepts)
+                                       ensemble_features, noun_counts, nouns, ranked_concepts)
 
 
 # --- the rule, on hand-made captions ------------------------------------------------------------
@@ -126,3 +128,54 @@ def test_concept_table_holds_the_vocabulary_with_clip_features_and_reads_back(tm
 def test_concept_table_refuses_an_empty_vocabulary(clip):
     with pytest.raises(ValueError, match="empty"):
         concept_table(noun_counts(["a dog", "a cat"]), clip, 10, 2, "float16")
+
+
+# --- a fixed word list and a prompt ensemble (concepts.source, concepts.templates) -------------------
+
+def test_prompt_ensemble_is_the_renormalised_mean_of_the_unit_template_features(clip):
+    """Against a direct computation, one sentence at a time: normalize(mean_t f(t(w)))."""
+    words, templates = ["dog", "traffic light", "bench"], ["itap of a {}.", "a photo of the small {}.", "art of the {}."]
+    got = ensemble_features(clip, words, templates, batch_size=2)
+    for i, word in enumerate(words):
+        unit = [clip.encode_texts([t.format(word)])[0] for t in templates]
+        for u in unit:
+            assert np.linalg.norm(u) == pytest.approx(1.0, abs=1e-5)
+        mean = np.mean(unit, axis=0)
+        np.testing.assert_allclose(got[i], mean / np.linalg.norm(mean), atol=1e-5)
+    # one template: that sentence's feature, as before
+    np.testing.assert_allclose(ensemble_features(clip, words, [PROMPT_TEMPLATE]),
+                               clip.encode_texts([f"A photo of {w}" for w in words]), atol=1e-5)
+
+
+def test_concept_table_from_a_word_list_keeps_its_order_and_counts_its_nouns(clip):
+    counts = noun_counts(["a dog on a bench", "two dogs", "a bench"])
+    words = ["zebra", "dog", "bench"]
+    table = concept_table(counts, clip, 1, 5, "float32", templates=["a {}.", "the {}."], words=words)
+    assert table.column("concept").to_pylist() == words                 # size and min_count do not apply
+    assert table.column("count").to_pylist() == [0, 2, 2]
+    np.testing.assert_allclose(feature_numpy(table.column("text_feature")),
+                               ensemble_features(clip, words, ["a {}.", "the {}."]), atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        concept_table(counts, clip, 1, 5, "float32", words=[])
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"source": "word_list"}, "concepts.words` is empty"),
+    ({"words": ["dog"]}, "read only with `concepts.source: word_list"),
+    ({"source": "word_list", "words": ["dog", "cat", "dog"]}, "distinct"),
+    ({"templates": []}, "concepts.templates` is empty"),
+    ({"templates": ["a photo"]}, "holds {} once"),
+    ({"templates": ["a {} of {}"]}, "holds {} once"),
+    ({"source": "nouns"}, "concepts.source"),
+    ({"word": ["dog"]}, "unknown key `concepts.word`"),
+])
+def test_concepts_settings_are_validated(section, message):
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        cfg.parse(cfg.Concepts, section, "concepts")
+
+
+def test_concepts_defaults_are_the_papers():
+    concepts = cfg.parse(cfg.Concepts, {}, "concepts")
+    assert (concepts.source, concepts.templates, concepts.words) == ("corpus_nouns", ["A photo of {}"], [])
+    fixed = cfg.parse(cfg.Concepts, {"source": "word_list", "words": ["dog", "cat"], "templates": ["a {}."]}, "concepts")
+    assert fixed.words == ["dog", "cat"]

@@ -1,4 +1,12 @@
-"""PCM-Net's visual concept vocabulary: the high-frequency nouns of the training corpus (Sec. 3.2).
+"""PCM-Net's visual concept vocabulary: the high-frequency nouns of the training corpus (Sec. 3.2),
+or a fixed list of words (``concepts.source: word_list``), each with the CLIP text feature of its
+template sentence(s).
+
+The paper encodes "A photo of {c}"; with several templates the feature is a prompt ensemble, CLIP's
+zero-shot recipe: the mean of the unit features of the concept's sentences, renormalised
+(``ensemble_features``). The released code reads a pickled (words, features) pair built this way
+("..._with_ensemble.pickle"); its words and templates are not in the released source, so a profile
+that wants them must list them (``concepts.words``, ``concepts.templates``) with their source.
 
 Where the noun knowledge comes from
 -----------------------------------
@@ -51,11 +59,12 @@ from functools import lru_cache
 from typing import Iterable
 
 import lemminflect
+import numpy as np
 import pyarrow as pa
 
 from pipeline.data.shards import feature_array
 
-PROMPT_TEMPLATE = "A photo of {}"          # PCM-Net Eq. 1: the template sentence of each concept
+PROMPT_TEMPLATE = "A photo of {}"          # PCM-Net Eq. 1: the template sentence of each concept (the default)
 
 STOPWORDS = frozenset("""
 a an the this that these those each every either neither another such what which whose whatever
@@ -186,23 +195,38 @@ def ranked_concepts(counts: Counter, size: int, min_count: int = 2) -> list[tupl
     return sorted(kept, key=lambda wc: (-wc[1], wc[0]))[:size]
 
 
-def concept_prompt(concept: str) -> str:
+def concept_prompt(concept: str, template: str = PROMPT_TEMPLATE) -> str:
     """The template sentence encoded by CLIP's text encoder for concept c (Eq. 1)."""
-    return PROMPT_TEMPLATE.format(concept)
+    return template.format(concept)
+
+
+def ensemble_features(clip, words: list[str], templates: list[str], batch_size: int = 256) -> np.ndarray:
+    """The text feature of each word: normalize(mean_t f(t(w))) over the templates t, where f is CLIP's
+    unit text feature (one template: f("A photo of {w}") itself). -> [len(words), D] float32."""
+    sentences = [concept_prompt(w, t) for w in words for t in templates]
+    features = clip.encode_texts(sentences, batch_size).reshape(len(words), len(templates), -1).mean(axis=1)
+    return (features / np.linalg.norm(features, axis=-1, keepdims=True)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
-# The artifact: concept words with the CLIP text feature of "A photo of {c}"
+# The artifact: concept words with the CLIP text feature of their template sentences
 # ---------------------------------------------------------------------------------------------
-def concept_table(counts: Counter, clip, size: int, min_count: int, dtype: str,
-                  batch_size: int = 256) -> pa.Table:
-    """concept (str), count (int64), text_feature (CLIP feature of "A photo of {c}")."""
-    ranked = ranked_concepts(counts, size, min_count)
-    if not ranked:
-        raise ValueError(f"no noun occurs at least {min_count} times in the corpus: the concept vocabulary "
-                         f"would be empty (lower concepts.min_count or use a larger corpus)")
+def concept_table(counts: Counter, clip, size: int, min_count: int, dtype: str, batch_size: int = 256,
+                  templates: list[str] = (PROMPT_TEMPLATE,), words: list[str] | None = None) -> pa.Table:
+    """concept (str), count (int64: its occurrences as a noun in the corpus), text_feature
+    (``ensemble_features``). The concepts are the corpus's top nouns (``ranked_concepts``), or
+    ``words`` as given (a fixed list: size and min_count do not apply)."""
+    if words is None:
+        ranked = ranked_concepts(counts, size, min_count)
+        if not ranked:
+            raise ValueError(f"no noun occurs at least {min_count} times in the corpus: the concept vocabulary "
+                             f"would be empty (lower concepts.min_count or use a larger corpus)")
+    else:
+        if not words:
+            raise ValueError("the concept word list is empty")
+        ranked = [(w, counts.get(w, 0)) for w in words]
     words = [w for w, _ in ranked]
-    features = clip.encode_texts([concept_prompt(w) for w in words], batch_size)
     return pa.table({"concept": pa.array(words, pa.string()),
                      "count": pa.array([c for _, c in ranked], pa.int64()),
-                     "text_feature": feature_array(features, dtype)})
+                     "text_feature": feature_array(ensemble_features(clip, words, list(templates), batch_size),
+                                                   dtype)})
