@@ -35,8 +35,8 @@ bottom, equation by equation:
    embedding of ``tokenizer.encode('')`` = [</s>]). Off, the prefix plays the start token. Two details
    of the released loss are not taken: its labels also ask the last query to predict that leading
    ``</s>``, and the caption's padding (OPT's pad id 1, not -100) is a target too; here the targets
-   are the caption and its end token. The LM is
-   FROZEN in the paper (OPT-1.3b) and kept in eval mode (no dropout); only the adaptor trains. The
+   are the caption and its end token. The LM is FROZEN in the paper (OPT-1.3b) and kept in eval
+   mode (no dropout); only the adaptor trains. The
    frozen LM is left out of the checkpoint (``frozen_pretrained``, pipeline/methods/__init__.py):
    it is loaded again from its identity, and a checkpoint whose LM loads with other weights is
    refused. ``freeze_lm: false`` trains the LM too (then it is saved): the offline profile's
@@ -64,8 +64,8 @@ bottom, equation by equation:
 5. Multiple sampling and filtering (``caption``): S noisy copies of I_cr, normalize(I_cr + n) with
    n ~ N(0, sigma^2 I) of the same variance on the unnormalised I_s + I_c (released
    ``MacCap.generate``: ``noise_injection(cls + patches)`` adds the noise, then normalises; applied
-   even for S = 1, as the released code does),
-   each decoded by beam search (beam 4) through the LM (``pipeline.nn.decoding.generate_from_prefix``,
+   even for S = 1, as the released code does), each decoded by beam search (beam 4) from [E, </s>]
+   through the LM (``pipeline.nn.decoding.generate_from_prefix``,
    at most ``max_new_tokens``: 16 in the released code); the caption whose CLIP text feature (of its
    first 80 characters, as the released code) has the highest cosine to the image's global feature
    is kept (``rerank``). All S candidates of a batch of images are encoded in one call of the
