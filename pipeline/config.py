@@ -671,6 +671,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "tag_eval": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
     "optimize": ("optimize", "feature_dtype", "rows_per_shard", "threads_per_task"),
     "support": ("support",),
+    "support_agreement": ("support.agreement_sample",),
     "target_support": ("target_supports.{name}", "models.clip", "device"),
     "concepts": ("concepts", "models.clip", "feature_dtype", "device"),
     "train": ("methods.{name}.method", "methods.{name}.train", "device"),

@@ -22,6 +22,7 @@ TAG_VOCABULARY = TAGS / "vocabulary" / "vocabulary.parquet"   # CLIP text featur
 OPTIMIZED = ARTIFACTS / "optimized"                    # SynTIC Eq. 2 features (aligned with corpus)
 OPTIMIZE_REPORT = ARTIFACTS / "metrics" / "optimize.json"   # how far Eq. 2 moved them (DVC metrics)
 SUPPORTS = ARTIFACTS / "supports"                      # supports/corpus and supports/NAME: Eq. 3 support sets
+SUPPORT_AGREEMENT = ARTIFACTS / "metrics" / "support_agreement"   # NAME.json: top-k vs exact Eq. 3 on eval images
 CONCEPTS = ARTIFACTS / "concepts" / "concepts.parquet"  # PCM-Net concept vocabulary + CLIP text features
 METHODS = ARTIFACTS / "methods"                        # methods/NAME/{model,train_curve.json,captions,metrics,evaluation}
 REPORT = ARTIFACTS / "report"
@@ -65,6 +66,12 @@ def eval_tags(name: str) -> Path:
 def support(name: str = "corpus") -> Path:
     """The support set ``name``: "corpus" (the training corpus) or one of params.yaml's ``target_supports``."""
     return SUPPORTS / name
+
+
+def support_agreement(evalset: str) -> Path:
+    """How close the corpus support set's top-k projection stays to the exact one on eval set ``evalset``'s
+    real image features (a DVC metric of stage support_agreement@NAME)."""
+    return SUPPORT_AGREEMENT / f"{evalset}.json"
 
 
 def method(name: str) -> Path:

@@ -1,8 +1,11 @@
 """Stages support and target_support@NAME: Eq. 3 support sets (FAISS) over the corpus's text features,
 and over another caption file's captions for cross-domain "-TT" captioning; each carries its own tau
-and top-k, and its report states how close the top-k projection stays to the exact one.
+and top-k, and its report states how close the top-k projection stays to the exact one on synthetic
+image features. Stage support_agreement@EVALSET measures the same on an eval set's real image features,
+the queries the corpus set projects at inference: a stage of its own, so that editing an eval set
+reruns this measurement only, never the index build.
 
-    python -m stages.support corpus | target NAME
+    python -m stages.support corpus | target NAME | agreement EVALSET
 """
 import sys
 
@@ -49,6 +52,19 @@ def corpus_support() -> None:
         f"top-k vs exact: {report['top_k_vs_exact_cosine']}")
 
 
+def eval_agreement(evalset: str) -> None:
+    config = start("support_agreement", evalset)
+    if evalset not in config.evalsets:
+        raise SystemExit(f"support_agreement: params.yaml has no eval set {evalset!r}")
+    support, images = SupportSet.load(paths.support("corpus")), ShardedArtifact(paths.eval_features(evalset))
+    require_same_model(corpus_support_set=support.model, eval_images=images)
+    queries = {f"eval images ({evalset})": sample_features(images, "global", config.support.agreement_sample)}
+    report = {"support_size": support.n, "index": support.index_factory, "tau": support.tau, "top_k": support.top_k,
+              "top_k_vs_exact_cosine": agreement(support, queries)}
+    write_json(paths.support_agreement(evalset), report)
+    say(f"support_agreement@{evalset}: top-k vs exact on real image features: {report['top_k_vs_exact_cosine']}")
+
+
 def target_support(name: str) -> None:
     config = start("target_support", name)
     if name not in config.target_supports:
@@ -69,4 +85,7 @@ def target_support(name: str) -> None:
 
 
 if __name__ == "__main__":
-    run(corpus_support) if sys.argv[1] == "corpus" else run(target_support, sys.argv[2])
+    if sys.argv[1] == "corpus":
+        run(corpus_support)
+    else:
+        run({"target": target_support, "agreement": eval_agreement}[sys.argv[1]], sys.argv[2])

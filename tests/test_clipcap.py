@@ -2,6 +2,7 @@
 inference corrections (mean alignment, DeCap projection), the prefix MLP, the method contract (needs /
 prepare / batch / correct), and training and captioning through the runner on real Flickr8k captions,
 checkpoints."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,65 @@ def test_decap_projection_path_equals_support_set_project(art):
     inputs = runner.Inputs(clipcap.needs(train_settings(), caption_settings(correction="projection")), "cpu",
                            evalset="tiny")
     np.testing.assert_array_equal(inputs.data.support.project(v), raw)      # the set the runner opens
+
+
+def softmax_over_the_whole_memory(v: np.ndarray, memory: np.ndarray, tau: float) -> np.ndarray:
+    """Eq. 3 written out over every memory entry (DeCap's released ``softmax(sim * 100) @ text_features``), float64."""
+    q, t = l2_normalize(v, np.float64), l2_normalize(memory, np.float64)
+    out = np.zeros_like(q)
+    for i in range(len(q)):
+        logits = np.array([q[i] @ t[j] / tau for j in range(len(t))])
+        w = np.exp(logits - logits.max())
+        out[i] = (w[:, None] * t).sum(0) / w.sum()
+    return out
+
+
+def test_decaps_exact_projection_is_a_softmax_over_every_support_caption(art):
+    """projection: exact (DeCap's released inference) ignores the set's top-k: the softmax-weighted sum over the
+    whole memory; projection: top_k keeps the set's own top-k (8 of 61 here)."""
+    v = read_all(paths.eval_features("tiny"), "global") * 3
+    support = SupportSet.load(paths.support("corpus"))
+    memory = read_all(paths.TEXT_FEATURES, "text_feature")
+    assert support.top_k == 8 < len(memory) == support.n
+    data = Data(clip=art["clip"], feature_dim=64, support=support)
+    direct = softmax_over_the_whole_memory(v, memory, 0.01)
+    exact = clipcap.correct(v, caption_settings(correction="projection", projection="exact",
+                                                projection_renormalize=False), data)
+    np.testing.assert_allclose(exact, direct, atol=2e-6)
+    np.testing.assert_allclose(clipcap.correct(v, caption_settings(correction="projection", projection="exact"), data),
+                               direct / np.linalg.norm(direct, axis=1, keepdims=True), atol=2e-6)
+    top_k = clipcap.correct(v, caption_settings(correction="projection", projection_renormalize=False), data)
+    np.testing.assert_array_equal(top_k, support.project(v, 0.01, top_k=8))
+    assert caption_settings().projection == "top_k"
+    with pytest.raises(cfg.ConfigError, match="projection"):
+        caption_settings(projection="top_1000")
+
+
+def test_the_support_agreement_stage_measures_real_eval_image_features(art, monkeypatch):
+    """support_agreement@EVALSET: the corpus set's top-k projection against the exact one on the eval set's own
+    image features (the queries projected at inference), as cosines computed here by hand."""
+    from types import SimpleNamespace
+    from stages import support as stage
+    config = SimpleNamespace(evalsets={"tiny": None}, support=SimpleNamespace(agreement_sample=3))
+    monkeypatch.setattr(stage, "start", lambda *a: config)
+    stage.eval_agreement("tiny")
+    report = json.loads(paths.support_agreement("tiny").read_text())
+    queries = read_all(paths.eval_features("tiny"), "global")[:3]
+    memory = read_all(paths.TEXT_FEATURES, "text_feature")
+    support = SupportSet.load(paths.support("corpus"))
+    top = l2_normalize(memory, np.float64)[np.argsort(-(l2_normalize(queries) @ l2_normalize(memory).T), axis=1)[:, :8]]
+    q = l2_normalize(queries, np.float64)
+    w = np.exp((np.einsum("qkd,qd->qk", top, q) - 1) / 0.01)
+    approx = (w[..., None] * top).sum(1) / w.sum(1, keepdims=True)
+    exact = softmax_over_the_whole_memory(queries, memory, 0.01)
+    cos = (approx * exact).sum(1) / np.linalg.norm(approx, axis=1) / np.linalg.norm(exact, axis=1)
+    got = report["top_k_vs_exact_cosine"]["eval images (tiny)"]
+    assert got["n"] == 3 and got["top_k"] == 8 and report["support_size"] == support.n
+    assert got["mean_cosine"] == pytest.approx(cos.mean(), abs=1e-6)
+    assert got["min_cosine"] == pytest.approx(cos.min(), abs=1e-6)
+    config.evalsets = {}
+    with pytest.raises(SystemExit, match="no eval set 'tiny'"):
+        stage.eval_agreement("tiny")
 
 
 def test_corrections_refuse_features_of_another_clip_model(art):

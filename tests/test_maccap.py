@@ -137,6 +137,47 @@ def test_corpus_vocabulary_builds_the_small_lm_over_the_corpus_tokens_only():
                       {"feature_dim": 64, "vocabulary": vocab})
 
 
+def test_the_start_token_follows_the_prefix_in_training_and_decoding():
+    """start_token (the released [E, </s>, caption]): the loss and the greedy caption equal a direct
+    computation on the LM with the start token's embedding after the adaptor's prefix; off, the prefix
+    alone comes before the caption."""
+    torch.manual_seed(0)
+    m = maccap.create(train_settings(), {"feature_dim": 64}).eval()
+    assert maccap.Train().start_token and m.cfg.start_token                  # the released behaviour, the default
+    plain = maccap.create(train_settings(start_token=False), {"feature_dim": 64}).eval()
+    lm, memory = m.causal, unit(torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(1)))
+    assert lm.bos_id == lm.tokenizer.bos_token_id != lm.eos_id               # CLIP BPE's <|startoftext|>
+    with torch.no_grad():
+        e = m.adaptor(memory)                                                 # Eq. 5-8: [3, N_q, W]
+        bos = lm.embed(torch.full((3, 1), lm.bos_id))
+        torch.testing.assert_close(m.prefix(memory), torch.cat([e, bos], dim=1))
+        torch.testing.assert_close(plain.prefix(memory), plain.adaptor(memory))
+        tokens, lengths = lm.encode(["a dog runs on the grass", "two children", "a man rides a red bike"], 12)
+        P = e.shape[1] + 1
+        x = torch.cat([e, bos, lm.embed(tokens)], dim=1)
+        mask = (torch.arange(x.shape[1])[None] < (P + lengths)[:, None]).long()
+        logits = lm.model(inputs_embeds=x, attention_mask=mask).logits[:, P - 1:P - 1 + tokens.shape[1]]   # from </s> on
+        target = tokens.masked_fill(torch.arange(tokens.shape[1])[None] >= lengths[:, None], -100)
+        direct = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        feature = memory[:, 0]                                                # T_c; no noise: N_cr equal copies
+        no_noise = maccap.create(train_settings(noise_variance=0.0), {"feature_dim": 64}).eval()
+        e0 = no_noise.adaptor(feature[:, None].expand(3, 4, 64))
+        x0 = torch.cat([e0, bos, lm.embed(tokens)], dim=1)
+        logits0 = lm.model(inputs_embeds=x0, attention_mask=mask).logits[:, P - 1:P - 1 + tokens.shape[1]]
+        direct0 = F.cross_entropy(logits0.reshape(-1, logits0.shape[-1]), target.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(no_noise.loss({"feature": feature, "tokens": tokens, "lengths": lengths}), direct0)
+        assert not torch.allclose(direct0, direct)                             # the loss reads the memory
+        for b in range(3):                                                    # greedy from [E, </s>], by hand
+            seq, ids = torch.cat([e[b:b + 1], bos[b:b + 1]], dim=1), []
+            for _ in range(6):
+                nxt = int(lm.model(inputs_embeds=seq).logits[0, -1].argmax())
+                if nxt == lm.eos_id:
+                    break
+                ids.append(nxt)
+                seq = torch.cat([seq, lm.embed(torch.tensor([[nxt]]))], dim=1)
+            assert m.generate(memory[b:b + 1], beam_size=1, max_new_tokens=6) == [lm.decode(ids)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Eq. 10-13: sub-region feature aggregation
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +208,9 @@ def test_subregion_aggregation_equals_an_explicit_loop_over_the_selected_tokens(
             a = torch.exp(a) / torch.exp(a).sum() if resoftmax else a
             i_s = sum(a[m] * tokens[m] for m in range(N_p + 1))               # Eq. 12
             i_s = i_s / i_s.norm()
-            i_cr = i_s + tokens[0]                                            # Eq. 13, then unit norm
-            torch.testing.assert_close(out[b, k], i_cr / i_cr.norm())
+            i_cr = i_s + tokens[0]                                            # Eq. 13: the sum, unnormalised
+            torch.testing.assert_close(out[b, k], i_cr)
+            assert i_cr.norm() <= 2.0 + 1e-6                                 # two unit vectors
     cls_only = cls_features(global_ * 2, n_cr)                                # Table 5's "CLS token"
     assert cls_only.shape == (B, n_cr, D) and torch.allclose(cls_only, global_[:, None].expand(B, n_cr, D))
     with pytest.raises(ValueError, match="only 9 tokens"):
@@ -194,6 +236,29 @@ def test_rerank_keeps_the_candidate_closest_to_the_image_in_one_encoder_call_of_
     assert rerank([["a dog", "a dog"]], images[:1], encode) == ["a dog"]      # a tie: the first
     with pytest.raises(ValueError):
         rerank([[]], images[:1], encode)
+
+
+def test_inference_noise_is_added_to_the_unnormalised_sum_then_normalised():
+    """The released MacCap.generate: normalize(I_c + I_s + n), n ~ N(0, 0.016 I), on the sum (norm 1.5-2 when
+    the sub-regions lie near the CLS, as in CLIP), not on its unit direction: the samples stay closer to I_cr."""
+    g = torch.Generator().manual_seed(0)
+    B, N_p, D, n_cr = 2, 16, 512, 6
+    global_, patches = unit(torch.randn(B, D, generator=g)), torch.randn(B, N_p, D, generator=g)
+    patches = unit(patches + 3 * global_[:, None])                            # sub-regions near the CLS, as in CLIP
+    i_cr = subregion_features(global_, patches, attention_maps(B, N_p + 1, g), n_cr)
+    norms = i_cr.norm(dim=-1)
+    assert (norms > 1.5).all() and (norms <= 2.0).all()
+    out = noisy_samples(i_cr[0], 500, 0.016, torch.Generator().manual_seed(3))
+    n = torch.randn(500, n_cr, D, generator=torch.Generator().manual_seed(3)) * math.sqrt(0.016)
+    torch.testing.assert_close(out, unit(i_cr[0] + n))                       # one draw, on the sum, then unit
+    assert n.var().item() == pytest.approx(0.016, rel=0.02)
+    # the cosine of a noisy sample to the clean direction: |s| / sqrt(|s|^2 + D sigma^2) for a vector s of norm |s|
+    direction, spread = unit(i_cr[0]), D * 0.016
+    expected = lambda norm: (norm / (norm ** 2 + spread).sqrt()).mean().item()   # noqa: E731
+    assert (out * direction).sum(-1).mean().item() == pytest.approx(expected(norms[0]), rel=0.02)
+    on_unit = unit(direction + n)                                             # the noise after normalising instead
+    assert (on_unit * direction).sum(-1).mean().item() == pytest.approx(expected(torch.ones(n_cr)), rel=0.02)
+    assert expected(norms[0]) > 1.5 * expected(torch.ones(n_cr))              # the released noise is the weaker
 
 
 def test_inference_noise_is_seeded_by_image_id_and_applied_for_one_sample_too():
@@ -442,6 +507,7 @@ def test_paper_coco_maccap_carries_the_values_of_methods_md_and_table_5_rows():
     assert c.beam_size == int(re.search(r"\(beam (\d+)\)", md).group(1))
     assert c.rerank_chars == int(re.search(r"cut to (\d+)\s+characters", md).group(1))
     assert c.aggregation == "subregion" and c.attention_softmax            # "the code softmaxes them again"
+    assert t.start_token                                                  # released: [E, </s>, caption]
     assert variant(t, c) == "MacCap"
     rows = {variant(i.train, i.caption) for n, i in parsed.items() if i.method == "maccap"}
     assert rows == {"MacCap", "single token w/o noise, subregion aggregation",

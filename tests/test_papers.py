@@ -172,3 +172,63 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4), "white").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def readme_table() -> list[list[str]]:
+    """The cells of the README's faithful-profile table, one list per row (the header and rule left out)."""
+    from pipeline.evaluation import paper_table
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text[text.index(paper_table.BEGIN) + len(paper_table.BEGIN):text.index(paper_table.END)]
+    lines = [line for line in block.strip().splitlines()][2:]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+
+
+def test_the_readmes_faithful_profile_table_is_made_from_the_data():
+    from pipeline.evaluation import paper_table
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"{paper_table.BEGIN}\n{paper_table.markdown()}\n{paper_table.END}" in text, \
+        "README's faithful-profile table is stale: python -m pipeline.evaluation.paper_table README.md"
+
+
+def test_the_readmes_faithful_profile_table_agrees_with_the_papers_table_and_the_profiles():
+    """Read back from the README: one row per paper row, in order, with its numbers, source and variant; every
+    profile instance named runs that row (method, variant, corpus, an eval set of the dataset) with the CLIP
+    named, every instance that does is named, and the verdict is the report's (papers.not_comparable)."""
+    short = {"B1": "BLEU-1", "B4": "BLEU-4", "M": "METEOR", "R": "ROUGE-L", "C": "CIDEr", "S": "SPICE"}
+    configs = {p: config.from_dict(resolve_profile(p)) for p in PAPER_PROFILES}
+    cells = readme_table()
+    assert [c[0].strip("`") for c in cells] == [r.id for r in papers.table()]
+    for (id_, source, variant, datasets, numbers, where, clip, verdict), paper in zip(cells, papers.table()):
+        assert source == f"{paper.paper}, {paper.source}" and variant == paper.variant
+        assert datasets == f"{paper.corpus} → {paper.eval}"
+        values, paper_clip = re.fullmatch(r"(.*) \(CLIP (\S+)\)", numbers).groups()
+        assert paper_clip == paper.clip
+        assert {short[k]: float(v) for k, v in (p.split(" ") for p in values.split(" · "))} == paper.metrics
+        expected = [(p, name) for p, c in configs.items() for name, inst in c.methods.items()
+                    if c.corpus.source == paper.corpus and paper.eval in {e.dataset for e in c.evalsets.values()}
+                    and inst.method == paper.method and get(inst.method).variant(inst.train, inst.caption) == paper.variant]
+        if where == "none":
+            assert expected == [] and clip == "—"
+            assert verdict == f"no: no paper profile trains on {paper.corpus} and evaluates on {paper.eval}"
+            continue
+        named = [tuple(x.replace("`", "").split(": ")) for x in where.split("<br>")]
+        assert named == expected, id_
+        for (profile, name), here, judged in zip(named, clip.split("<br>"), verdict.split("<br>")):
+            c = configs[profile]
+            assert here == c.models.clip.name
+            reason = papers.not_comparable(paper, here, c.methods[name])
+            assert judged == ("yes" if reason is None else f"no: {reason}"), (id_, profile)
+    rows = {c[0].strip("`"): c for c in cells}
+    assert rows["decap-coco"][7] == "yes"                      # DeCap's exact projection, as released
+    assert rows["capdec-coco"][7] == "no: CLIP ViT-B-32 here, RN50x4 in the paper<br>yes"
+
+
+def test_decaps_paper_row_asks_for_the_exact_projection_of_its_release(methods_md):
+    decap = config.from_dict(resolve_profile("paper-coco")).methods["decap"]
+    assert "(exact softmax)" in methods_md[methods_md.index("- DeCap (`dhg-wei/DeCap`)"):]
+    assert decap.caption.correction == "projection" and decap.caption.projection == "exact"
+    assert papers.not_comparable(row("decap-coco"), "ViT-B-32", decap) is None
+    top_k = config.MethodInstance(method="clipcap", train=decap.train, caption=config.parse(
+        type(decap.caption), {**config.as_dict(decap.caption), "projection": "top_k"}, "c"))
+    assert papers.not_comparable(row("decap-coco"), "ViT-B-32", top_k) == \
+        "caption.projection is 'top_k' here, 'exact' in the paper"

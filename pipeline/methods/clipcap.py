@@ -38,9 +38,12 @@ Read top to bottom:
      inputs; the shift then changes the direction of v only.
    - ``projection`` (DeCap): SynTIC's Eq. 3 onto the support set of corpus text features,
          v' = normalize( sum_j softmax_j(cos(v, t_j) / tau) t_j )
-     (``SupportSet.project`` with ``support.tau`` / ``support.top_k``); DeCap's inference code
-     renormalises the projected embedding (``projection_renormalize``, default true). Not applied
-     at training: DeCap trains on the text features themselves.
+     with the support set's ``support.tau``. ``projection: exact`` sums over EVERY support caption,
+     as DeCap's released inference (``softmax(sim * 100) @ text_features`` over its whole memory);
+     ``top_k`` over the support set's ``support.top_k`` nearest captions found by its FAISS index
+     (exact when the set has no top-k), as SynTIC's inference. DeCap's inference code renormalises
+     the projected embedding (``projection_renormalize``, default true). Not applied at training:
+     DeCap trains on the text features themselves.
 5. Decoding: greedy or beam search (``beam_size``) through the LM from the prefix embeddings
    (pipeline/nn/decoding.py, the Hugging Face ``generate`` path).
 
@@ -124,9 +127,10 @@ def mean_shift(features: np.ndarray, text_mean: np.ndarray, image_mean: np.ndarr
     return l2_normalize(shifted)
 
 
-def support_projection(features: np.ndarray, support, renormalize: bool = True) -> np.ndarray:
-    """DeCap: Eq. 3 of SynTIC onto the support set (``SupportSet.project``), renormalised."""
-    v = support.project(np.asarray(features, dtype=np.float32))
+def support_projection(features: np.ndarray, support, renormalize: bool = True, exact: bool = False) -> np.ndarray:
+    """DeCap: Eq. 3 of SynTIC onto the support set (``SupportSet.project``), renormalised. ``exact``: the
+    softmax over every support feature (DeCap's released code); else over the set's own top-k."""
+    v = support.project(np.asarray(features, dtype=np.float32), top_k=None if exact else "own")
     return l2_normalize(v) if renormalize else v
 
 
@@ -282,6 +286,9 @@ class Caption:
                                                                     "feature (module docstring, section 4)")
     mean_image_source: Literal["synthetic", "eval"] = opt("synthetic", "mean correction: the image mean from")
     projection_renormalize: bool = opt(True, "DeCap renormalises the projected embedding")
+    projection: Literal["top_k", "exact"] = opt("top_k", "Eq. 3 over the support set's top-k neighbours "
+                                                         "(support.top_k) | over every support caption "
+                                                         "(DeCap's released code)")
     support: str = opt("corpus", "projection support set: corpus | a target_supports name")
     beam_size: int = opt(1, "beam search width (1 = greedy)", check=at_least(1))
     batch_size: int = opt(64, "images per decoding batch", check=at_least(1))
@@ -357,7 +364,8 @@ def correct(features: np.ndarray, caption: Caption, data: Data) -> np.ndarray:
         image_mean = data.means["eval" if caption.mean_image_source == "eval" else "synthetic"]
         return mean_shift(features, data.means["text"], image_mean)
     if caption.correction == "projection":
-        return support_projection(features, data.support, caption.projection_renormalize)
+        return support_projection(features, data.support, caption.projection_renormalize,
+                                  exact=caption.projection == "exact")
     return l2_normalize(features)
 
 

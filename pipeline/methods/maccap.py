@@ -26,10 +26,17 @@ bottom, equation by equation:
    width). ``width: null`` is the CLIP dimension D (the paper's Q in R^{N_q x D}); another width gives
    the cross-attention keys and values of dimension D.
 3. Text reconstruction, Eq. 9 (``MacCapCaptioner.loss``): the caption's token cross-entropy through
-   the causal LM after the prefix (``CausalLM.prefix_loss``: the prefix plays the start token, the
-   caption ends with the end token, padding masked; the mean runs over the batch's tokens, as the
-   Hugging Face ``labels`` loss of the released code, rather than per caption first). The LM is
-   FROZEN in the paper (OPT-1.3b) and kept in eval mode (no dropout); only the adaptor trains. The
+   the causal LM after the prefix (``CausalLM.prefix_loss``: the caption ends with the end token,
+   padding masked; the mean runs over the batch's tokens, as the Hugging Face ``labels`` loss of the
+   released code, rather than per caption first). ``start_token`` (default, as released): the LM's
+   start token follows the prefix, in training and decoding. The released Dataloader tokenizes
+   ``caption + '</s>'`` with OPT's tokenizer, which puts OPT's ``</s>`` (its bos, id 2) in front, so
+   the LM reads [E, e(</s>), e(t_1)..]; ``generate_by_strategy`` decodes from [E, e(</s>)] (the
+   embedding of ``tokenizer.encode('')`` = [</s>]). Off, the prefix plays the start token. Two details
+   of the released loss are not taken: its labels also ask the last query to predict that leading
+   ``</s>``, and the caption's padding (OPT's pad id 1, not -100) is a target too; here the targets
+   are the caption and its end token. The LM is FROZEN in the paper (OPT-1.3b) and kept in eval
+   mode (no dropout); only the adaptor trains. The
    frozen LM is left out of the checkpoint (``frozen_pretrained``, pipeline/methods/__init__.py):
    it is loaded again from its identity, and a checkpoint whose LM loads with other weights is
    refused. ``freeze_lm: false`` trains the LM too (then it is saved): the offline profile's
@@ -49,12 +56,16 @@ bottom, equation by equation:
    once more (``attn_weight[idx, tp_idx].softmax(dim=-1)``); we follow it (``attention_softmax``,
    default true; false takes the rows as they are). I_s = A I'_p with each row L2-normalised
    (Eq. 12). I_cr^k = I_s^k + I_c (Eq. 13): a sum in the code, "the average" in the text; we take the
-   sum and L2-normalise it, so that the adaptor sees unit vectors as in training (the direction of
-   the sum and of the average is the same). ``aggregation: cls`` is Table 5's "CLS token" row:
+   sum, unnormalised, as the code: its norm lies between 1 and 2 (about 1.6-1.9 for CLIP), and the
+   inference noise of section 5 is added to it before the one L2 normalisation, so the noise is
+   relative to a longer vector than a unit one (added after normalising it would be ~1.7x stronger).
+   The adaptor sees unit vectors, as in training. ``aggregation: cls`` is Table 5's "CLS token" row:
    I_cr = I_c repeated N_cr times.
 5. Multiple sampling and filtering (``caption``): S noisy copies of I_cr, normalize(I_cr + n) with
-   n ~ N(0, sigma^2 I) of the same variance (applied even for S = 1, as the released code does),
-   each decoded by beam search (beam 4) through the LM (``pipeline.nn.decoding.generate_from_prefix``,
+   n ~ N(0, sigma^2 I) of the same variance on the unnormalised I_s + I_c (released
+   ``MacCap.generate``: ``noise_injection(cls + patches)`` adds the noise, then normalises; applied
+   even for S = 1, as the released code does), each decoded by beam search (beam 4) from [E, </s>]
+   through the LM (``pipeline.nn.decoding.generate_from_prefix``,
    at most ``max_new_tokens``: 16 in the released code); the caption whose CLIP text feature (of its
    first 80 characters, as the released code) has the highest cosine to the image's global feature
    is kept (``rerank``). All S candidates of a batch of images are encoded in one call of the
@@ -176,6 +187,7 @@ class MacCapConfig:
     mlp_layers: int = 3
     freeze_lm: bool = True
     max_len: int = 24
+    start_token: bool = True        # [E, </s>, caption], as the released code
 
 
 class MacCapCaptioner(nn.Module):
@@ -192,9 +204,10 @@ class MacCapCaptioner(nn.Module):
                                cfg.dropout, cfg.mlp_layers)
         self.width = self.adaptor.width
         limit = lm.max_positions
-        if limit is not None and cfg.queries + cfg.max_len > limit:
-            raise ValueError(f"{cfg.queries} queries + max_len {cfg.max_len} exceed the language model's {limit} "
-                             f"positions")
+        if limit is not None and cfg.queries + cfg.start_token + cfg.max_len > limit:
+            raise ValueError(f"{cfg.queries} queries + max_len {cfg.max_len}"
+                             + (" + the start token" if cfg.start_token else "")
+                             + f" exceed the language model's {limit} positions")
         self.frozen_pretrained: dict[str, dict] = {}
         if cfg.freeze_lm:
             for param in self.lm.parameters():
@@ -212,8 +225,13 @@ class MacCapCaptioner(nn.Module):
         return self.adaptor.queries.weight.device
 
     def prefix(self, memory: torch.Tensor) -> torch.Tensor:
-        """Eq. 5-8: T_cr or I_cr [B, N_cr, D] -> prefix E [B, N_q, LM width]."""
-        return self.adaptor(memory.to(self.device, torch.float32))
+        """The LM's input before the caption: Eq. 5-8, T_cr or I_cr [B, N_cr, D] -> E [B, N_q, LM width],
+        then (``start_token``, as released) the start token's embedding: [B, N_q + 1, LM width]."""
+        prefix = self.adaptor(memory.to(self.device, torch.float32))
+        if not self.cfg.start_token:
+            return prefix
+        bos = torch.full((prefix.shape[0], 1), self.causal.bos_id, dtype=torch.long, device=prefix.device)
+        return torch.cat([prefix, self.causal.embed(bos).to(prefix.dtype)], dim=1)
 
     def loss(self, batch: dict) -> torch.Tensor:
         dev = self.device
@@ -228,9 +246,10 @@ class MacCapCaptioner(nn.Module):
         """Captions of memories [M, N_cr, D] (already noised), ``batch_size`` prefixes per LM call."""
         lm, out = self.causal, []
         limit = lm.max_positions
-        if limit is not None and self.cfg.queries + max_new_tokens > limit:
-            raise ValueError(f"{self.cfg.queries} queries + max_new_tokens {max_new_tokens} exceed the language "
-                             f"model's {limit} positions")
+        if limit is not None and self.cfg.queries + self.cfg.start_token + max_new_tokens > limit:
+            raise ValueError(f"{self.cfg.queries} queries + max_new_tokens {max_new_tokens}"
+                             + (" + the start token" if self.cfg.start_token else "")
+                             + f" exceed the language model's {limit} positions")
         for start in range(0, len(memory), batch_size):
             prefix = self.prefix(memory[start:start + batch_size])
             ids = decoding.generate_from_prefix(self.lm, prefix, lm.eos_id, lm.pad_id, max_new_tokens, beam_size)
@@ -248,8 +267,9 @@ def projected_tokens(global_: torch.Tensor, patches: torch.Tensor) -> torch.Tens
 
 def subregion_features(global_: torch.Tensor, patches: torch.Tensor, attention: torch.Tensor, n_cr: int,
                        attention_softmax: bool = True) -> torch.Tensor:
-    """Eq. 10-13 -> I_cr [B, N_cr, D] (unit rows). attention [B, N_p + 1, N_p + 1]: row i is token i's
-    last-layer attention over all tokens (CLS = 0)."""
+    """Eq. 10-13 -> I_cr [B, N_cr, D] = I_s + I_c, unnormalised as in the released code (the inference
+    noise is added to it, then normalised: ``noisy_samples``). attention [B, N_p + 1, N_p + 1]: row i is
+    token i's last-layer attention over all tokens (CLS = 0)."""
     tokens = projected_tokens(global_, patches)                                         # Eq. 10-11
     if n_cr > tokens.shape[1]:
         raise ValueError(f"N_cr = {n_cr} sub-regions but the image has only {tokens.shape[1]} tokens")
@@ -258,7 +278,7 @@ def subregion_features(global_: torch.Tensor, patches: torch.Tensor, attention: 
     if attention_softmax:
         rows = rows.softmax(dim=-1)                                                     # as the released code
     i_s = l2_normalize_torch(rows @ tokens)                                             # Eq. 12: I_s = A I'_p
-    return l2_normalize_torch(i_s + tokens[:, :1, :])                                   # Eq. 13: I_s^k + I_c
+    return i_s + tokens[:, :1, :]                                                       # Eq. 13: I_s^k + I_c
 
 
 def cls_features(global_: torch.Tensor, n_cr: int) -> torch.Tensor:
@@ -277,7 +297,8 @@ def image_generator(seed: int, image_id: str) -> torch.Generator:
 
 def noisy_samples(i_cr: torch.Tensor, samples: int, variance: float, generator: torch.Generator | None = None
                   ) -> torch.Tensor:
-    """S noisy copies of one image's I_cr [N_cr, D] -> [S, N_cr, D]: normalize(I_cr + n), n ~ N(0, variance)."""
+    """S noisy copies of one image's I_cr [N_cr, D] -> [S, N_cr, D]: normalize(I_cr + n), n ~ N(0, variance)
+    on I_cr as given (the unnormalised I_s + I_c of Eq. 13, as the released code)."""
     return add_noise(i_cr.unsqueeze(0).expand(samples, *i_cr.shape), variance, generator)
 
 
@@ -325,6 +346,8 @@ class Train:
                                                         "tokenizer's ids (the paper's) | only those the corpus "
                                                         "uses (offline)")
     max_len: int = opt(24, "training caption tokens incl. the end token", check=at_least(1))
+    start_token: bool = opt(True, "the LM's start token (OPT's </s>) follows the prefix, in training and "
+                                  "decoding: [E, </s>, caption] (released code); false: the prefix plays it")
     epochs: int = opt(8, "passes over the corpus", check=at_least(1))
     batch_size: int = opt(128, "captions per step", check=at_least(1))
     optim: Optim = opt(Optim(name="adamw", lr=4e-4, weight_decay=0.01, schedule="linear", warmup_steps=200,
@@ -378,7 +401,7 @@ def create(train: Train, facts: dict, data: Data | None = None) -> MacCapCaption
     cfg = MacCapConfig(feature_dim=facts["feature_dim"], n_cr=train.n_cr, noise_variance=train.noise_variance,
                        queries=train.queries, width=train.width, heads=train.heads, layers=train.layers,
                        ffn_dim=train.ffn_dim, dropout=train.dropout, mlp_layers=train.mlp_layers,
-                       freeze_lm=train.freeze_lm, max_len=train.max_len)
+                       freeze_lm=train.freeze_lm, max_len=train.max_len, start_token=train.start_token)
     return MacCapCaptioner(cfg, lm).to(data.device if data else "cpu")
 
 
