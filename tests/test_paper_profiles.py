@@ -12,6 +12,7 @@ runner keeps a model whose fingerprint is unchanged). Sizes shrink (one epoch, n
 architectures, switches and decoding choices of every instance stay the profile's."""
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -36,14 +37,14 @@ SMALL_LM = {"gpt2": "synthcap-tiny-gpt2", "opt": "synthcap-tiny-opt"}
 HUB_FAMILIES = [(r"^(openai-community/)?(gpt2|distilgpt2)(-medium|-large|-xl)?$", "gpt2"),
                 (r"^facebook/opt-[0-9.]+[mb]$", "opt"), (r"^(FacebookAI/)?roberta-(base|large)$", "roberta")]
 
-SMALL_TRAIN = {
-    "syntic": {"epochs": 1, "batch_size": 16, "decoder": {"width": 32, "layers": 1, "heads": 2}},
-    "pcmnet": {"epochs": 1, "batch_size": 16, "hidden": 32, "heads": 2, "ffn_dim": 64, "encoder_layers": 1,
-               "decoder_layers": 1},
-    "clipcap": {"epochs": 1, "batch_size": 16, "mapper_layers": 1},
-    "maccap": {"epochs": 1, "batch_size": 16, "queries": 4, "ffn_dim": 64},
-    "cmsa": {"mle_epochs": 1, "discriminator_epochs": 1, "rl_epochs": 1, "batch_size": 16,
-             "decoder": {"width": 32, "layers": 1, "heads": 2}, "discriminator": {"max_len": 24}},
+SMALL_TRAIN = {        # sizes only: one epoch, two steps of 32 rows, narrow models, captions of at most 12 tokens
+    "syntic": {"epochs": 1, "batch_size": 32, "decoder": {"width": 32, "layers": 1, "heads": 2, "max_len": 12}},
+    "pcmnet": {"epochs": 1, "batch_size": 32, "hidden": 32, "heads": 2, "ffn_dim": 64, "encoder_layers": 1,
+               "decoder_layers": 1, "max_len": 12},
+    "clipcap": {"epochs": 1, "batch_size": 32, "mapper_layers": 1, "max_len": 12},
+    "maccap": {"epochs": 1, "batch_size": 32, "queries": 4, "ffn_dim": 64, "max_len": 12},
+    "cmsa": {"mle_epochs": 1, "discriminator_epochs": 1, "rl_epochs": 1, "batch_size": 32,
+             "decoder": {"width": 32, "layers": 1, "heads": 2, "max_len": 12}, "discriminator": {"max_len": 24}},
 }
 SMALL_CAPTION = {"beam_size": 2, "samples": 2, "max_new_tokens": 8}
 
@@ -98,11 +99,12 @@ def small_profile(name: str, roberta: Path) -> tuple[cfg.Config, str]:
     family = clip_family(params["models"]["clip"]["name"])
     params = merge(params, {"device": "cpu", "models": {"clip": {"name": SMALL_CLIP[family], "pretrained": None,
                                                                   "seed": 0, "precision": "fp32"}}})
-    params["methods"] = {n: {**m, "train": shrink(small_models(m.get("train") or {}, roberta),
-                                                  SMALL_TRAIN[m["method"]]),
-                             "caption": shrink(m.get("caption") or {}, SMALL_CAPTION)}
-                         for n, m in params["methods"].items()}
-    return cfg.from_dict(params), family
+    methods = {}
+    for n, m in params["methods"].items():
+        full = cfg.as_dict(cfg.MethodInstance.parse(m, f"methods.{n}"))      # every setting, defaults included
+        methods[n] = {"method": m["method"], "train": shrink(small_models(full["train"], roberta), SMALL_TRAIN[m["method"]]),
+                      "caption": shrink(full["caption"], SMALL_CAPTION)}
+    return cfg.from_dict({**params, "methods": methods}), family
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,8 @@ def test_every_instance_of_a_paper_profile_encodes_trains_and_captions_on_small_
     for name, instance in config.methods.items():
         # instances that share their training share one model (kept by the runner on the second call)
         trained = f"{instance.method}-{hashlib.sha256(repr(cfg.as_dict(instance.train)).encode()).hexdigest()[:12]}"
-        runner.train(trained, instance, "cpu", progress=False)
+        report = runner.train(trained, instance, "cpu", progress=False)
+        assert report["epoch_loss"] and all(math.isfinite(x) for x in report["epoch_loss"]), name
         captions = runner.caption(trained, instance, "tiny", "cpu", progress=False)
         assert sorted(captions) == sorted(eval_ids), name
         assert all(isinstance(c, str) for c in captions.values()), name
