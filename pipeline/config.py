@@ -606,7 +606,6 @@ class Config:
                 raise ConfigError(f"`methods.{name}.caption.support` names {support!r}, which is neither "
                                   f"`corpus` nor one of `target_supports` ({', '.join(self.target_supports) or 'none'})")
 
-
     def _derive_encode_columns(self) -> None:
         """``encode.synthetic_columns`` / ``encode.eval_columns``: the columns the enabled instances read,
         filled in when null, checked when given."""

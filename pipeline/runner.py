@@ -107,8 +107,8 @@ class Inputs:
                 raise ValueError(missing_column(self.artifacts[source], column, source))
         dim = int(clip["embed_dim"])
         num_patches = None
-        if any(column == "patches" for _, column in specs.values()):
-            source = next(s for s, c in specs.values() if c == "patches")
+        if any(column in ("patches", "grid") for _, column in specs.values()):
+            source = next(s for s, c in specs.values() if c in ("patches", "grid"))
             num_patches = patch_count(self.artifacts[source], dim)
         self.data = Data(clip=clip, feature_dim=dim, num_patches=num_patches, device=device)
         if any(column == "grid" for _, column in specs.values()):
