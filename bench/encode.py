@@ -18,9 +18,13 @@ import torch
 
 from bench.common import PHOTOS, Figure, best_time, main, real_captions
 from pipeline.data.images import decode_image
-from pipeline.extract.encode import (REAL_IMAGE_COLUMNS, SYNTHETIC_COLUMNS, _decode, encode_image_table,
-                                     encode_text_table, overlap_pays)
+from pipeline.extract.encode import _decode, encode_image_table, encode_text_table, overlap_pays
 from pipeline.models.clip import load_clip
+
+# The columns the offline profile's instances read (encode.synthetic_columns / encode.eval_columns): the
+# synthetic images' (global + patches) and the real images' (MacCap's attention columns too)
+SYNTHETIC_COLUMNS = ("global", "patches")
+REAL_IMAGE_COLUMNS = ("global", "patches", "cls_attention", "attention")
 
 
 def at_threads(n: int, fn):

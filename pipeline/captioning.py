@@ -19,7 +19,7 @@ from pipeline import config as cfg
 from pipeline import methods, paths, runner
 from pipeline.data.images import ImageError, decode_image, skip_reason
 from pipeline.data.shards import ShardedArtifact, describe_model, require_same_model, write_sharded
-from pipeline.extract.encode import REAL_IMAGE_COLUMNS, encode_image_table, patch_grid
+from pipeline.extract.encode import encode_image_table, patch_grid
 from pipeline.extract.tag import tag_table
 from pipeline.models.clip import clip_from_identity
 from pipeline.models.detector import detector_for
@@ -97,10 +97,11 @@ def caption_photos(config: cfg.Config, names: list[str], photos: Photos, beam_si
     if weights_sha256(detector.model) != d.get("weights_sha256"):
         raise ValueError(f"the detector loads as other weights than the {describe_model(d)} the tags were made with")
     table = pa.table({"image_id": photos.ids, "image": photos.blobs})
+    columns = methods.image_columns([config.methods[name] for name in names], "image")   # what these instances read
     with tempfile.TemporaryDirectory(prefix="synthcap-photos-") as tmp:
         features = _write(Path(tmp) / "features", encode_image_table(
-            table, clip, "image_id", config.encode.batch_size, config.feature_dtype, REAL_IMAGE_COLUMNS),
-            {"model": clip.identity, "dtype": config.feature_dtype, **patch_grid(clip, REAL_IMAGE_COLUMNS)})
+            table, clip, "image_id", config.encode.batch_size, config.feature_dtype, columns),
+            {"model": clip.identity, "dtype": config.feature_dtype, **patch_grid(clip, columns)})
         tags = _write(Path(tmp) / "tags", tag_table(table, detector, "image_id", tags_meta["threshold"],
                                                     config.tag.max_tags, config.tag.batch_size,
                                                     draft_size=detector.input_size),

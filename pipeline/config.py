@@ -395,9 +395,20 @@ class Generate:
     image_format: Literal["png", "jpeg"] = opt("png", "png (lossless) | jpeg")
 
 
+ImageColumn = Literal["global", "patches", "grid", "cls_attention", "attention"]   # = pipeline.methods.IMAGE_FEATURES
+
+
 @dataclass(frozen=True, kw_only=True)
 class Encode:
+    """Which image feature columns the encode stages cache (pipeline/methods/__init__.py ``image_columns``):
+    exactly those the enabled method instances read, and ``global``. Both are derived from ``methods``
+    (null: derive; `make profile` writes them out), so that DVC reruns encode_synthetic / encode_eval@
+    exactly when they change; a list that differs from the derived one is an error naming both."""
     batch_size: int = opt(64, "images or texts per CLIP forward pass", check=at_least(1), speed_only=True)
+    synthetic_columns: list[ImageColumn] | None = opt(
+        None, "the synthetic images' columns: what the enabled instances read at training (derived from `methods`)")
+    eval_columns: list[ImageColumn] | None = opt(
+        None, "the eval images' columns: what the enabled instances read at captioning (derived from `methods`)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -612,11 +623,26 @@ class Config:
         if self.modality_gap.models and self.modality_gap.evalset not in self.evalsets:
             raise ConfigError(f"`modality_gap.evalset` must name an eval set ({', '.join(self.evalsets)}), "
                               f"got {self.modality_gap.evalset!r}")
+        self._derive_encode_columns()
         for name, instance in self.methods.items():
             support = getattr(instance.caption, "support", None)
             if support not in (None, "corpus") and support not in self.target_supports:
                 raise ConfigError(f"`methods.{name}.caption.support` names {support!r}, which is neither "
                                   f"`corpus` nor one of `target_supports` ({', '.join(self.target_supports) or 'none'})")
+
+    def _derive_encode_columns(self) -> None:
+        """``encode.synthetic_columns`` / ``encode.eval_columns``: the columns the enabled instances read,
+        filled in when null, checked when given."""
+        from pipeline import methods
+        derived = {"synthetic_columns": methods.image_columns(self.methods.values(), "synthetic"),
+                   "eval_columns": methods.image_columns(self.methods.values(), "image")}
+        for key, columns in derived.items():
+            given = getattr(self.encode, key)
+            if given is not None and set(given) != set(columns):
+                raise ConfigError(f"`encode.{key}` is {list(given)} but the enabled method instances read "
+                                  f"{list(columns)}: set it to that, or to null to derive it (`make profile` "
+                                  f"writes it out)")
+        object.__setattr__(self, "encode", dataclasses.replace(self.encode, **{k: list(v) for k, v in derived.items()}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,8 +690,10 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "evalset": ("evalsets.{name}", "rows_per_shard"),
     "generate": ("models.diffusion", "generate", "rows_per_shard", "device", "threads_per_task"),
     "encode_text": ("models.clip", "feature_dtype", "rows_per_shard", "device", "threads_per_task"),
-    "encode_synthetic": ("models.clip", "feature_dtype", "rows_per_shard", "device", "threads_per_task"),
-    "encode_eval": ("models.clip", "feature_dtype", "rows_per_shard", "device", "threads_per_task"),
+    "encode_synthetic": ("models.clip", "encode.synthetic_columns", "feature_dtype", "rows_per_shard", "device",
+                         "threads_per_task"),
+    "encode_eval": ("models.clip", "encode.eval_columns", "feature_dtype", "rows_per_shard", "device",
+                    "threads_per_task"),
     "tag_vocabulary": ("models.detector", "models.clip", "feature_dtype", "device"),
     "tag_synthetic": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
     "tag_eval": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),

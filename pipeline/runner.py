@@ -58,7 +58,7 @@ CHECKPOINT_FORMAT = "synthcap.checkpoint.v2"
 HEADER_KEY = "synthcap"
 TENSORS_SHA256_KEY = "tensors_sha256"   # metadata: the sha256 of the file's tensor bytes, checked on every load
 _UNSEALED = "0" * 64                    # its placeholder until the tensors are written (same length)
-FEATURE_COLUMNS = ("global", "patches", "cls_attention", "attention", "text_feature")
+FEATURE_COLUMNS = ("global", "patches", "grid", "cls_attention", "attention", "text_feature")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,12 +102,18 @@ class Inputs:
         if not features:
             raise ValueError("a method must read at least one CLIP feature column")
         clip = require_same_model(**{f"{s}_features": a for s, a in features.items()})
+        for source, column in specs.values():
+            if source in ("synthetic", "image") and column not in self.artifacts[source].columns:
+                raise ValueError(missing_column(self.artifacts[source], column, source))
         dim = int(clip["embed_dim"])
         num_patches = None
-        if any(column == "patches" for _, column in specs.values()):
-            source = next(s for s, c in specs.values() if c == "patches")
+        if any(column in ("patches", "grid") for _, column in specs.values()):
+            source = next(s for s, c in specs.values() if c in ("patches", "grid"))
             num_patches = patch_count(self.artifacts[source], dim)
         self.data = Data(clip=clip, feature_dim=dim, num_patches=num_patches, device=device)
+        if any(column == "grid" for _, column in specs.values()):
+            source = next(s for s, c in specs.values() if c == "grid")
+            self.data.grid_dim = grid_width(self.artifacts[source])
         if any(column == "attention" for _, column in specs.values()):
             source = next(s for s, c in specs.values() if c == "attention")
             self.data.num_tokens = token_count(self.artifacts[source], num_patches)
@@ -156,6 +162,9 @@ class Inputs:
                 elif column == "patches":
                     check_dim(shard[name], d.num_patches * d.feature_dim, f"{source} patches of shard {k}")
                     shard[name] = shard[name].reshape(-1, d.num_patches, d.feature_dim)
+                elif column == "grid":
+                    check_dim(shard[name], d.num_patches * d.grid_dim, f"{source} grid of shard {k}")
+                    shard[name] = shard[name].reshape(-1, d.num_patches, d.grid_dim)
                 elif column == "attention":
                     check_dim(shard[name], d.num_tokens * d.num_tokens, f"{source} attention maps of shard {k}")
                     shard[name] = shard[name].reshape(-1, d.num_tokens, d.num_tokens)
@@ -185,6 +194,22 @@ def patch_count(artifact: ShardedArtifact, dim: int) -> int:
     if int(meta.get("dim", dim)) != dim:
         raise ValueError(f"{artifact.folder} holds {meta['dim']}-dimensional patches but the CLIP dim is {dim}")
     return int(meta["num_patches"])
+
+
+def missing_column(artifact: ShardedArtifact, column: str, source: str) -> str:
+    """The error of a method reading image column ``column`` of ``source`` (synthetic | image) that the
+    encode stage did not cache."""
+    side = "synthetic_columns" if source == "synthetic" else "eval_columns"
+    return (f"{artifact.folder} has no column {column!r} (it holds {', '.join(artifact.columns)}): the encode "
+            f"stage caches only the columns the enabled method instances read (`encode.{side}` in params.yaml); "
+            f"enable the instance in params.yaml and rerun `dvc repro`")
+
+
+def grid_width(artifact: ShardedArtifact) -> int:
+    """W, the raw grid's width, from an image-feature artifact's metadata."""
+    if not artifact.meta.get("grid_dim"):
+        raise ValueError(f"{artifact.folder} records no raw grid width (grid_dim): rerun the stage that writes it")
+    return int(artifact.meta["grid_dim"])
 
 
 def token_count(artifact: ShardedArtifact, num_patches: int | None = None) -> int:

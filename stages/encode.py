@@ -3,18 +3,17 @@ of their synthetic images, and of eval set NAME's real images.
 
     python -m stages.encode text | synthetic | eval NAME
 
-Per image, the columns its readers use (pipeline/methods/__init__.py TRAIN_SOURCES / CAPTION_SOURCES):
-synthetic images get ``global`` and ``patches`` (no method reads their attention, and skipping it saves
-the extra attention pass on every synthetic image); eval images also get ``cls_attention`` and the
-last layer's whole ``attention`` map (MacCap's sub-region aggregation, Eq. 10-13).
+Per image, exactly the columns the enabled method instances read (pipeline/methods/__init__.py
+``image_columns``), and ``global``: ``encode.synthetic_columns`` / ``encode.eval_columns`` in params.yaml,
+derived from ``methods`` (pipeline/config.py), so that enabling an instance that reads another column
+reruns these stages and nothing else does. A ResNet CLIP needing only ``global`` never builds patches.
 """
 import sys
 
 from pipeline import paths
 from pipeline.data.executors import executor_for
 from pipeline.data.shards import ShardedArtifact, write_sharded
-from pipeline.extract.encode import (REAL_IMAGE_COLUMNS, SYNTHETIC_COLUMNS, encode_image_table, encode_text_table,
-                                     patch_grid)
+from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
 from pipeline.models.clip import clip_for
 from pipeline.stage import base_fingerprint, run, say, shard_summary, start
 
@@ -39,7 +38,7 @@ def main(kind: str, name: str | None = None) -> None:
         id_column = "caption_id" if kind == "synthetic" else "image_id"
         source = ShardedArtifact(paths.SYNTHETIC_IMAGES if kind == "synthetic" else paths.evalset(name))
         out = paths.SYNTHETIC_FEATURES if kind == "synthetic" else paths.eval_features(name)
-        columns = SYNTHETIC_COLUMNS if kind == "synthetic" else REAL_IMAGE_COLUMNS
+        columns = tuple(config.encode.synthetic_columns if kind == "synthetic" else config.encode.eval_columns)
         meta = patch_grid(clip(), columns)
 
         inputs = [id_column, "image"]

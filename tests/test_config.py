@@ -138,6 +138,29 @@ def test_speed_only_settings_change_no_fingerprint_and_no_dvc_param(offline):
                                                      "threads_per_task"]
 
 
+def test_the_encode_columns_follow_the_instances_that_read_them_and_nothing_else(offline):
+    """encode.synthetic_columns / encode.eval_columns are derived from `methods` (pipeline/methods image_columns):
+    the encode stages' DVC params and fingerprint change when an instance starts or stops reading a column,
+    and never on a decoding setting."""
+    base = config.from_dict(offline)
+    assert "encode.synthetic_columns" in config.dvc_params("encode_synthetic", base)
+    assert "encode.eval_columns" in config.dvc_params("encode_eval", base, "demo")
+    beam = config.from_dict(edited(offline, "methods.pcmnet.caption.beam_size", 5))
+    for stage in ("encode_synthetic", "encode_eval"):
+        assert config.stage_params(stage, beam) == config.stage_params(stage, base)
+    # PCM-Net (the only reader of the raw grid) on the projected patches instead: the grid is cached nowhere
+    assert "grid" in base.encode.synthetic_columns and "grid" in base.encode.eval_columns
+    patches = config.from_dict(edited(offline, "methods.pcmnet.train.encoder_input", "patches"))
+    assert "grid" not in patches.encode.synthetic_columns and "grid" not in patches.encode.eval_columns
+    assert config.stage_params("encode_synthetic", patches) != config.stage_params("encode_synthetic", base)
+    # a list given by hand is checked against what the instances read; a misspelled column is named
+    assert ("`encode.synthetic_columns` is ['global'] but the enabled method instances read "
+            f"{base.encode.synthetic_columns}") in error_of(edited(offline, "encode.synthetic_columns", ["global"]))
+    assert "`encode.eval_columns[1]`" in error_of(edited(offline, "encode.eval_columns", ["global", "patchez"]))
+    # params.yaml as `make profile` writes it (every key explicit) parses to the same columns
+    assert config.from_dict(config.as_dict(base)).encode == base.encode
+
+
 @pytest.mark.parametrize("dotted, value, key", [
     ("models.clip.pretrianed", "openai", "models.clip.pretrianed"),
     ("feature_dtype", "int8", "feature_dtype"),

@@ -126,7 +126,7 @@ def test_a_resnet_clip_encodes_every_column_from_its_attention_pool():
     clip = load_clip("synthcap-tiny-rn", seed=0)
     pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     out = clip.encode_pixels(pixels, IMAGE_COLUMNS)
-    assert patch_grid(clip) == {"num_patches": 4, "dim": 64, "num_tokens": 5}
+    assert patch_grid(clip) == {"num_patches": 4, "dim": 64, "grid_dim": 16 * 32, "num_tokens": 5}
     visual, pool = clip.model.visual, clip.model.visual.attnpool
     with torch.no_grad():
         np.testing.assert_allclose(out["global"], F.normalize(visual(pixels), dim=-1).numpy(), atol=1e-6)
@@ -148,3 +148,42 @@ def test_a_resnet_clip_encodes_every_column_from_its_attention_pool():
     assert out["patches"].shape == (3, 4, 64)
     np.testing.assert_allclose(out["patches"], values[:, 1:].numpy(), atol=1e-6)
     np.testing.assert_allclose(F.normalize(pooled[0], dim=-1).numpy(), out["global"], atol=1e-5)
+    with torch.no_grad():       # the raw grid: the last stage's output, the pool's input, a cell a row
+        cells = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))
+    assert out["grid"].shape == (3, 4, 16 * 32)
+    np.testing.assert_allclose(out["grid"], cells.flatten(2).permute(0, 2, 1).numpy(), atol=1e-6)
+
+
+def test_a_resnet_clip_asked_for_the_global_feature_only_builds_nothing_else():
+    """CapDec's profile (RN50x4) reads the global feature only: the encoder answers exactly that, the same
+    feature as encode_image, and the shape facts name no patch-derived column."""
+    from pipeline.extract.encode import patch_grid
+    from pipeline.models.clip import load_clip
+    clip = load_clip("synthcap-tiny-rn", seed=0)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    out = clip.encode_pixels(pixels, ("global",))
+    assert list(out) == ["global"]
+    with torch.no_grad():
+        expected = l2_normalize_torch(clip.model.encode_image(pixels)).numpy()
+    np.testing.assert_allclose(out["global"], expected, atol=1e-6)
+    assert patch_grid(clip, ("global",)) == {"num_patches": 4, "dim": 64}
+
+
+def test_a_vit_grid_is_the_last_layer_before_clips_head_and_the_patches_are_it_through_the_head():
+    """``grid``: the last block's patch tokens (CLS dropped) before ln_post / proj, as open_clip's own
+    intermediates give them; ``patches`` = ln_post(grid) @ proj (PCM-Net: its encoder reads the grid, Eq. 2
+    the projected patches)."""
+    from pipeline.extract.encode import patch_grid
+    from pipeline.models.clip import load_clip
+    clip = load_clip("synthcap-tiny-vit", seed=0)
+    visual = clip.model.visual
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    out = clip.encode_pixels(pixels, ("global", "patches", "grid"))
+    with torch.no_grad():
+        last = visual.forward_intermediates(pixels, indices=1, output_fmt="NLC", intermediates_only=True)
+        expected = last["image_intermediates"][-1]
+        projected = visual.ln_post(expected) @ visual.proj
+    assert out["grid"].shape == (2, 16, 64)               # (64 / 16)^2 patches, width 64
+    np.testing.assert_allclose(out["grid"], expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["patches"], projected.numpy(), atol=1e-5)
+    assert patch_grid(clip, ("global", "grid")) == {"num_patches": 16, "dim": 64, "grid_dim": 64}

@@ -31,6 +31,22 @@ def test_every_profile_is_a_valid_configuration(profile):
     config.from_dict(resolve_profile(profile))
 
 
+@pytest.mark.parametrize("profile, synthetic, real", [
+    # by hand from the profiles' instances: SynTIC, CMSA and the ClipCap family read the global feature only;
+    # PCM-Net the projected patches (Eq. 2) and the raw grid (its encoder, as released); MacCap's sub-region
+    # aggregation the eval images' patches and attention map (Eq. 10-13); nobody the CLS row alone
+    ("paper-syntic-coco", ["global"], ["global"]),
+    ("paper-capdec-coco", ["global"], ["global"]),
+    ("paper-coco", ["global", "patches", "grid"], ["global", "patches", "grid", "attention"]),
+    ("paper-coco-to-flickr30k", ["global", "patches", "grid"], ["global", "patches", "grid", "attention"]),
+    ("paper-pcmnet-l14-coco", ["global", "patches", "grid"], ["global", "patches", "grid"]),
+    ("world", ["global", "patches"], ["global", "patches", "attention"]),
+])
+def test_each_profile_encodes_exactly_the_image_columns_its_instances_read(profile, synthetic, real):
+    c = config.from_dict(resolve_profile(profile))
+    assert (c.encode.synthetic_columns, c.encode.eval_columns) == (synthetic, real)
+
+
 def test_an_instance_starts_from_another_with_like():
     methods = expand_instances({"a": {"method": "m", "train": {"x": 1, "y": {"p": 1, "q": 2}}},
                                 "b": {"_like": "a", "train": {"y": {"q": 3}}},

@@ -464,8 +464,8 @@ def test_training_on_real_captions_lowers_the_loss(art, tok):
     assert data.num_patches == 16 and data.feature_dim == 64 and len(data.concepts[0]) == 40
     shards = [shard for _, shard in inputs.shards()]                              # the 61 pairs, as batch() takes them
     every = {k: (np.concatenate([sh[k] for sh in shards]) if isinstance(shards[0][k], np.ndarray)
-                 else [x for sh in shards for x in sh[k]]) for k in ("text", "text_feature", "global", "patches")}
-    assert every["patches"].shape == (61, 16, 64) and len(every["text"]) == 61
+                 else [x for sh in shards for x in sh[k]]) for k in ("text", "text_feature", "global", "patches", "grid")}
+    assert every["patches"].shape == every["grid"].shape == (61, 16, 64) and len(every["text"]) == 61
     facts = pcmnet.facts(s, data)
     torch.manual_seed(s.seed)                                                     # the model train_model starts from
     initial = pcmnet.create(s, facts, data)
@@ -487,8 +487,8 @@ def test_training_on_real_captions_lowers_the_loss(art, tok):
     assert before > 10.0 and after < before - 3.0                                 # plain CE over the 61 pairs
     assert result["epoch_loss"][-1] < result["epoch_loss"][0]
     assert all(0.0 <= log["clip_weight"] <= 1.0 for log in result["logs"])         # Eq. 11's c_I, logged
-    texts = model.generate({"global": torch.from_numpy(every["global"][:2]),
-                            "patches": torch.from_numpy(every["patches"][:2])}, beam_size=3, max_len=12)
+    texts = model.generate({k: torch.from_numpy(every[k][:2]) for k in ("global", "patches", "grid")},
+                           beam_size=3, max_len=12)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)             # may be empty this early
 
 
@@ -501,13 +501,14 @@ TINY_TRAIN = {"hidden": 16, "heads": 2, "ffn_dim": 32, "encoder_layers": 3, "dec
 def test_checkpoint_round_trip(tok, tmp_path):
     train = cfg.parse(pcmnet.Train, TINY_TRAIN, "t")
     words = [f"w{i}" for i in range(10)]
-    data = Data(clip={"name": "x"}, feature_dim=8, num_patches=6,
+    data = Data(clip={"name": "x"}, feature_dim=8, num_patches=6, grid_dim=5,
                 concepts=(words, np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)))
     facts = pcmnet.facts(train, data)
-    assert facts == {"feature_dim": 8, "num_patches": 6, "concepts": words, "vocabulary": None}
+    assert facts == {"feature_dim": 8, "num_patches": 6, "concepts": words, "vocabulary": None, "grid_dim": 5}
     torch.manual_seed(0)
     model = pcmnet.create(train, facts, data).eval()
-    assert model.cfg == tiny_config(clip_w=2.5, noise_variance=0.016, attention_dropout=0.0, embedding_dropout=0.0)
+    assert model.cfg == tiny_config(clip_w=2.5, noise_variance=0.016, attention_dropout=0.0, embedding_dropout=0.0,
+                                    grid_dim=5)
     path = tmp_path / "model.safetensors"
     identity = {"kind": "clip", "name": "x", "embed_dim": 8}
     runner.save_checkpoint(model, path, {"method": "pcmnet", "train": cfg.as_dict(train), "facts": facts,
@@ -519,7 +520,7 @@ def test_checkpoint_round_trip(tok, tmp_path):
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)                            # the concept buffer too: it captions alone
     torch.testing.assert_close(loaded.concepts, torch.from_numpy(data.concepts[1]), rtol=0, atol=0)
-    batch = tiny_batch(tok)
+    batch = {**tiny_batch(tok), "grid": torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(1))}
     assert loaded.generate(batch, 3, 8) == model.generate(batch, 3, 8)
     assert loaded.generate(batch, 1, 8) == model.generate(batch, 1, 8)
     with pytest.raises(ValueError, match=r"max_len must be in \[2, 12\]"):
@@ -612,7 +613,7 @@ def test_pairs_selection_takes_the_patches_of_the_top_m_patch_concept_entries():
 def test_released_recipe_switches_reach_the_model():
     train = cfg.parse(pcmnet.Train, {"hidden": 16, "heads": 2, "ffn_dim": 32, "max_len": 12, "vocabulary": "words",
                                      "vocabulary_size": 5}, "t")
-    data = Data(clip={"name": "x"}, feature_dim=8, num_patches=6,
+    data = Data(clip={"name": "x"}, feature_dim=8, num_patches=6, grid_dim=7,
                 concepts=(["dog"], np.ones((1, 8), np.float32)), corpus={"text": ["a dog runs", "a dog sits", "a cat"]})
     facts = pcmnet.facts(train, data)
     assert facts["vocabulary"] == ["a", "dog", "cat", "runs", "sits"]
@@ -624,4 +625,40 @@ def test_released_recipe_switches_reach_the_model():
     assert model.decoder.drop.p == 0.1                                # word embeddings (released TOKEN_EMBED)
     assert isinstance(model.encoder.w_g, torch.nn.Sequential) and model.encoder.w_g[0].bias is not None
     assert model.encoder.emb_relu and train.optim.grad_clip_value == 0.1 and train.optim.betas == (0.9, 0.999)
+    assert model.encoder.visual_fc.in_features == 7                    # the raw grid through its own Linear
     assert pcmnet.Caption().length_normalize is False                 # beams ranked by summed log-prob
+
+
+def test_the_encoders_visual_stream_reads_the_raw_grid_through_its_own_linear(tok):
+    """As released: a visual patch enters the encoder as its raw grid cell (W wide) through Linear(W, H); the
+    affinity of Eq. 2, and so which patches are mixed or appended, comes from the projected patches; a
+    textual patch is its v^t through textual_fc."""
+    conf = tiny_config(grid_dim=5)
+    model = tiny_model(conf, tok=tok)
+    enc = model.encoder
+    batch = tiny_batch(tok, cfg=conf)
+    batch["grid"] = torch.randn(4, conf.num_patches, 5, generator=torch.Generator().manual_seed(3))
+    assert enc.visual_fc.in_features == 5 and enc.textual_fc.in_features == conf.feature_dim
+    g, tokens, types, positions, padding = model.encoder_inputs(batch)   # eval: N_p patches, then the textual ones
+    x0 = enc.embed(g, tokens, types, positions, model.visual_grid(batch, positions))
+    for b in range(4):
+        manual = [enc.global_fc(g[b]) + enc.pos_emb.weight[0] + enc.type_emb.weight[GLOBAL]]
+        for j in range(tokens.shape[1]):
+            p = int(positions[b, j])
+            v = enc.textual_fc(tokens[b, j]) if types[b, j] == TEXTUAL else enc.visual_fc(batch["grid"][b, p - 1])
+            manual.append(v + enc.pos_emb.weight[p] + enc.type_emb.weight[types[b, j]])
+        summed = torch.stack(manual)
+        torch.testing.assert_close(x0[b], enc.emb_ln(F.relu(summed) if enc.emb_relu else summed), atol=1e-5, rtol=1e-5)
+    assert (types == TEXTUAL).any()
+    zero_grid = dict(batch, grid=torch.zeros_like(batch["grid"]))        # the grid moves nothing of Eq. 1-3
+    for a, b in zip(model.encoder_inputs(zero_grid), (g, tokens, types, positions, padding)):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(batch).states, enc(g, tokens, types, positions, padding,
+                                                                   model.visual_grid(batch, positions)))
+        assert not torch.allclose(model.encode(batch).states, model.encode(zero_grid).states)
+    # the grid is read (and so cached) only by an instance whose encoder takes it
+    grid, patches = (cfg.parse(pcmnet.Train, {"encoder_input": e}, "t") for e in ("grid", "patches"))
+    caption = cfg.parse(pcmnet.Caption, {}, "c")
+    assert pcmnet.needs(grid).rows["grid"] == "synthetic.grid" and pcmnet.needs(grid, caption).rows["grid"] == "image.grid"
+    assert "grid" not in pcmnet.needs(patches).rows and "grid" not in pcmnet.needs(patches, caption).rows

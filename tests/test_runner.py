@@ -397,6 +397,12 @@ def test_needs_naming_an_unknown_source_fail_naming_it(artifacts_root):
         runner.Inputs(Needs(rows={"x": "synthetic.global"}), "cpu", evalset="tiny")
     with pytest.raises(ValueError, match=r"`synthetic\.nosuch`: 'synthetic' has no column 'nosuch'"):
         runner.Inputs(Needs(rows={"x": "synthetic.nosuch"}), "cpu")
+    # a column the encode stage did not cache (no enabled instance reads it): named, with the artifact
+    with pytest.raises(ValueError, match=r"features/synthetic has no column 'grid' \(it holds caption_id, global\): "
+                                         r"the encode stage caches only .*`encode\.synthetic_columns`"):
+        runner.Inputs(Needs(rows={"x": "synthetic.global", "y": "synthetic.grid"}), "cpu")
+    with pytest.raises(ValueError, match=r"features/eval/tiny has no column 'attention' .*`encode\.eval_columns`"):
+        runner.Inputs(Needs(rows={"x": "image.attention"}), "cpu", evalset="tiny")
     with pytest.raises(ValueError, match="at least one CLIP feature column"):
         runner.Inputs(Needs(rows={"text": "corpus.text"}), "cpu")
     inputs = runner.Inputs(Needs(rows={"text": "corpus.text", "image": "synthetic.global"}), "cpu")
@@ -413,16 +419,20 @@ TINY_CLIP = ("synthcap-tiny-vit", None, 0, "fp32", "cpu")        # clip_for(name
 REAL_ROWS_PER_SHARD = 16
 
 
-def build_real_artifacts(root: Path, shared: Path, parts: set[str], n_groups: int = 12, n_eval: int = 4) -> dict:
+def build_real_artifacts(root: Path, shared: Path, parts: set[str], n_groups: int = 12, n_eval: int = 4,
+                         clip_config: tuple = TINY_CLIP, synthetic_columns: tuple | None = None,
+                         eval_columns: tuple | None = None) -> dict:
     """Artifacts under ``root`` (laid out as pipeline/paths.py lays out artifacts/), written as the stages
     write them (Parquet shards + manifests, the producing model in the meta):
 
     - ``corpus``: the Flickr8k train captions of ``n_groups`` photos present in the shared data (5 each)
       plus one caption of a further photo (a singleton group), in shards of 16 rows;
     - ``text``: their CLIP text features (the tiny seeded CLIP);
-    - ``synthetic``: the CLIP features (global, patches, CLS attention) of each caption's REAL photo,
-      standing in for its synthetic image (no diffusion model runs in tests): every pair is a true pair;
-    - ``evalset tiny`` and its features: ``n_eval`` photos outside the train split with their references;
+    - ``synthetic``: the CLIP features (``synthetic_columns``; None: every image column) of each caption's
+      REAL photo, standing in for its synthetic image (no diffusion model runs in tests): every pair is a
+      true pair; ``clip_config``: the CLIP (clip_for's arguments), the tiny seeded ViT by default;
+    - ``evalset tiny`` and its features (``eval_columns``): ``n_eval`` photos outside the train split with
+      their references;
     - ``parts`` adds: "optimized" (Eq. 2, a few steps), "tags" (the tiny detector's tags of both image
       sets, and the tag vocabulary), "support" (the corpus support set: tau 0.01, top-k 8), "target" (a
       support set "coco" over 200 COCO captions), "concepts" (40 concepts of the corpus nouns).
@@ -431,11 +441,12 @@ def build_real_artifacts(root: Path, shared: Path, parts: set[str], n_groups: in
     from pipeline.data.evalsets import EVAL_SCHEMA, load_eval_images, read_references
     from pipeline.data.shards import ShardedArtifact, feature_numpy, write_table_atomic
     from pipeline.extract.encode import encode_image_table, encode_text_table, patch_grid
-    from pipeline.models.clip import clip_for
+    from pipeline.models.clip import IMAGE_COLUMNS, clip_for
 
     at = paths.layout(root)
     flickr = shared / "flickr8k"
-    clip = clip_for(*TINY_CLIP)
+    clip = clip_for(*clip_config)
+    synthetic_columns, eval_columns = synthetic_columns or IMAGE_COLUMNS, eval_columns or IMAGE_COLUMNS
     train_split = set((flickr / "Flickr_8k.trainImages.txt").read_text().split())
     photos = {p.name for p in (flickr / "images").iterdir()}
     records = [r for r in read_captions(flickr / "Flickr8k.token.txt").records
@@ -464,12 +475,13 @@ def build_real_artifacts(root: Path, shared: Path, parts: set[str], n_groups: in
     corpus = lambda t: pa.Table.from_pylist(rows[t.start:t.stop])               # noqa: E731
     sharded(at["CORPUS"], len(rows), corpus, {"model": None})
     sharded(at["TEXT_FEATURES"], len(rows), lambda t: encode_text_table(corpus(t), clip, 64, "float16"), clip_meta)
-    grid = {**clip_meta, **patch_grid(clip)}
     sharded(at["SYNTHETIC_FEATURES"], len(rows),
-            lambda t: encode_image_table(photo_table(t), clip, "caption_id", 16, "float16"), grid)
+            lambda t: encode_image_table(photo_table(t), clip, "caption_id", 16, "float16", synthetic_columns),
+            {**clip_meta, **patch_grid(clip, synthetic_columns)})
     sharded(at["EVALSETS"] / "tiny", len(eval_rows), eval_table, {"model": None, "evalset": "tiny"})
     sharded(at["EVAL_FEATURES"] / "tiny", len(eval_rows),
-            lambda t: encode_image_table(eval_table(t), clip, "image_id", 16, "float16"), grid)
+            lambda t: encode_image_table(eval_table(t), clip, "image_id", 16, "float16", eval_columns),
+            {**clip_meta, **patch_grid(clip, eval_columns)})
 
     def column(folder, name):
         return np.concatenate([feature_numpy(b.column(0)) for b in ShardedArtifact(folder).iter_batches([name])])

@@ -1,5 +1,5 @@
-"""CLIP features of images (global, projected patches, CLS attention, the last layer's attention map) and
-of texts, as Arrow tables.
+"""CLIP features of images (global, projected patches, the raw patch grid, CLS attention, the last layer's
+attention map: the columns asked for) and of texts, as Arrow tables.
 
 Images are decoded by the one decoder (pipeline/data/images.py) and resized and cropped by CLIP's own
 transform, one by one; the float work of that transform (to [0, 1], mean/std normalisation) runs once per
@@ -22,12 +22,6 @@ from pipeline.models.clip import IMAGE_COLUMNS, ClipEncoder
 from pipeline.data.images import ImageError, decode_image, skip_reason
 from pipeline.data.shards import feature_array
 
-
-# The columns each kind of image gets (their readers: pipeline/methods/__init__.py): synthetic images
-# the global feature and the patches; real images (eval sets, `synthcap caption`) also the CLS
-# attention and the last layer's whole attention map (MacCap, Eq. 10-13).
-SYNTHETIC_COLUMNS = ("global", "patches")
-REAL_IMAGE_COLUMNS = ("global", "patches", "cls_attention", "attention")
 
 
 def _split_transform(preprocess) -> tuple[list, np.ndarray, np.ndarray] | None:
@@ -91,7 +85,7 @@ def _pixel_batches(clip: ClipEncoder, blobs: list[bytes], ids: list[str], batch_
 def encode_image_table(images: pa.Table, clip: ClipEncoder, id_column: str, batch_size: int,
                        dtype: str, columns: Sequence[str] = IMAGE_COLUMNS, overlap: bool | None = None) -> pa.Table:
     """images (id, image bytes) -> id and the ``columns`` asked for (pipeline/models/clip.py): global [D],
-    patches [Np*D], cls_attention [Np], attention [(Np+1)*(Np+1)], each a fixed-size list a row.
+    patches [Np*D], grid [Np*W], cls_attention [Np], attention [(Np+1)*(Np+1)], each a fixed-size list a row.
     ``overlap``: decode on a background thread (None: where it pays, ``overlap_pays``)."""
     columns = tuple(columns)
     ids = images.column(id_column).to_pylist()
@@ -103,7 +97,7 @@ def encode_image_table(images: pa.Table, clip: ClipEncoder, id_column: str, batc
         out = clip.encode_pixels(pixels, columns)
         for key in parts:
             parts[key].append(out[key].reshape(len(pixels), -1))
-    empty = {"global": clip.dim, "patches": 0, "cls_attention": 0, "attention": 0}
+    empty = {"global": clip.dim, "patches": 0, "grid": 0, "cls_attention": 0, "attention": 0}
     table = {key: feature_array(np.concatenate(v) if v else np.zeros((0, empty[key]), np.float32), dtype)
              for key, v in parts.items()}
     return pa.table({id_column: ids, **table})
@@ -117,16 +111,21 @@ def encode_text_table(captions: pa.Table, clip: ClipEncoder, batch_size: int, dt
 
 
 def patch_grid(clip: ClipEncoder, columns: Sequence[str] = IMAGE_COLUMNS) -> dict:
-    """Shape facts written beside the image features so readers can unflatten them: N_p and D, and
-    ``num_tokens`` = N_p + 1 (CLS first) when the ``attention`` map is among ``columns``."""
+    """Shape facts written beside the image features so readers can unflatten them: N_p and D, the
+    ``grid_dim`` W when the raw ``grid`` is among ``columns``, and ``num_tokens`` = N_p + 1 (CLS first)
+    when the ``attention`` map is."""
     visual = clip.model.visual
     if hasattr(visual, "attnpool"):          # a ResNet CLIP: the attention pool's grid (image size / 32)
         side = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
         grid = (side // 32, side // 32)
+        width = visual.attnpool.k_proj.in_features           # the grid's channels C
     else:
         grid = visual.grid_size if hasattr(visual, "grid_size") else None
+        width = visual.conv1.out_channels                     # the tower's width W
     num_patches = int(grid[0] * grid[1]) if grid else None
     facts = {"num_patches": num_patches, "dim": clip.dim}
+    if "grid" in columns:
+        facts["grid_dim"] = int(width)
     if "attention" in columns and num_patches:
         facts["num_tokens"] = num_patches + 1
     return facts

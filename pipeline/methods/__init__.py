@@ -67,19 +67,21 @@ REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", 
 # The per-row columns a method may ask for, by source. Training reads the corpus side (one row per
 # corpus caption: shard k of each covers the same captions); captioning reads the eval side (one
 # row per image).
-# ``global`` is the projected CLS token (L2-normalised), ``patches`` the patch tokens projected by CLIP's
-# own head (not normalised), ``cls_attention`` the last layer's CLS->patch attention and ``attention``
-# its whole map over the N_p + 1 tokens, CLS first (both averaged over heads; pipeline/models/clip.py).
-# Only what some method reads is cached: no method reads a synthetic image's attention.
+# The image feature columns (pipeline/models/clip.py): ``global`` is the projected CLS token (L2-normalised),
+# ``patches`` the patch tokens projected by CLIP's own head (not normalised), ``grid`` the same tokens raw, in
+# the vision tower's width, before that head (PCM-Net's encoder input), ``cls_attention`` the last layer's
+# CLS->patch attention and ``attention`` its whole map over the N_p + 1 tokens, CLS first (both averaged over
+# heads). The encode stages cache only what the enabled instances read (``image_columns``).
+IMAGE_FEATURES = ("global", "patches", "grid", "cls_attention", "attention")
 TRAIN_SOURCES = {
     "corpus": ("caption_id", "group_id", "text"),
     "text": ("text_feature",),                                   # CLIP text feature of the caption
-    "synthetic": ("global", "patches"),                          # CLIP features of its synthetic image
+    "synthetic": IMAGE_FEATURES,                                 # CLIP features of its synthetic image
     "synthetic_tags": ("labels", "scores", "boxes"),             # detector tags of its synthetic image
     "optimized": ("global",),                                    # SynTIC Eq. 2 features
 }
 CAPTION_SOURCES = {
-    "image": ("image_id", "global", "patches", "cls_attention", "attention"),   # the real image: its id, CLIP features
+    "image": ("image_id", *IMAGE_FEATURES),                      # the real image: its id, CLIP features
     "image_tags": ("labels", "scores", "boxes"),                 # detector tags of the real image
 }
 
@@ -88,7 +90,7 @@ CAPTION_SOURCES = {
 class Needs:
     """What a method reads. ``rows`` maps the name the method uses to ``"source.column"`` (see
     TRAIN_SOURCES / CAPTION_SOURCES); feature columns arrive as float32 arrays [n, D] (``patches``
-    as [n, N_p, D], ``cls_attention`` as [n, N_p], ``attention`` as [n, N_p + 1, N_p + 1]), others
+    as [n, N_p, D], ``grid`` as [n, N_p, W], ``cls_attention`` as [n, N_p], ``attention`` as [n, N_p + 1, N_p + 1]), others
     (ids, texts, tags) as lists."""
     rows: dict[str, str]
     corpus: tuple[str, ...] = ()          # corpus columns held whole (e.g. texts for a vocabulary)
@@ -126,6 +128,7 @@ class Data:
     clip: dict                                   # identity of the CLIP model of every feature
     feature_dim: int
     num_patches: int | None = None               # N_p, when patches are read
+    grid_dim: int | None = None                  # W, the raw grid's width, when the grid is read
     num_tokens: int | None = None                # N_p + 1 (CLS first), when the attention map is read
     device: str = "cpu"
     corpus: dict[str, list] = field(default_factory=dict)
@@ -154,3 +157,19 @@ def check(module: ModuleType) -> ModuleType:
     if missing:
         raise TypeError(f"{module.__name__} lacks {', '.join(missing)} (see pipeline/methods/__init__.py)")
     return module
+
+
+def image_columns(instances, source: str) -> tuple[str, ...]:
+    """The image feature columns the encode stage caches for ``source`` ("synthetic": the synthetic images,
+    read at training; "image": the real eval images, read at captioning), in ``IMAGE_FEATURES`` order:
+    ``global`` always (support sets, SynTIC's Eq. 2, evaluation and the modality-gap analysis read it) and
+    every column an instance's ``needs`` name there. ``instances``: objects with ``method``, ``train``
+    and ``caption`` (pipeline.config.MethodInstance)."""
+    if source not in ("synthetic", "image"):
+        raise ValueError(f"image columns are of 'synthetic' or 'image', not {source!r}")
+    wanted = {"global"}
+    for instance in instances:
+        module = get(instance.method)
+        needs = module.needs(instance.train) if source == "synthetic" else module.needs(instance.train, instance.caption)
+        wanted |= {spec.partition(".")[2] for spec in needs.rows.values() if spec.partition(".")[0] == source}
+    return tuple(c for c in IMAGE_FEATURES if c in wanted)

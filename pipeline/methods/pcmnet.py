@@ -5,13 +5,16 @@ Read top to bottom:
    (cosine) to the image's global feature g_I. The vocabulary is built by the `concepts` stage
    (pipeline/extract/concepts.py: frequent corpus nouns).
 2. Patch-concept affinity (Eq. 2): a_jk = cos(v'_j, c_k). The cached patch tokens are already v'_j:
-   CLIP's own ln_post + proj applied to the last layer's patch tokens (pipeline/models/clip.py).
+   CLIP's own ln_post + proj applied to the last layer's patch tokens (pipeline/models/clip.py). Only
+   here are the projected patches used: the encoder's visual stream reads the raw grid (step 5).
 3. Textual feature map (Eq. 3): v^t_j = sum_k softmax_k(a_jk / tau) c_k.
 4. Mix-up: the M patches most related to the salient concepts are replaced by their v^t_j during
    training; at inference those v^t_j are appended to the real patch map, each patch once (so rows
    append different numbers: the appended part is padded, and the padding masked out of the
    encoder's self-attention and the decoder's cross-attention).
-5. Captioner (Eq. 4-8): [g_I; mixed patch map] -> fully connected to the hidden size -> N_e
+5. Captioner (Eq. 4-8): [g_I; mixed patch map] -> fully connected to the hidden size (a visual patch
+   from its raw grid cell, the last layer's token before ln_post / proj, W wide: "a grid feature map"
+   through "a fully connected layer", released Linear(768, 512) for ViT-B/32; ``encoder_input``) -> N_e
    post-LN Transformer encoder blocks; inter-layer global feature g~ = W_g [g^(0); ..; g^(N_e)]
    (Eq. 6) replaces the global token in the encoder output (Eq. 7); N_d post-LN decoder blocks
    with masked self-attention and cross-attention to it (Eq. 8); a word vocabulary (released) or
@@ -27,10 +30,9 @@ Choices where the paper is silent (each one a single place in the code):
   (patch, concept) entries of the affinity matrix (``pairs``, the default); ``patches`` scores
   patch j by max_k a_jk and mixes the top-M. Salient concepts and affinities use the clean features.
 - The paper's visual patches live in CLIP's width (1,024 for ViT-L/14) and its textual patches in
-  the joint space (768), each mapped to 512 "through a fully connected layer". Only projected
-  patches are cached here, so both are D-dimensional, but each stream keeps its own FC (global,
-  visual patch, textual patch), and the embeddings are layer-normalised (BERT-style) because raw
-  projected patches and unit-norm text features differ in scale.
+  the joint space (768), each mapped to 512 "through a fully connected layer": each stream keeps its
+  own FC (global, visual patch from the raw grid, textual patch), and the embeddings are
+  layer-normalised (BERT-style). ``encoder_input: patches`` feeds the projected patches instead.
 - Token types: 0 global, 1 visual patch, 2 textual patch. Positions: 0 for the global token, j for
   patch j; a textual patch keeps the position of the patch it stands for, at training (where it
   replaces patch j) and at inference (where it is appended), so both see the same encoding.
@@ -214,6 +216,7 @@ def weighted_caption_loss(logits: torch.Tensor, tokens: torch.Tensor, lengths: t
 class PCMNetConfig:
     feature_dim: int = 512          # CLIP joint dim D (global, patches, concept features)
     num_patches: int = 49           # N_p of the cached patch map
+    grid_dim: int | None = None     # W of the raw grid the visual stream reads (None: it reads the projected patches)
     vocab_size: int = 49408         # CLIP BPE
     hidden: int = 512
     heads: int = 8
@@ -248,7 +251,7 @@ class VisualSemanticEncoder(nn.Module):
         super().__init__()
         H = cfg.hidden
         self.global_fc = nn.Linear(cfg.feature_dim, H)
-        self.visual_fc = nn.Linear(cfg.feature_dim, H)
+        self.visual_fc = nn.Linear(cfg.grid_dim or cfg.feature_dim, H)     # released: Linear(768, 512) on the grid
         self.textual_fc = nn.Linear(cfg.feature_dim, H)
         self.pos_emb = nn.Embedding(cfg.num_patches + 1, H)          # 0: global, j: patch j
         self.type_emb = nn.Embedding(3, H)                            # GLOBAL, VISUAL, TEXTUAL
@@ -263,12 +266,14 @@ class VisualSemanticEncoder(nn.Module):
         w_g = nn.Linear((cfg.encoder_layers + 1) * H, H, bias=cfg.w_g_layernorm)       # W_g of Eq. 6
         self.w_g = nn.Sequential(w_g, nn.LayerNorm(H)) if cfg.w_g_layernorm else w_g
 
-    def embed(self, global_feats, tokens, types, positions) -> torch.Tensor:
+    def embed(self, global_feats, tokens, types, positions, grid=None) -> torch.Tensor:
         """V^(0) = {g^(0), v^(0)_1..}: [B, 1+N, H]. As released: FC, + position, + token type, ReLU,
-        LayerNorm, dropout."""
+        LayerNorm, dropout. ``grid`` [B, N, W]: the visual tokens' raw grid cells (the visual stream's
+        input when given; else the tokens themselves)."""
         B = tokens.shape[0]
         g = self.global_fc(global_feats)[:, None]
-        v = torch.where((types == TEXTUAL)[..., None], self.textual_fc(tokens), self.visual_fc(tokens))
+        visual = self.visual_fc(tokens if grid is None else grid)
+        v = torch.where((types == TEXTUAL)[..., None], self.textual_fc(tokens), visual)
         all_types = torch.cat([torch.full((B, 1), GLOBAL, device=types.device), types], dim=1)
         all_pos = torch.cat([torch.zeros(B, 1, dtype=positions.dtype, device=positions.device), positions], dim=1)
         x = torch.cat([g, v], dim=1) + self.pos_emb(all_pos) + self.type_emb(all_types)
@@ -276,10 +281,10 @@ class VisualSemanticEncoder(nn.Module):
             x = F.relu(x)
         return self.drop(self.emb_ln(x))
 
-    def forward(self, global_feats, tokens, types, positions, padding) -> torch.Tensor:
+    def forward(self, global_feats, tokens, types, positions, padding, grid=None) -> torch.Tensor:
         """-> V~ = [g~; v^(N_e)_1..] [B, 1+N, H] (Eq. 7). padding [B, N] (True: an empty slot) is
         masked out of every self-attention; the global token is never padding."""
-        x = self.embed(global_feats, tokens, types, positions)
+        x = self.embed(global_feats, tokens, types, positions, grid)
         mask = torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1)
         globals_ = [x[:, 0]]                                                            # g^(0)
         for layer in self.layers:
@@ -382,10 +387,18 @@ class PCMNet(nn.Module):
             g = F.normalize(F.normalize(g, dim=-1) + torch.randn_like(g) * math.sqrt(self.cfg.noise_variance), dim=-1)
         return g, tokens, types, positions, padding
 
+    def visual_grid(self, batch: dict, positions: torch.Tensor) -> torch.Tensor | None:
+        """The raw grid cell of each token's patch (position j: cell j - 1), the visual stream's input as
+        released; None when it reads the projected patches. A textual or padding token's cell is never used."""
+        if self.cfg.grid_dim is None:
+            return None
+        grid = batch["grid"]
+        return grid[torch.arange(grid.shape[0], device=grid.device)[:, None], positions - 1]
+
     def encode(self, batch: dict) -> decoding.Memory:
         """V~ with its padding (the global token and every patch slot that holds a patch are kept)."""
-        *inputs, padding = self.encoder_inputs(batch)
-        states = self.encoder(*inputs, padding)
+        g, tokens, types, positions, padding = self.encoder_inputs(batch)
+        states = self.encoder(g, tokens, types, positions, padding, self.visual_grid(batch, positions))
         return decoding.Memory(states, torch.cat([torch.zeros_like(padding[:, :1]), padding], dim=1))
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -425,6 +438,9 @@ class Train:
     focal_gamma: float = opt(2.0, "the loss times the batch mean of (1 - p_target)^gamma (released; 0 = off)",
                              check=non_negative)
     noise_variance: float = opt(0.016, "Gaussian noise on the global feature at training (CapDec's), renormalised")
+    encoder_input: Literal["grid", "patches"] = opt("grid", "the encoder's visual patches: the raw last-layer grid "
+                                                           "through its own Linear (paper, released: 768 -> 512 for "
+                                                           "ViT-B/32) | the projected patches of Eq. 2")
     hidden: int = opt(512, "hidden size of every Transformer block", check=at_least(1))
     heads: int = opt(8, "attention heads (not given: the base Transformer's)", check=at_least(1))
     ffn_dim: int = opt(2048, "feed-forward width (not given: the base Transformer's)", check=at_least(1))
@@ -464,11 +480,12 @@ class Caption:
 
 
 def needs(train: Train, caption: Caption | None = None) -> Needs:
+    grid = ("grid",) if train.encoder_input == "grid" else ()       # the raw grid, only when the encoder reads it
     if caption is None:
         return Needs(rows={"text": "corpus.text", "text_feature": "text.text_feature",
-                           "global": "synthetic.global", "patches": "synthetic.patches"},
+                           **{c: f"synthetic.{c}" for c in ("global", "patches", *grid)}},
                      corpus=("text",) if train.vocabulary != "full" else (), concepts=True)
-    return Needs(rows={"global": "image.global", "patches": "image.patches"})
+    return Needs(rows={c: f"image.{c}" for c in ("global", "patches", *grid)})
 
 
 def tokenizer_for(train: Train, vocabulary) -> CaptionTokenizer | WordTokenizer:
@@ -476,6 +493,8 @@ def tokenizer_for(train: Train, vocabulary) -> CaptionTokenizer | WordTokenizer:
 
 
 def facts(train: Train, data: Data) -> dict:
+    if train.encoder_input == "grid" and not data.grid_dim:
+        raise ValueError("encoder_input: grid reads the raw grid, whose width the features do not record")
     words, _ = data.concepts
     texts = data.corpus.get("text", ())
     if train.vocabulary == "words":
@@ -483,13 +502,14 @@ def facts(train: Train, data: Data) -> dict:
     else:
         vocabulary = CaptionTokenizer.for_corpus(train.vocabulary, texts).vocabulary
     return {"feature_dim": data.feature_dim, "num_patches": data.num_patches, "concepts": list(words),
-            "vocabulary": vocabulary}
+            "vocabulary": vocabulary, "grid_dim": data.grid_dim if train.encoder_input == "grid" else None}
 
 
 def create(train: Train, facts: dict, data: Data | None = None) -> PCMNet:
     tokenizer = tokenizer_for(train, facts["vocabulary"])
     config = PCMNetConfig(
-        feature_dim=facts["feature_dim"], num_patches=facts["num_patches"], vocab_size=tokenizer.vocab_size,
+        feature_dim=facts["feature_dim"], num_patches=facts["num_patches"], grid_dim=facts.get("grid_dim"),
+        vocab_size=tokenizer.vocab_size,
         hidden=train.hidden, heads=train.heads, ffn_dim=train.ffn_dim, encoder_layers=train.encoder_layers,
         decoder_layers=train.decoder_layers, dropout=train.dropout, max_len=train.max_len,
         num_concepts=len(facts["concepts"]), mixup=train.mixup, salient_k=train.salient_k, mix_m=train.mix_m,
@@ -504,7 +524,7 @@ def create(train: Train, facts: dict, data: Data | None = None) -> PCMNet:
 
 
 def _features(rows: dict, idx: np.ndarray) -> dict:
-    return {"global": torch.from_numpy(rows["global"][idx]), "patches": torch.from_numpy(rows["patches"][idx])}
+    return {c: torch.from_numpy(rows[c][idx]) for c in ("global", "patches", "grid") if c in rows}
 
 
 def batch(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:

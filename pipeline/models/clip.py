@@ -5,6 +5,8 @@ Per image (MacCap Eq. 10-13 and PCM-Net Eq. 2 need more than the global feature)
 - ``global``: the projected CLS token, L2-normalised (D = embed_dim).
 - ``patches``: the last layer's patch tokens mapped by CLIP's own head (``ln_post`` then ``proj``) into
   the joint space, NOT normalised (N_p x D).
+- ``grid``: the same patch tokens raw, the last layer's output before ``ln_post`` and ``proj``, in the
+  vision tower's width W (N_p x W; 49 x 768 for ViT-B/32): PCM-Net's encoder input as released.
 - ``cls_attention``: the last block's attention of the CLS token over the patches, averaged over
   heads (N_p).
 - ``attention``: the last block's whole attention map over the N_p + 1 tokens (CLS first), averaged
@@ -12,7 +14,8 @@ Per image (MacCap Eq. 10-13 and PCM-Net Eq. 2 need more than the global feature)
   holds ``cls_attention`` (columns 1..N_p) and the CLS token's attention to itself (column 0).
 Both attention columns come from one extra pass of the last block's attention over its captured
 input; when neither is asked for, that pass is skipped. A ResNet CLIP has no transformer tower: its
-columns come from its attention pool (``_resnet_columns``: the grid cells are the patches).
+columns come from its attention pool (``_resnet_columns``: the cells of the pool's input grid are the
+patches, and that grid, C channels a cell, is ``grid``).
 Per text: the projected EOT feature, L2-normalised (``encode_texts``: batches of similar length, each
 run up to its longest text).
 """
@@ -33,7 +36,7 @@ from pipeline.vectors import l2_normalize_torch
 
 open_clip.add_model_config(CONFIG_DIR)
 
-IMAGE_COLUMNS = ("global", "patches", "cls_attention", "attention")
+IMAGE_COLUMNS = ("global", "patches", "grid", "cls_attention", "attention")   # = pipeline.methods.IMAGE_FEATURES
 
 
 @dataclass
@@ -51,7 +54,7 @@ class ClipEncoder:
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, columns: Sequence[str] = IMAGE_COLUMNS) -> dict[str, np.ndarray]:
         """Preprocessed images [B,3,H,W] -> the ``columns`` asked for (module docstring): global [B,D],
-        patches [B,Np,D], cls_attention [B,Np], attention [B,Np+1,Np+1]."""
+        patches [B,Np,D], grid [B,Np,W], cls_attention [B,Np], attention [B,Np+1,Np+1]."""
         unknown = [c for c in columns if c not in IMAGE_COLUMNS]
         if unknown:
             raise ValueError(f"unknown image feature column(s) {unknown} (known: {', '.join(IMAGE_COLUMNS)})")
@@ -61,14 +64,17 @@ class ClipEncoder:
         last_block = visual.transformer.resblocks[-1]
         want_attention = "cls_attention" in columns or "attention" in columns
         captured: dict[str, torch.Tensor] = {}
-        hook = last_block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0])) \
-            if want_attention else None
+        hooks = []
+        if want_attention:       # the last block's input
+            hooks.append(last_block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0])))
+        if "grid" in columns:    # the last block's output: the tokens before ln_post
+            hooks.append(last_block.register_forward_hook(lambda _m, _args, out: captured.__setitem__("out", out)))
         previous, visual.output_tokens = visual.output_tokens, True
         try:
             pooled, tokens = visual(pixels.to(self.device, self._dtype))
         finally:
             visual.output_tokens = previous
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         out: dict[str, np.ndarray] = {}
         if "global" in columns:
@@ -76,6 +82,8 @@ class ClipEncoder:
         if "patches" in columns:
             patches = tokens @ visual.proj if visual.proj is not None else tokens  # ln_post already applied
             out["patches"] = patches.float().cpu().numpy()
+        if "grid" in columns:
+            out["grid"] = captured["out"][:, -tokens.shape[1]:].float().cpu().numpy()     # CLS dropped
         if want_attention:     # one pass: the last block's attention over its own input, heads averaged
             x = last_block.ln_1(captured["x"])
             _, attention = last_block.attn(x, x, x, need_weights=True, average_attn_weights=True)
@@ -112,7 +120,8 @@ def _resnet_columns(visual: torch.nn.Module, pixels: torch.Tensor, columns: Sequ
     """The image columns of a ResNet CLIP, from its attention pool (``visual.attnpool``, whose query is the
     mean of the last grid, prepended as token 0): ``global`` is the pool's output; the grid cells are the
     patches, each its value through the pool's output projection (``c_proj(v_proj(token))``, what the pool
-    mixes into ``global``); ``attention`` is the pool's attention over the mean token and the cells, heads
+    mixes into ``global``); ``grid`` is the cells themselves (the pool's input, C channels, before its
+    positional embedding); ``attention`` is the pool's attention over the mean token and the cells, heads
     averaged, and ``cls_attention`` the mean token's row over the cells."""
     captured: dict[str, torch.Tensor] = {}
     hook = visual.attnpool.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
@@ -120,10 +129,11 @@ def _resnet_columns(visual: torch.nn.Module, pixels: torch.Tensor, columns: Sequ
         pooled = visual(pixels)
     finally:
         hook.remove()
-    pool, grid = visual.attnpool, captured["x"]
-    tokens = grid.flatten(2).permute(0, 2, 1)                                    # [B, N, C]
-    tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + pool.positional_embedding.to(tokens.dtype)
+    pool, cells = visual.attnpool, captured["x"].flatten(2).permute(0, 2, 1)     # [B, N, C]
+    tokens = torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1) + pool.positional_embedding.to(cells.dtype)
     out: dict[str, np.ndarray] = {}
+    if "grid" in columns:
+        out["grid"] = cells.float().cpu().numpy()
     if "global" in columns:
         out["global"] = l2_normalize_torch(pooled).float().cpu().numpy()
     if "patches" in columns:
