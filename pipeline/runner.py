@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pipeline.environment import library_versions
 from pipeline import config as cfg
 from pipeline import methods, paths
-from pipeline.data.aligned import Column, aligned_shards, check_dim, read_single_table, shard_order
+from pipeline.data.aligned import Column, RowGather, aligned_shards, check_dim, read_single_table, shard_order
 from pipeline.data.provenance import code_version
 from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, fingerprint, require_same_model
 from pipeline.data.vocabularies import TagVocabulary, read_concepts
@@ -64,9 +64,10 @@ FEATURE_COLUMNS = ("global", "patches", "cls_attention", "attention", "text_feat
 # ---------------------------------------------------------------------------------------------
 # Opening what a method needs
 # ---------------------------------------------------------------------------------------------
-def _source_dirs(evalset: str | None) -> dict[str, Path]:
+def _source_dirs(evalset: str | None, pairs: str = "original") -> dict[str, Path]:
     dirs = {"corpus": paths.CORPUS, "text": paths.TEXT_FEATURES, "synthetic": paths.SYNTHETIC_FEATURES,
-            "synthetic_tags": paths.SYNTHETIC_TAGS, "optimized": paths.OPTIMIZED}
+            "synthetic_tags": paths.SYNTHETIC_TAGS,
+            "optimized": paths.OPTIMIZED if pairs == "original" else paths.OPTIMIZED_REFINED}
     if evalset is not None:
         dirs.update(image=paths.eval_features(evalset), image_tags=paths.eval_tags(evalset))
     return dirs
@@ -79,7 +80,11 @@ class Inputs:
     def __init__(self, needs: Needs, device: str, evalset: str | None = None,
                  artifacts: dict[str, ShardedArtifact] | None = None):
         self.needs, self.evalset = needs, evalset
-        dirs = _source_dirs(evalset)
+        if needs.pairs not in methods.PAIRS:
+            raise ValueError(f"pairs must be one of {', '.join(methods.PAIRS)}, got {needs.pairs!r}")
+        if needs.pairs == "refined" and evalset is not None:
+            raise ValueError("refined pairs are training data: captioning reads the eval images")
+        dirs = _source_dirs(evalset, needs.pairs)
         allowed = methods.CAPTION_SOURCES if evalset is not None else methods.TRAIN_SOURCES
         specs = {}
         for name, spec in needs.rows.items():
@@ -97,6 +102,16 @@ class Inputs:
         given = artifacts or {}
         self.artifacts = {s: given[s] if s in given else ShardedArtifact(dirs[s]) for s in sorted(sources)}
         self.specs = specs
+        self.refined = self.pool = None
+        if needs.pairs == "refined":            # SynC: each kept caption with the image row it was re-paired with
+            self.refined = given["refined"] if "refined" in given else ShardedArtifact(paths.REFINED)
+            paired = [Column(self.artifacts[s], c, name) for name, (s, c) in specs.items() if s in methods.PAIRED_SOURCES]
+            if not paired:
+                raise ValueError("pairs: refined re-pairs captions with synthetic images, but this method reads none "
+                                 "(its training pairs do not depend on them)")
+            self.pool = RowGather(paired)
+            self.kept_rows = [int(np.count_nonzero(self.refined.read_shard(k, ["kept"]).column("kept").to_numpy(
+                zero_copy_only=False))) for k in range(len(self.refined.paths))]
 
         features = {s: a for s, a in self.artifacts.items() if s in ("text", "synthetic", "optimized", "image")}
         if not features:
@@ -135,6 +150,8 @@ class Inputs:
         return len(next(iter(self.artifacts.values())).paths)
 
     def shard_rows(self) -> list[int]:
+        if self.refined is not None:
+            return self.kept_rows
         art = next(iter(self.artifacts.values()))
         return [int(s["rows"]) for s in art.manifest["shards"]]
 
@@ -145,9 +162,16 @@ class Inputs:
         order = list(range(self.num_shards)) if order is None else order
         id_column = "image_id" if self.evalset is not None else "caption_id"
         ids_as = [name for name, (_, c) in self.specs.items() if c == id_column]     # the row id, by another name
-        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items() if c != id_column]
+        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items() if c != id_column
+                   and (self.refined is None or s not in methods.PAIRED_SOURCES)]
+        if self.refined is not None:
+            columns += [Column(self.refined, "image_row", "_image_row"), Column(self.refined, "kept", "_kept")]
         d = self.data
         for k, shard in zip(order, aligned_shards(id_column, columns, order)):
+            if self.refined is not None:
+                shard = self._refined_rows(shard)
+                if not shard[id_column]:
+                    continue                     # every caption of this shard was filtered out
             for name in ids_as:
                 shard[name] = list(shard[id_column])
             for name, (source, column) in self.specs.items():
@@ -161,9 +185,19 @@ class Inputs:
                     shard[name] = shard[name].reshape(-1, d.num_tokens, d.num_tokens)
             yield k, shard
 
+    def _refined_rows(self, shard: dict) -> dict:
+        """A shard's kept captions (caption-side columns) with the columns of their re-paired images."""
+        keep = np.asarray(shard.pop("_kept"), dtype=bool)
+        rows = np.asarray(shard.pop("_image_row"), dtype=np.int64)[keep]
+        out = {name: v[keep] if isinstance(v, np.ndarray) else [x for x, kept in zip(v, keep) if kept]
+               for name, v in shard.items()}
+        return {**out, **self.pool.gather(rows)}
+
     def fingerprint(self) -> str:
         """What these inputs are: the content of every artifact and file they come from."""
         parts = {s: a.fingerprint for s, a in self.artifacts.items()}
+        if self.refined is not None:         # only an instance that reads the refined pairs depends on them
+            parts["refined_pairs"] = self.refined.fingerprint
         parts["rows"] = sorted(self.specs.items())
         if self.needs.support:
             parts["support"] = file_id(paths.support(self.needs.support))

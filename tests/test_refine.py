@@ -1,0 +1,214 @@
+"""SynC's refined pairs (pipeline/refine.py, stages/refine.py) and the switch that trains on them
+(``train.pairs: refined``, pipeline/runner.py Inputs): the cycle score against a direct computation, the
+re-pairing against brute force, the filter, and the rows a refined instance trains on."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import config as cfg
+from pipeline import paths, runner
+from pipeline.data.shards import ShardedArtifact, feature_array, write_sharded
+from pipeline.methods import pcmnet, syntic
+from pipeline.refine import cycle_scores, keep_top, refine_brute_force, refine_pairs
+from tests.test_runner import (CLIP, DIM, ROWS_PER_SHARD, TEXTS, content_id, instance, unit, write_artifacts,
+                               write_corpus, write_features)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pool(n=120, m=100, d=8, e=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((m, d)).astype(np.float32),
+            rng.standard_normal((n, e)).astype(np.float32))
+
+
+def test_the_cycle_score_is_the_best_text_text_cosine_of_the_captions_each_candidate_retrieves():
+    text, image, sentence = pool()
+    k, kr = 5, 3
+    got = refine_pairs(text, image, sentence, k=k, kr=kr, tau=1.0, batch_size=16)
+    t, v, e = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (text, image, sentence))
+    for i in range(text.shape[0]):                                       # the equations, caption by caption
+        candidates = sorted(range(image.shape[0]), key=lambda j: -float(t[i] @ v[j]))[:k]
+        scores = []
+        for j in candidates:
+            retrieved = sorted(range(text.shape[0]), key=lambda r: -float(v[j] @ t[r]))[:kr]
+            scores.append(max(float(e[r] @ e[i]) for r in retrieved))
+        best = int(np.argmax(scores))
+        assert got.image_row[i] == candidates[best]
+        assert got.score[i] == pytest.approx(scores[best], abs=1e-5)
+    # the batched kernel on its own: [B, K] from candidates and the image -> caption lists
+    candidates = np.array([[0, 1], [2, 0]])
+    image_captions = np.array([[1, 2], [0, 0], [2, 1]])
+    unit_e = e[:3]
+    s = cycle_scores(candidates, image_captions, unit_e, np.array([0, 1]))
+    assert s[0, 0] == pytest.approx(max(unit_e[1] @ unit_e[0], unit_e[2] @ unit_e[0]))
+    assert s[1, 0] == pytest.approx(max(unit_e[2] @ unit_e[1], unit_e[1] @ unit_e[1]))   # its own caption: 1
+
+
+@pytest.mark.parametrize("batch_size", [7, 1024])
+def test_re_pairing_equals_brute_force_whatever_the_batch(batch_size):
+    text, image, sentence = pool(n=300, m=250, d=16, e=12, seed=1)
+    fast = refine_pairs(text, image, sentence, k=15, kr=2, tau=0.9, batch_size=batch_size)
+    slow = refine_brute_force(text, image, sentence, k=15, kr=2, tau=0.9)
+    assert np.array_equal(fast.image_row, slow.image_row)
+    np.testing.assert_allclose(fast.score, slow.score, atol=1e-5)
+    assert np.array_equal(fast.kept, slow.kept)
+    assert len(np.unique(fast.image_row)) < 300                           # an image serves several captions
+
+
+def test_tau_keeps_exactly_the_top_fraction_ties_in_corpus_order():
+    score = np.array([0.5, 0.9, 0.5, 0.1, 0.7, 0.5, 0.3, 0.5, 0.2, 0.6], dtype=np.float32)
+    for tau in (0.0, 0.1, 0.5, 0.55, 0.9, 1.0):
+        kept = keep_top(score, tau)
+        assert kept.sum() == int(tau * len(score))
+        if 0 < kept.sum() < len(score):
+            assert score[kept].min() >= score[~kept].max()
+    kept = keep_top(score, 0.5)                                            # 0.9, 0.7, 0.6, then two of four 0.5s
+    assert kept.tolist() == [True, True, True, False, True, False, False, False, False, True]
+    assert refine_pairs(*pool(), tau=0.5).kept.sum() == 60
+
+
+def test_a_pool_too_small_for_k_or_kr_fails_naming_it():
+    text, image, sentence = pool(n=10, m=4)
+    with pytest.raises(ValueError, match="K = 15"):
+        refine_pairs(text, image, sentence, k=15)
+    with pytest.raises(ValueError, match="Kr = 11"):
+        refine_pairs(text, image, sentence, k=2, kr=11)
+
+
+def test_refine_params_are_typed_and_validated():
+    base = cfg.as_dict(cfg.Refine())
+    assert base["k"] == 15 and base["kr"] == 2 and base["tau"] == 0.9 and base["retrieval_model"] == "clip"
+    for key, value, message in (("tau", 1.5, "tau"), ("k", 0, "k"), ("retrieval_model", "siglip2", "retrieval_model"),
+                                ("kk", 3, "kk")):
+        with pytest.raises(cfg.ConfigError, match=message):
+            cfg.parse(cfg.Refine, {**base, key: value}, "refine")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.pairs: refined
+# ---------------------------------------------------------------------------------------------
+def write_refined(ids, image_row, kept):
+    n = len(ids)
+    write_sharded(paths.REFINED, n, ROWS_PER_SHARD, content_id(list(image_row), list(kept)),
+                  lambda t: pa.table({"caption_id": ids[t.start:t.stop],
+                                      "image_row": pa.array(image_row[t.start:t.stop], pa.int64()),
+                                      "image_caption_id": [ids[j] for j in image_row[t.start:t.stop]],
+                                      "score": pa.array(np.ones(t.stop - t.start), pa.float32()),
+                                      "kept": pa.array(kept[t.start:t.stop], pa.bool_())}),
+                  {"model": CLIP})
+
+
+def repairing(n=24, seed=3):
+    rng = np.random.default_rng(seed)
+    image_row = rng.permutation(n)[(np.arange(n) * 5) % n]                # several captions share an image
+    kept = rng.random(n) < 0.7
+    kept[:ROWS_PER_SHARD] = False                                          # a shard whose captions are all dropped
+    return image_row, kept
+
+
+def test_pairs_refined_trains_on_the_kept_captions_with_their_re_paired_images(artifacts_root):
+    ids = write_artifacts()
+    image_row, kept = repairing()
+    write_refined(ids, image_row, kept)
+    synthetic = np.concatenate([b for b in [np.stack(ShardedArtifact(paths.SYNTHETIC_FEATURES).read_column(
+        "global").to_numpy(zero_copy_only=False))]]).astype(np.float32)
+    s = instance(pairs="refined").train
+    inputs = runner.Inputs(syntic.needs(s), "cpu")
+    assert inputs.shard_rows() == [int(kept[k:k + 8].sum()) for k in (0, 8, 16)]
+    seen = {}
+    for k, rows in inputs.shards([2, 0, 1]):
+        assert k != 0                                                     # nothing kept: no rows, no batch
+        for caption_id, text, feature in zip(rows["caption_id"], rows["text"], rows["image"]):
+            seen[caption_id] = (text, feature)
+    assert sorted(seen) == [i for i, keep in zip(ids, kept) if keep]       # the kept captions, each once
+    for i, caption_id in enumerate(ids):
+        if kept[i]:
+            text, feature = seen[caption_id]
+            assert text == TEXTS[i]                                        # the caption's own text
+            np.testing.assert_allclose(feature, synthetic[image_row[i]])   # its re-paired image
+    model, _, result = runner.train_model(syntic, s, inputs, progress=False)
+    assert result["steps"] == sum(-(-r // s.batch_size) for r in inputs.shard_rows()) * s.epochs
+    original = runner.Inputs(syntic.needs(instance().train), "cpu")
+    assert original.shard_rows() == [8, 8, 8]                              # the switch off: every original pair
+
+
+def test_pcmnet_refined_weighs_the_caption_against_its_re_paired_image():
+    """Eq. 11's CLIP weight is computed from the batch's own (text, image) pair: the re-paired one."""
+    g = unit(np.random.default_rng(0).standard_normal((4, DIM)))
+    t = unit(np.random.default_rng(1).standard_normal((4, DIM)))
+    import torch
+    w = pcmnet.clip_weights(torch.tensor(g[[2, 2, 0, 1]]), torch.tensor(t), 2.5)
+    direct = np.minimum(1, 2.5 * np.maximum((g[[2, 2, 0, 1]] * t).sum(1), 0))
+    np.testing.assert_allclose(w.numpy(), direct, rtol=1e-5)
+    assert pcmnet.needs(cfg.parse(pcmnet.Train, {"pairs": "refined"}, "t")).pairs == "refined"
+
+
+def test_only_instances_that_read_refined_pairs_depend_on_them(artifacts_root):
+    """The fingerprint covers the refine artifact exactly for pairs: refined (DVC reruns every train@ when
+    artifacts/refined changes; the others keep their model)."""
+    ids = write_artifacts()
+    image_row, kept = repairing()
+    write_refined(ids, image_row, kept)
+    original, refined = instance().train, instance(pairs="refined").train
+    before = {name: runner.Inputs(syntic.needs(s), "cpu").fingerprint() for name, s in
+              (("original", original), ("refined", refined))}
+    write_refined(ids, image_row, ~kept)                                   # refine's parameters changed
+    after = {name: runner.Inputs(syntic.needs(s), "cpu").fingerprint() for name, s in
+             (("original", original), ("refined", refined))}
+    assert before["original"] == after["original"] and before["refined"] != after["refined"]
+    assert before["original"] != before["refined"]
+
+
+def test_syntic_fo_refined_reads_the_optimised_refined_features(artifacts_root):
+    ids = write_artifacts()
+    image_row, kept = repairing()
+    write_refined(ids, image_row, kept)
+    optimized = unit(np.random.default_rng(5).standard_normal((24, DIM))).astype(np.float32)
+    write_features(paths.OPTIMIZED_REFINED, ids, "caption_id", optimized)
+    write_features(paths.OPTIMIZED, ids, "caption_id", -optimized)
+    rows = dict(runner.Inputs(syntic.needs(instance(fo=True, pairs="refined").train), "cpu").shards([1, 2]))
+    got = np.concatenate([rows[1]["optimized"], rows[2]["optimized"]])
+    np.testing.assert_allclose(got, optimized[8:][kept[8:]], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["clipcap", "maccap"])
+def test_text_feature_methods_have_no_pairs_switch(method):
+    """CapDec, DeCap, Unsupervised-ClipCap (clipcap) and MacCap train on text features: no synthetic pair."""
+    with pytest.raises(cfg.ConfigError, match="pairs"):
+        cfg.MethodInstance.parse({"method": method, "train": {"pairs": "refined"}}, "methods.x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles and the report
+# ---------------------------------------------------------------------------------------------
+def test_the_world_compares_refined_syntic_and_pcmnet_with_their_originals():
+    from pipeline.evaluation.report import original_instance
+    from pipeline.profiles import resolve_profile
+    world = cfg.from_dict(resolve_profile("world"))
+    assert world.refine.text_similarity == "clip"                          # the world needs nothing new
+    assert original_instance(world, "syntic-refined") == "syntic"
+    assert original_instance(world, "pcmnet-refined") == "pcmnet"
+    paper = cfg.from_dict(resolve_profile("paper-coco"))
+    assert paper.methods["pcmnet-sync"].train.pairs == "refined" and original_instance(paper, "pcmnet-sync") == "pcmnet"
+    assert paper.refine.text_similarity == "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
+    assert pcmnet.variant(paper.methods["pcmnet-sync"].train, None) == "Base+Mix-up+CXE+SynC"
+    from pipeline.evaluation import papers
+    row = papers.paper_row("pcmnet", "Base+Mix-up+CXE+SynC", "coco", "coco")
+    assert row is not None and row.metrics["CIDEr"] == 112.0 and row.metrics["BLEU-4"] == 33.6
+
+
+def test_the_report_shows_refined_rows_beside_originals_and_the_pair_audit(tmp_path):
+    from pipeline.evaluation.report import write_report
+    audit = {"original": {"pairs": 100, "exact_matches": 60, "exact_match_fraction": 0.6},
+             "re-paired": {"pairs": 100, "exact_matches": 70, "exact_match_fraction": 0.7},
+             "refined": {"pairs": 90, "exact_matches": 72, "exact_match_fraction": 0.8}}
+    refined = {"rows": [{"method": "syntic-refined", "original": "syntic", "eval_set": "shapes",
+                         "CIDEr": (0.5, 0.625), "object_f1": (0.7, 0.65)}],
+               "report": {"k": 15, "kr": 2, "tau": 0.9, "kept": 90, "captions": 100, "pair_audit": audit}}
+    write_report(tmp_path / "r.html", "t", [], [], refined=refined)
+    page = (tmp_path / "r.html").read_text()
+    assert "Refined synthetic pairs (SynC)" in page and "90 of 100 kept" in page
+    assert "original 0.600 (60 of 100)" in page and "refined (kept) 0.800 (72 of 90)" in page
+    assert "<td>50.0</td><td>62.5</td><td>+12.5</td>" in page                # CIDEr x100 and its difference
+    assert "<td>0.700</td><td>0.650</td><td>-0.050</td>" in page             # object F1 and its difference
