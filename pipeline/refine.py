@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.support import SupportSet
+from pipeline.support import SupportSet, index_to_device
 from pipeline.vectors import l2_normalize
 
 
@@ -37,12 +37,12 @@ class Refined:
     kept: np.ndarray          # bool [N]
 
 
-def search(index: SupportSet, queries: np.ndarray, k: int, batch_size: int) -> np.ndarray:
-    """Ids [Q, k] of each query's k nearest indexed features by inner product, in batches of queries."""
+def search(index, queries: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Ids [Q, k] of each query's k nearest features in the FAISS ``index`` by inner product, in batches of queries."""
     out = np.empty((queries.shape[0], k), dtype=np.int64)
     for start in range(0, queries.shape[0], batch_size):
         q = l2_normalize(queries[start:start + batch_size])
-        _, ids = index.index.search(q, k)
+        _, ids = index.search(q, k)
         out[start:start + batch_size] = ids
     return out
 
@@ -67,11 +67,12 @@ def keep_top(score: np.ndarray, tau: float) -> np.ndarray:
 
 def refine_pairs(text: np.ndarray, image: np.ndarray, sentence: np.ndarray, *, k: int = 15, kr: int = 2,
                  tau: float = 0.9, index: str = "Flat", nprobe: int = 8, batch_size: int = 1024,
-                 progress: bool = False) -> Refined:
+                 device: str = "cpu", progress: bool = False) -> Refined:
     """SynC over a pool: ``text`` [N, D] retrieval-model features of the corpus captions, ``image``
     [M, D] those of the synthetic images, ``sentence`` [N, E] the captions' sentence embeddings for the
     text-text similarity (any scale: normalised here). ``index`` is a FAISS index_factory string for
-    both indexes ("Flat": exact, as released; "auto": IVF from 50k rows, pipeline/support.py)."""
+    both indexes ("Flat": exact, as released; "auto": IVF from 50k rows, pipeline/support.py), searched on
+    ``device`` (a GPU with faiss-gpu, else the CPU)."""
     n, m = text.shape[0], image.shape[0]
     if not 1 <= k <= m:
         raise ValueError(f"K = {k} candidates need 1 <= K <= {m} (the pool's images)")
@@ -81,8 +82,10 @@ def refine_pairs(text: np.ndarray, image: np.ndarray, sentence: np.ndarray, *, k
         raise ValueError(f"{sentence.shape[0]} sentence embeddings for {n} captions")
     from tqdm.auto import tqdm
     sentence = l2_normalize(sentence)
-    images = SupportSet.build(image, index=index, nprobe=nprobe)
-    image_captions = search(SupportSet.build(text, index=index, nprobe=nprobe), image, kr, batch_size)  # [M, Kr]
+    captions = index_to_device(SupportSet.build(text, index=index, nprobe=nprobe).index, device)
+    image_captions = search(captions, image, kr, batch_size)                          # [M, Kr]
+    captions = None
+    images = index_to_device(SupportSet.build(image, index=index, nprobe=nprobe).index, device)
     row, score = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
     for start in tqdm(range(0, n, batch_size), desc="refine", unit="batch", disable=not progress):
         rows = np.arange(start, min(start + batch_size, n))

@@ -212,3 +212,66 @@ def test_the_report_shows_refined_rows_beside_originals_and_the_pair_audit(tmp_p
     assert "original 0.600 (60 of 100)" in page and "refined (kept) 0.800 (72 of 90)" in page
     assert "<td>50.0</td><td>62.5</td><td>+12.5</td>" in page                # CIDEr x100 and its difference
     assert "<td>0.700</td><td>0.650</td><td>-0.050</td>" in page             # object F1 and its difference
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, in a small world
+# ---------------------------------------------------------------------------------------------
+def test_the_stage_re_pairs_a_world_pool_and_raises_the_share_of_correct_pairs(artifacts_root, monkeypatch):
+    """Two captions per scene, each drawn once; a third of the drawings show another scene. The features know
+    only what was drawn (image) and described (text): refine finds each wrongly drawn caption its twin's image,
+    and the checker's share of correct pairs, exactly as pair_audit counts it, rises."""
+    import json
+    from pipeline.world.checker import pair_audit
+    from pipeline.world.grammar import describe
+    from pipeline.world.scenes import Scene, sample_scene
+    from stages import refine as stage
+    rng = np.random.default_rng(0)
+    scenes = []
+    while len(scenes) < 30:
+        s = sample_scene(rng)
+        if all(s.kinds() != o.kinds() for o in scenes):
+            scenes.append(s)
+    n = 2 * len(scenes)
+    ids = [f"c{i:03d}" for i in range(n)]
+    texts = [describe(scenes[i // 2], rng) for i in range(n)]
+    wrong = np.zeros(n, dtype=bool)
+    wrong[0::6] = True                                                      # one of each scene's two drawings, ...
+    drawn = [(i // 2 + 7) % len(scenes) if wrong[i] else i // 2 for i in range(n)]   # ... of another scene
+    basis = unit(rng.standard_normal((len(scenes), DIM)))
+    text = unit(basis[np.arange(n) // 2] + 0.05 * rng.standard_normal((n, DIM))).astype(np.float32)
+    image = unit(basis[drawn] + 0.05 * rng.standard_normal((n, DIM))).astype(np.float32)
+    write_corpus(texts)
+    for folder, column, feats in ((paths.TEXT_FEATURES, "text_feature", text), (paths.SYNTHETIC_FEATURES, "global", image)):
+        write_sharded(folder, n, ROWS_PER_SHARD, content_id(column, feats.tobytes()),
+                      lambda t, c=column, f=feats: pa.table({"caption_id": ids[t.start:t.stop],
+                                                             c: feature_array(f[t.start:t.stop], "float32")}),
+                      {"model": CLIP})
+    scene_json = [json.dumps(scenes[d].to_dict()) for d in drawn]
+    write_sharded(paths.SYNTHETIC_IMAGES, n, ROWS_PER_SHARD, content_id(scene_json),
+                  lambda t: pa.table({"caption_id": ids[t.start:t.stop], "text": texts[t.start:t.stop],
+                                      "scene": scene_json[t.start:t.stop]}), {"model": None})
+    from pipeline.profiles import resolve_profile
+    config = cfg.from_dict({**resolve_profile("world"), "rows_per_shard": ROWS_PER_SHARD,
+                            "refine": {"k": 4, "kr": 2, "tau": 0.9}})
+    monkeypatch.setattr(stage, "start", lambda name: config)
+    stage.main()
+
+    refined = ShardedArtifact(paths.REFINED)
+    assert refined.num_rows == n and len(refined.paths) == -(-n // ROWS_PER_SHARD)
+    expected = refine_pairs(text, image, text, k=4, kr=2, tau=0.9)
+    assert refined.read_column("image_row").to_pylist() == expected.image_row.tolist()
+    assert refined.read_column("kept").to_pylist() == expected.kept.tolist()
+    np.testing.assert_allclose(refined.read_column("score").to_numpy(), expected.score)
+    report = json.loads(paths.REFINE_REPORT.read_text())
+    assert report["kept"] == int(0.9 * n) and report["captions"] == n
+    audit = report["pair_audit"]
+    drawn_scenes = [scenes[d] for d in drawn]
+    assert audit["original"]["exact_match_fraction"] == pair_audit(texts, drawn_scenes)["exact_match_fraction"]
+    repaired = [drawn_scenes[j] for j in expected.image_row]
+    kept = expected.kept
+    assert audit["refined"]["exact_match_fraction"] == pair_audit(
+        [t for t, k in zip(texts, kept) if k], [s for s, k in zip(repaired, kept) if k])["exact_match_fraction"]
+    assert audit["refined"]["exact_match_fraction"] > audit["original"]["exact_match_fraction"]
+    for i in np.flatnonzero(wrong):                                        # the wrong drawings' captions found
+        assert drawn[expected.image_row[i]] == i // 2                      # an image of their own scene
