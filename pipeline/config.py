@@ -437,7 +437,8 @@ class Refine:
     index: str = opt("Flat", "FAISS index_factory string of both retrievals: Flat (exact top-k, as released) | "
                              "auto (IVF from 50k rows) | IVF1024,Flat ...")
     nprobe: int = opt(8, "IVF indexes: lists visited per query", check=at_least(1))
-    batch_size: int = opt(1024, "captions per retrieval batch", check=at_least(1), speed_only=True)
+    batch_size: int = opt(4096, "captions per FAISS search (FAISS's threads work best on large batches)",
+                          check=at_least(1), speed_only=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -668,7 +669,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "tag_synthetic": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
     "tag_eval": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
     "optimize": ("optimize", "feature_dtype", "rows_per_shard", "threads_per_task"),
-    "refine": ("refine", "rows_per_shard", "device"),
+    "refine": ("refine", "rows_per_shard", "device", "threads_per_task"),
     "optimize_refined": ("optimize", "feature_dtype", "rows_per_shard", "threads_per_task"),
     "support": ("support",),
     "target_support": ("target_supports.{name}", "models.clip", "device"),

@@ -17,7 +17,7 @@ sorts the scores descending (a stable sort: equal scores keep corpus order) and 
 int(tau * N).
 
 Retrieval goes through FAISS inner-product indexes (pipeline/support.py builds them) in batches of
-captions; memory is O(batch x K x Kr x E) plus the features and the indexes, never caption x image.
+captions; memory is O(batch x K + 512 x K x Kr x E) plus the features and the indexes, never caption x image.
 """
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ import numpy as np
 
 from pipeline.support import SupportSet, index_to_device
 from pipeline.vectors import l2_normalize
+
+
+SCORE_ROWS = 512
+"""Captions whose cycle scores are computed at once: the retrieved embeddings are [512, K, Kr, E] (30 MiB at
+K = 15, Kr = 2, E = 512), whatever the retrieval batch."""
 
 
 @dataclass
@@ -66,13 +71,14 @@ def keep_top(score: np.ndarray, tau: float) -> np.ndarray:
 
 
 def refine_pairs(text: np.ndarray, image: np.ndarray, sentence: np.ndarray, *, k: int = 15, kr: int = 2,
-                 tau: float = 0.9, index: str = "Flat", nprobe: int = 8, batch_size: int = 1024,
-                 device: str = "cpu", progress: bool = False) -> Refined:
+                 tau: float = 0.9, index: str = "Flat", nprobe: int = 8, batch_size: int = 4096,
+                 device: str = "cpu", threads: int | None = None, progress: bool = False) -> Refined:
     """SynC over a pool: ``text`` [N, D] retrieval-model features of the corpus captions, ``image``
     [M, D] those of the synthetic images, ``sentence`` [N, E] the captions' sentence embeddings for the
     text-text similarity (any scale: normalised here). ``index`` is a FAISS index_factory string for
     both indexes ("Flat": exact, as released; "auto": IVF from 50k rows, pipeline/support.py), searched on
-    ``device`` (a GPU with faiss-gpu, else the CPU)."""
+    ``device`` (a GPU with faiss-gpu, else the CPU) with ``threads`` OpenMP threads (None: FAISS's default, all
+    cores; on a busy machine FAISS's spinning threads are slower than one)."""
     n, m = text.shape[0], image.shape[0]
     if not 1 <= k <= m:
         raise ValueError(f"K = {k} candidates need 1 <= K <= {m} (the pool's images)")
@@ -80,7 +86,19 @@ def refine_pairs(text: np.ndarray, image: np.ndarray, sentence: np.ndarray, *, k
         raise ValueError(f"Kr = {kr} retrieved captions need 1 <= Kr <= {n} (the corpus's captions)")
     if sentence.shape[0] != n:
         raise ValueError(f"{sentence.shape[0]} sentence embeddings for {n} captions")
+    import faiss
+    before = faiss.omp_get_max_threads()
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
+    try:
+        return _refine(text, image, sentence, k, kr, tau, index, nprobe, batch_size, device, progress)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _refine(text, image, sentence, k, kr, tau, index, nprobe, batch_size, device, progress) -> Refined:
     from tqdm.auto import tqdm
+    n = text.shape[0]
     sentence = l2_normalize(sentence)
     captions = index_to_device(SupportSet.build(text, index=index, nprobe=nprobe).index, device)
     image_captions = search(captions, image, kr, batch_size)                          # [M, Kr]
@@ -90,7 +108,8 @@ def refine_pairs(text: np.ndarray, image: np.ndarray, sentence: np.ndarray, *, k
     for start in tqdm(range(0, n, batch_size), desc="refine", unit="batch", disable=not progress):
         rows = np.arange(start, min(start + batch_size, n))
         candidates = search(images, text[rows], k, batch_size)                       # [B, K]
-        s = cycle_scores(candidates, image_captions, sentence, rows)                  # [B, K]
+        s = np.concatenate([cycle_scores(candidates[c:c + SCORE_ROWS], image_captions, sentence, rows[c:c + SCORE_ROWS])
+                            for c in range(0, len(rows), SCORE_ROWS)])               # [B, K]
         best = s.argmax(axis=1)                                                       # first of equals
         row[rows] = candidates[np.arange(len(rows)), best]
         score[rows] = s[np.arange(len(rows)), best]

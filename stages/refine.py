@@ -55,7 +55,8 @@ def main() -> None:
             raise ValueError(f"{paths.CORPUS} and {paths.TEXT_FEATURES} hold other captions: rerun the pipeline")
         sentence = encode(corpus.read_column("text").to_pylist())
     refined = refine_pairs(text, image, sentence, k=r.k, kr=r.kr, tau=r.tau, index=r.index, nprobe=r.nprobe,
-                           batch_size=r.batch_size, device=config.device, progress=True)
+                           batch_size=r.batch_size, device=config.device,
+                           threads=config.threads_per_task, progress=True)
     seconds = time.perf_counter() - began
 
     def make_table(task):
