@@ -275,3 +275,38 @@ def test_the_stage_re_pairs_a_world_pool_and_raises_the_share_of_correct_pairs(a
     assert audit["refined"]["exact_match_fraction"] > audit["original"]["exact_match_fraction"]
     for i in np.flatnonzero(wrong):                                        # the wrong drawings' captions found
         assert drawn[expected.image_row[i]] == i // 2                      # an image of their own scene
+
+
+def test_row_gather_returns_rows_of_any_shard_in_the_order_asked(artifacts_root):
+    """The data layer's gather (CMSA's and SynTIC's AF tags, PCM-Net's patches come the same way)."""
+    from pipeline.data.aligned import Column, RowGather
+    ids = write_corpus()
+    feats = unit(np.random.default_rng(2).standard_normal((24, DIM))).astype(np.float32)
+    labels = [[f"tag{i}", "shared"] if i % 2 else [] for i in range(24)]
+    write_sharded(paths.SYNTHETIC_TAGS, 24, ROWS_PER_SHARD, content_id(labels),
+                  lambda t: pa.table({"caption_id": ids[t.start:t.stop], "labels": labels[t.start:t.stop]}),
+                  {"model": None})
+    write_features(paths.SYNTHETIC_FEATURES, ids, "caption_id", feats)
+    gather = RowGather([Column(ShardedArtifact(paths.SYNTHETIC_FEATURES), "global", "image"),
+                        Column(ShardedArtifact(paths.SYNTHETIC_TAGS), "labels", "tags")])
+    rows = np.array([23, 0, 9, 9, 16, 7])
+    got = gather.gather(rows)
+    np.testing.assert_allclose(got["image"], feats[rows], atol=1e-6)
+    assert got["tags"] == [labels[r] for r in rows]
+    with pytest.raises(ValueError, match="row 24"):
+        gather.gather(np.array([24]))
+
+
+def test_a_missing_sentence_transformers_package_is_named_with_the_fix(monkeypatch):
+    import builtins
+    from pipeline.models.sentence import sentence_encoder_for
+    real = builtins.__import__
+
+    def no_package(name, *args, **kwargs):
+        if name.startswith("sentence_transformers"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    with pytest.raises(RuntimeError, match="pip install sentence-transformers.*text_similarity: clip"):
+        sentence_encoder_for("sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2")
