@@ -102,21 +102,16 @@ class Inputs:
         given = artifacts or {}
         self.artifacts = {s: given[s] if s in given else ShardedArtifact(dirs[s]) for s in sorted(sources)}
         self.specs = specs
-        self.refined = self.pool = None
-        if needs.pairs == "refined":            # SynC: each kept caption with the image row it was re-paired with
-            self.refined = given["refined"] if "refined" in given else ShardedArtifact(paths.REFINED)
-            paired = [Column(self.artifacts[s], c, name) for name, (s, c) in specs.items() if s in methods.PAIRED_SOURCES]
-            if not paired:
-                raise ValueError("pairs: refined re-pairs captions with synthetic images, but this method reads none "
-                                 "(its training pairs do not depend on them)")
-            self.pool = RowGather(paired)
-            self.kept_rows = [int(np.count_nonzero(self.refined.read_shard(k, ["kept"]).column("kept").to_numpy(
-                zero_copy_only=False))) for k in range(len(self.refined.paths))]
+        self.refined = None
+        if needs.pairs == "refined":
+            self._open_refined(given["refined"] if "refined" in given else ShardedArtifact(paths.REFINED))
 
         features = {s: a for s, a in self.artifacts.items() if s in ("text", "synthetic", "optimized", "image")}
         if not features:
             raise ValueError("a method must read at least one CLIP feature column")
         clip = require_same_model(**{f"{s}_features": a for s, a in features.items()})
+        if self.refined is not None:
+            require_same_model(training_features=clip, refined_pairs=self.refined)
         dim = int(clip["embed_dim"])
         num_patches = None
         if any(column == "patches" for _, column in specs.values()):
@@ -149,9 +144,32 @@ class Inputs:
     def num_shards(self) -> int:
         return len(next(iter(self.artifacts.values())).paths)
 
+    def _open_refined(self, refined: ShardedArtifact) -> None:
+        """SynC's refined pairs (stage refine): training shard k holds the kept captions whose re-paired image lies
+        in synthetic shard k, so that each epoch reads every synthetic shard (patches and all) once; their
+        caption-side columns (text, text features, SynTIC's optimised features) are gathered by caption row."""
+        id_column = "caption_id"
+        image_side = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items()
+                      if s in methods.PAIRED_SOURCES]
+        if not image_side:
+            raise ValueError("pairs: refined re-pairs captions with synthetic images, but this method reads none "
+                             "(its training pairs do not depend on them)")
+        caption_side = [Column(refined, id_column)] + [Column(self.artifacts[s], c, name)
+                                                       for name, (s, c) in self.specs.items()
+                                                       if s not in methods.PAIRED_SOURCES and c != id_column]
+        self.refined, self.images, self.captions = refined, RowGather(image_side), RowGather(caption_side)
+        if self.captions.num_rows != refined.num_rows:
+            raise ValueError(f"{refined.folder} holds {refined.num_rows} captions, the corpus side "
+                             f"{self.captions.num_rows}: rerun `dvc repro refine`")
+        image_row = np.asarray(refined.read_column("image_row").to_pylist(), dtype=np.int64)
+        kept = np.flatnonzero(np.asarray(refined.read_column("kept").to_pylist(), dtype=bool))
+        shard_of = np.searchsorted(self.images.starts, image_row[kept], side="right") - 1
+        self.refined_rows = [kept[shard_of == k] for k in range(len(self.images.starts) - 1)]   # caption rows
+        self.image_row = image_row
+
     def shard_rows(self) -> list[int]:
         if self.refined is not None:
-            return self.kept_rows
+            return [len(rows) for rows in self.refined_rows]
         art = next(iter(self.artifacts.values()))
         return [int(s["rows"]) for s in art.manifest["shards"]]
 
@@ -162,16 +180,11 @@ class Inputs:
         order = list(range(self.num_shards)) if order is None else order
         id_column = "image_id" if self.evalset is not None else "caption_id"
         ids_as = [name for name, (_, c) in self.specs.items() if c == id_column]     # the row id, by another name
-        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items() if c != id_column
-                   and (self.refined is None or s not in methods.PAIRED_SOURCES)]
-        if self.refined is not None:
-            columns += [Column(self.refined, "image_row", "_image_row"), Column(self.refined, "kept", "_kept")]
+        columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items() if c != id_column]
         d = self.data
-        for k, shard in zip(order, aligned_shards(id_column, columns, order)):
-            if self.refined is not None:
-                shard = self._refined_rows(shard)
-                if not shard[id_column]:
-                    continue                     # every caption of this shard was filtered out
+        shards = self._refined_shards(order) if self.refined is not None else \
+            zip(order, aligned_shards(id_column, columns, order))
+        for k, shard in shards:
             for name in ids_as:
                 shard[name] = list(shard[id_column])
             for name, (source, column) in self.specs.items():
@@ -185,13 +198,12 @@ class Inputs:
                     shard[name] = shard[name].reshape(-1, d.num_tokens, d.num_tokens)
             yield k, shard
 
-    def _refined_rows(self, shard: dict) -> dict:
-        """A shard's kept captions (caption-side columns) with the columns of their re-paired images."""
-        keep = np.asarray(shard.pop("_kept"), dtype=bool)
-        rows = np.asarray(shard.pop("_image_row"), dtype=np.int64)[keep]
-        out = {name: v[keep] if isinstance(v, np.ndarray) else [x for x, kept in zip(v, keep) if kept]
-               for name, v in shard.items()}
-        return {**out, **self.pool.gather(rows)}
+    def _refined_shards(self, order: list[int]) -> Iterator[tuple[int, dict]]:
+        """(k, the kept captions re-paired with images of synthetic shard k, each with its image's columns)."""
+        for k in order:
+            rows = self.refined_rows[k]
+            if len(rows):                        # no kept caption chose an image of this shard
+                yield k, {**self.captions.gather(rows), **self.images.gather(self.image_row[rows])}
 
     def fingerprint(self) -> str:
         """What these inputs are: the content of every artifact and file they come from."""

@@ -103,7 +103,7 @@ def repairing(n=24, seed=3):
     rng = np.random.default_rng(seed)
     image_row = rng.permutation(n)[(np.arange(n) * 5) % n]                # several captions share an image
     kept = rng.random(n) < 0.7
-    kept[:ROWS_PER_SHARD] = False                                          # a shard whose captions are all dropped
+    kept[:ROWS_PER_SHARD] = False                                          # a corpus shard whose captions all drop
     return image_row, kept
 
 
@@ -111,21 +111,22 @@ def test_pairs_refined_trains_on_the_kept_captions_with_their_re_paired_images(a
     ids = write_artifacts()
     image_row, kept = repairing()
     write_refined(ids, image_row, kept)
-    synthetic = np.concatenate([b for b in [np.stack(ShardedArtifact(paths.SYNTHETIC_FEATURES).read_column(
-        "global").to_numpy(zero_copy_only=False))]]).astype(np.float32)
+    synthetic = np.stack(ShardedArtifact(paths.SYNTHETIC_FEATURES).read_column("global").to_numpy(
+        zero_copy_only=False)).astype(np.float32)
     s = instance(pairs="refined").train
     inputs = runner.Inputs(syntic.needs(s), "cpu")
-    assert inputs.shard_rows() == [int(kept[k:k + 8].sum()) for k in (0, 8, 16)]
+    # training shard k: the kept captions whose re-paired image lies in synthetic shard k (read once an epoch)
+    assert inputs.shard_rows() == [int((kept & (image_row // 8 == k)).sum()) for k in (0, 1, 2)]
     seen = {}
     for k, rows in inputs.shards([2, 0, 1]):
-        assert k != 0                                                     # nothing kept: no rows, no batch
         for caption_id, text, feature in zip(rows["caption_id"], rows["text"], rows["image"]):
-            seen[caption_id] = (text, feature)
+            assert caption_id not in seen
+            seen[caption_id] = (k, text, feature)
     assert sorted(seen) == [i for i, keep in zip(ids, kept) if keep]       # the kept captions, each once
     for i, caption_id in enumerate(ids):
         if kept[i]:
-            text, feature = seen[caption_id]
-            assert text == TEXTS[i]                                        # the caption's own text
+            k, text, feature = seen[caption_id]
+            assert text == TEXTS[i] and k == image_row[i] // 8             # the caption's own text
             np.testing.assert_allclose(feature, synthetic[image_row[i]])   # its re-paired image
     model, _, result = runner.train_model(syntic, s, inputs, progress=False)
     assert result["steps"] == sum(-(-r // s.batch_size) for r in inputs.shard_rows()) * s.epochs
@@ -167,9 +168,10 @@ def test_syntic_fo_refined_reads_the_optimised_refined_features(artifacts_root):
     optimized = unit(np.random.default_rng(5).standard_normal((24, DIM))).astype(np.float32)
     write_features(paths.OPTIMIZED_REFINED, ids, "caption_id", optimized)
     write_features(paths.OPTIMIZED, ids, "caption_id", -optimized)
-    rows = dict(runner.Inputs(syntic.needs(instance(fo=True, pairs="refined").train), "cpu").shards([1, 2]))
-    got = np.concatenate([rows[1]["optimized"], rows[2]["optimized"]])
-    np.testing.assert_allclose(got, optimized[8:][kept[8:]], atol=1e-6)
+    inputs = runner.Inputs(syntic.needs(instance(fo=True, pairs="refined").train), "cpu")
+    for _, rows in inputs.shards():
+        for caption_id, feature in zip(rows["caption_id"], rows["optimized"]):
+            np.testing.assert_allclose(feature, optimized[ids.index(caption_id)], atol=1e-6)   # the caption's row
 
 
 @pytest.mark.parametrize("method", ["clipcap", "maccap"])
