@@ -16,7 +16,7 @@ retrieves its own caption scores 1); ties go to the better-ranked candidate (np.
 sorts the scores descending (a stable sort: equal scores keep corpus order) and keeps the first
 int(tau * N).
 
-Retrieval goes through FAISS inner-product indexes (pipeline/support.py builds them) in batches of
+Retrieval goes through FAISS inner-product indexes (built as pipeline/support.py builds them) in batches of
 captions; memory is O(batch x K + 512 x K x Kr x E) plus the features and the indexes, never caption x image.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.support import SupportSet, index_to_device
+from pipeline.support import AUTO, TRAIN_POINTS_PER_LIST, auto_index, index_to_device
 from pipeline.vectors import l2_normalize
 
 
@@ -40,6 +40,27 @@ class Refined:
     image_row: np.ndarray     # int64 [N]: row of the synthetic pool (its caption_id's position)
     score: np.ndarray         # float32 [N]
     kept: np.ndarray          # bool [N]
+
+
+def inner_product_index(features: np.ndarray, spec: str = "Flat", nprobe: int = 8, chunk: int = 65536):
+    """A FAISS inner-product index over the L2-normalised rows of ``features``, added in chunks (no normalised copy
+    of the whole matrix beside the index's own). ``spec``: an index_factory string or "auto" (pipeline/support.py
+    auto_index); an IVF index is trained on a seeded sample of TRAIN_POINTS_PER_LIST rows per list, as the
+    support sets are."""
+    import faiss
+    n, d = features.shape
+    spec = auto_index(n) if spec == AUTO else spec
+    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        lists = getattr(faiss.try_extract_index_ivf(index), "nlist", 0)
+        rows = np.arange(n) if not lists or n <= TRAIN_POINTS_PER_LIST * lists else \
+            np.sort(np.random.default_rng(0).choice(n, TRAIN_POINTS_PER_LIST * lists, replace=False))
+        index.train(l2_normalize(features[rows]))
+    for start in range(0, n, chunk):
+        index.add(l2_normalize(features[start:start + chunk]))
+    if "IVF" in spec:
+        faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    return index
 
 
 def search(index, queries: np.ndarray, k: int, batch_size: int) -> np.ndarray:
@@ -99,11 +120,14 @@ def refine_pairs(text: np.ndarray, image: np.ndarray, sentence: np.ndarray, *, k
 def _refine(text, image, sentence, k, kr, tau, index, nprobe, batch_size, device, progress) -> Refined:
     from tqdm.auto import tqdm
     n = text.shape[0]
-    sentence = l2_normalize(sentence)
-    captions = index_to_device(SupportSet.build(text, index=index, nprobe=nprobe).index, device)
+    unit = np.empty(sentence.shape, dtype=np.float32)          # normalised in chunks: no float64 copy of it all
+    for start in range(0, n, batch_size):
+        unit[start:start + batch_size] = l2_normalize(sentence[start:start + batch_size])
+    sentence = unit
+    captions = index_to_device(inner_product_index(text, index, nprobe), device)
     image_captions = search(captions, image, kr, batch_size)                          # [M, Kr]
     captions = None
-    images = index_to_device(SupportSet.build(image, index=index, nprobe=nprobe).index, device)
+    images = index_to_device(inner_product_index(image, index, nprobe), device)
     row, score = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
     for start in tqdm(range(0, n, batch_size), desc="refine", unit="batch", disable=not progress):
         rows = np.arange(start, min(start + batch_size, n))
