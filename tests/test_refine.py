@@ -312,3 +312,63 @@ def test_a_missing_sentence_transformers_package_is_named_with_the_fix(monkeypat
     monkeypatch.setattr(builtins, "__import__", no_package)
     with pytest.raises(RuntimeError, match="pip install sentence-transformers.*text_similarity: clip"):
         sentence_encoder_for("sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real features (tests/test_runner.py build_real_artifacts): PCM-Net and CMSA trained on refined pairs
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_data):
+    from tests.test_runner import build_real_artifacts
+    return build_real_artifacts(tmp_path_factory.mktemp("refine-artifacts"), shared_data, {"concepts", "tags"})
+
+
+@pytest.fixture
+def real(built, artifacts_root):
+    """The real artifacts, refined by SynC (K = 5, Kr = 2, tau = 0.7) as stage refine writes them."""
+    from tests.test_runner import REAL_ROWS_PER_SHARD, use_real_artifacts
+    art = use_real_artifacts(built, artifacts_root)
+    texts, images = ShardedArtifact(paths.TEXT_FEATURES), ShardedArtifact(paths.SYNTHETIC_FEATURES)
+    text = np.stack(texts.read_column("text_feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+    pool = np.stack(images.read_column("global").to_numpy(zero_copy_only=False)).astype(np.float32)
+    image = pool[np.random.default_rng(0).permutation(len(pool))]    # mis-drawn pairs: something to re-pair
+    ids = texts.read_column("caption_id").to_pylist()
+    refined = refine_pairs(text, image, text, k=5, kr=2, tau=0.7)
+    write_sharded(paths.REFINED, len(ids), REAL_ROWS_PER_SHARD, content_id(refined.image_row.tolist()),
+                  lambda t: pa.table({"caption_id": ids[t.start:t.stop],
+                                      "image_row": pa.array(refined.image_row[t.start:t.stop], pa.int64()),
+                                      "image_caption_id": [ids[j] for j in refined.image_row[t.start:t.stop]],
+                                      "score": pa.array(refined.score[t.start:t.stop], pa.float32()),
+                                      "kept": pa.array(refined.kept[t.start:t.stop], pa.bool_())}),
+                  {"model": images.model})
+    return {**art, "refined": refined, "text": text, "global": pool}
+
+
+def test_pcmnet_refined_trains_on_the_kept_rows_with_eq_11_weights_of_the_re_paired_images(real):
+    from tests.test_pcmnet import PIPELINE_TRAIN
+    refined = real["refined"]
+    instance = cfg.MethodInstance(method="pcmnet", train=cfg.parse(pcmnet.Train, {**PIPELINE_TRAIN, "pairs": "refined",
+                                                                                   "epochs": 1}, "t"),
+                                  caption=cfg.parse(pcmnet.Caption, {"beam_size": 1}, "c"))
+    report = runner.train("pcmnet-refined", instance, "cpu", progress=False)
+    assert report["training_rows"] == int(refined.kept.sum()) and report["variant"] == "Base+Mix-up+CXE+SynC"
+    g = real["global"][refined.image_row[refined.kept]]                  # each kept caption's re-paired image
+    t = real["text"][refined.kept]
+    cos = (g * t).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(t, axis=1)
+    direct = np.minimum(1.0, PIPELINE_TRAIN["clip_w"] * np.maximum(cos, 0.0)).mean()    # Eq. 11 by hand
+    assert report["logs"][0]["clip_weight"] == pytest.approx(direct, rel=1e-4)
+
+
+def test_cmsa_refined_reads_the_tags_of_the_re_paired_images(real):
+    from pipeline.methods import cmsa
+    refined = real["refined"]
+    tags = ShardedArtifact(paths.SYNTHETIC_TAGS).read_column("labels").to_pylist()
+    ids = ShardedArtifact(paths.CORPUS).read_column("caption_id").to_pylist()
+    s = cfg.parse(cmsa.Train, {"pairs": "refined", "vocabulary": "corpus", "rl_epochs": 0}, "t")
+    inputs = runner.Inputs(cmsa.needs(s), "cpu")
+    seen = 0
+    for _, rows in inputs.shards():
+        for caption_id, labels in zip(rows["caption_id"], rows["tags"]):
+            assert labels == tags[refined.image_row[ids.index(caption_id)]]
+            seen += 1
+    assert seen == int(refined.kept.sum())
