@@ -331,7 +331,7 @@ def real(built, artifacts_root):
     texts, images = ShardedArtifact(paths.TEXT_FEATURES), ShardedArtifact(paths.SYNTHETIC_FEATURES)
     text = np.stack(texts.read_column("text_feature").to_numpy(zero_copy_only=False)).astype(np.float32)
     pool = np.stack(images.read_column("global").to_numpy(zero_copy_only=False)).astype(np.float32)
-    image = pool[np.random.default_rng(0).permutation(len(pool))]    # mis-drawn pairs: something to re-pair
+    image = pool[np.random.default_rng(0).permutation(len(pool))]    # refined on shuffled rows: most re-paired
     ids = texts.read_column("caption_id").to_pylist()
     refined = refine_pairs(text, image, text, k=5, kr=2, tau=0.7)
     write_sharded(paths.REFINED, len(ids), REAL_ROWS_PER_SHARD, content_id(refined.image_row.tolist()),
