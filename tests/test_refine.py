@@ -372,3 +372,28 @@ def test_cmsa_refined_reads_the_tags_of_the_re_paired_images(real):
             assert labels == tags[refined.image_row[ids.index(caption_id)]]
             seen += 1
     assert seen == int(refined.kept.sum())
+
+
+def test_optimize_refined_runs_eq_2_over_the_kept_re_paired_rows_only(artifacts_root, monkeypatch):
+    from pipeline.methods.syntic import optimize_features
+    from pipeline.profiles import resolve_profile
+    from stages import optimize as stage
+    ids = write_artifacts()
+    text = unit(np.random.default_rng(4).standard_normal((24, DIM))).astype(np.float32)
+    write_sharded(paths.TEXT_FEATURES, 24, ROWS_PER_SHARD, content_id("text", text.tobytes()),
+                  lambda t: pa.table({"caption_id": ids[t.start:t.stop],
+                                      "text_feature": feature_array(text[t.start:t.stop], "float32")}), {"model": CLIP})
+    image_row, kept = repairing()
+    write_refined(ids, image_row, kept)
+    config = cfg.from_dict({**resolve_profile("offline"), "rows_per_shard": ROWS_PER_SHARD, "feature_dtype": "float32",
+                            "optimize": {"epochs": 3, "batch_size": 4, "lr": 1e-2}})
+    monkeypatch.setattr(stage, "start", lambda name: config)
+    stage.main("refined")
+    got = np.stack(ShardedArtifact(paths.OPTIMIZED_REFINED).read_column("global").to_numpy(zero_copy_only=False))
+    pool = np.stack(ShardedArtifact(paths.SYNTHETIC_FEATURES).read_column("global").to_numpy(zero_copy_only=False))
+    o = config.optimize
+    direct, _ = optimize_features(pool[image_row][kept], text[kept], tau=o.tau, lr=o.lr, epochs=o.epochs,
+                                  batch_size=o.batch_size, seed=o.seed)
+    np.testing.assert_allclose(got[kept], direct, atol=1e-6)               # Eq. 2 on the kept re-paired pairs
+    np.testing.assert_allclose(got[~kept], pool[image_row][~kept], atol=1e-6)   # the others as they are
+    assert not paths.OPTIMIZED.exists()                                    # the original optimize untouched
