@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.run [--device cpu|cuda] [--quick] [--out artifacts/bench/results.json]
                                   [--only encode,support,...]
 
-Runs bench.encode (CLIP image and text paths), bench.support (Eq. 3), bench.scale (memory flat in
+Runs bench.encode (CLIP image and text paths), bench.support (Eq. 3), bench.refine (SynC's refined pairs at
+50k x 50k vs brute force, its memory as the pool grows), bench.scale (memory flat in
 corpus size, growth exponents), bench.train (training input, the projection cache) and bench.dvc (DVC's
 overhead) in this order, the throwaway pipelines of scale and train shared (one temp folder, removed at
 the end). Prints one Markdown table (figure, this project, baseline, ratio, target, conditions) and writes
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from bench.common import REPO, machine, table
 
-BENCHMARKS = ("encode", "support", "scale", "train", "dvc")
+BENCHMARKS = ("encode", "support", "refine", "scale", "train", "dvc")
 
 
 def main() -> None:

@@ -431,6 +431,28 @@ class Optimize:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Refine:
+    """SynC (the stage `refine`, pipeline/refine.py): re-pair each caption with the best-fitting synthetic image of
+    the pool and drop the worst pairs. Defaults: the release (boreng0817/SynC main.py, src/dataset_builder.py)."""
+    k: int = opt(15, "K, candidate images per caption by text->image similarity (release: --K 15)", check=at_least(1))
+    kr: int = opt(2, "Kr, corpus captions each candidate retrieves by image->text similarity (release: --i2tK 2)",
+                  check=at_least(1))
+    tau: float = opt(0.9, "the fraction of pairs kept, the highest scores (release: image_counts ratio 0.9)",
+                     check=in_unit_interval)
+    retrieval_model: Literal["clip"] = opt("clip", "the model of both retrievals: clip = the pipeline's own CLIP "
+                                                   "(models.clip, its cached features). A choice: the release's "
+                                                   "default is SigLIP2 ViT-B/16 (hf-hub:timm/ViT-B-16-SigLIP2-256)")
+    text_similarity: str = opt("clip", "the cycle score's text-text similarity: clip = the CLIP text features of "
+                                       "the corpus (cached) | a sentence-transformers model id or local folder "
+                                       "(release: sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2)")
+    index: str = opt("Flat", "FAISS index_factory string of both retrievals: Flat (exact top-k, as released) | "
+                             "auto (IVF from 50k rows) | IVF1024,Flat ...")
+    nprobe: int = opt(8, "IVF indexes: lists visited per query", check=at_least(1))
+    batch_size: int = opt(4096, "captions per FAISS search (FAISS's threads work best on large batches)",
+                          check=at_least(1), speed_only=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Support:
     """The projection support set over the corpus text features (SynTIC Eq. 3)."""
     index: str = opt("Flat", "FAISS index_factory string: Flat (exact) | IVF1024,Flat | HNSW32 ...")
@@ -590,6 +612,7 @@ class Config:
     encode: Encode = opt(Encode())
     tag: Tag = opt(Tag())
     optimize: Optimize = opt(Optimize())
+    refine: Refine = opt(Refine())
     support: Support = opt(Support())
     concepts: Concepts = opt(Concepts())
     target_supports: dict[str, TargetSupport] = opt({}, "support sets over other caption files (\"-TT\")")
@@ -698,6 +721,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "tag_synthetic": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
     "tag_eval": ("models.detector", "tag", "rows_per_shard", "device", "threads_per_task"),
     "optimize": ("optimize", "feature_dtype", "rows_per_shard", "threads_per_task"),
+    "refine": ("refine", "rows_per_shard", "device", "threads_per_task"),
+    "optimize_refined": ("optimize", "feature_dtype", "rows_per_shard", "threads_per_task"),
     "support": ("support",),
     "support_agreement": ("support.agreement_sample",),
     "target_support": ("target_supports.{name}", "models.clip", "device"),

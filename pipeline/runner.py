@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pipeline.environment import library_versions
 from pipeline import config as cfg
 from pipeline import methods, paths
-from pipeline.data.aligned import Column, aligned_shards, check_dim, read_single_table, shard_order
+from pipeline.data.aligned import Column, RowGather, aligned_shards, check_dim, read_single_table, shard_order
 from pipeline.data.provenance import code_version
 from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, fingerprint, require_same_model
 from pipeline.data.vocabularies import TagVocabulary, read_concepts
@@ -64,9 +64,10 @@ FEATURE_COLUMNS = ("global", "patches", "grid", "cls_attention", "attention", "t
 # ---------------------------------------------------------------------------------------------
 # Opening what a method needs
 # ---------------------------------------------------------------------------------------------
-def _source_dirs(evalset: str | None) -> dict[str, Path]:
+def _source_dirs(evalset: str | None, pairs: str = "original") -> dict[str, Path]:
     dirs = {"corpus": paths.CORPUS, "text": paths.TEXT_FEATURES, "synthetic": paths.SYNTHETIC_FEATURES,
-            "synthetic_tags": paths.SYNTHETIC_TAGS, "optimized": paths.OPTIMIZED}
+            "synthetic_tags": paths.SYNTHETIC_TAGS,
+            "optimized": paths.OPTIMIZED if pairs == "original" else paths.OPTIMIZED_REFINED}
     if evalset is not None:
         dirs.update(image=paths.eval_features(evalset), image_tags=paths.eval_tags(evalset))
     return dirs
@@ -79,7 +80,11 @@ class Inputs:
     def __init__(self, needs: Needs, device: str, evalset: str | None = None,
                  artifacts: dict[str, ShardedArtifact] | None = None):
         self.needs, self.evalset = needs, evalset
-        dirs = _source_dirs(evalset)
+        if needs.pairs not in methods.PAIRS:
+            raise ValueError(f"pairs must be one of {', '.join(methods.PAIRS)}, got {needs.pairs!r}")
+        if needs.pairs == "refined" and evalset is not None:
+            raise ValueError("refined pairs are training data: captioning reads the eval images")
+        dirs = _source_dirs(evalset, needs.pairs)
         allowed = methods.CAPTION_SOURCES if evalset is not None else methods.TRAIN_SOURCES
         specs = {}
         for name, spec in needs.rows.items():
@@ -97,6 +102,9 @@ class Inputs:
         given = artifacts or {}
         self.artifacts = {s: given[s] if s in given else ShardedArtifact(dirs[s]) for s in sorted(sources)}
         self.specs = specs
+        self.refined = None
+        if needs.pairs == "refined":
+            self._open_refined(given["refined"] if "refined" in given else ShardedArtifact(paths.REFINED))
 
         features = {s: a for s, a in self.artifacts.items() if s in ("text", "synthetic", "optimized", "image")}
         if not features:
@@ -105,6 +113,8 @@ class Inputs:
         for source, column in specs.values():
             if source in ("synthetic", "image") and column not in self.artifacts[source].columns:
                 raise ValueError(missing_column(self.artifacts[source], column, source))
+        if self.refined is not None:
+            require_same_model(training_features=clip, refined_pairs=self.refined)
         dim = int(clip["embed_dim"])
         num_patches = None
         if any(column in ("patches", "grid") for _, column in specs.values()):
@@ -140,7 +150,32 @@ class Inputs:
     def num_shards(self) -> int:
         return len(next(iter(self.artifacts.values())).paths)
 
+    def _open_refined(self, refined: ShardedArtifact) -> None:
+        """SynC's refined pairs (stage refine): training shard k holds the kept captions whose re-paired image lies
+        in synthetic shard k, so that each epoch reads every synthetic shard (patches and all) once; their
+        caption-side columns (text, text features, SynTIC's optimised features) are gathered by caption row."""
+        id_column = "caption_id"
+        image_side = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items()
+                      if s in methods.PAIRED_SOURCES]
+        if not image_side:
+            raise ValueError("pairs: refined re-pairs captions with synthetic images, but this method reads none "
+                             "(its training pairs do not depend on them)")
+        caption_side = [Column(refined, id_column)] + [Column(self.artifacts[s], c, name)
+                                                       for name, (s, c) in self.specs.items()
+                                                       if s not in methods.PAIRED_SOURCES and c != id_column]
+        self.refined, self.images, self.captions = refined, RowGather(image_side), RowGather(caption_side)
+        if self.captions.num_rows != refined.num_rows:
+            raise ValueError(f"{refined.folder} holds {refined.num_rows} captions, the corpus side "
+                             f"{self.captions.num_rows}: rerun `dvc repro refine`")
+        image_row = np.asarray(refined.read_column("image_row").to_pylist(), dtype=np.int64)
+        kept = np.flatnonzero(np.asarray(refined.read_column("kept").to_pylist(), dtype=bool))
+        shard_of = np.searchsorted(self.images.starts, image_row[kept], side="right") - 1
+        self.refined_rows = [kept[shard_of == k] for k in range(len(self.images.starts) - 1)]   # caption rows
+        self.image_row = image_row
+
     def shard_rows(self) -> list[int]:
+        if self.refined is not None:
+            return [len(rows) for rows in self.refined_rows]
         art = next(iter(self.artifacts.values()))
         return [int(s["rows"]) for s in art.manifest["shards"]]
 
@@ -153,7 +188,9 @@ class Inputs:
         ids_as = [name for name, (_, c) in self.specs.items() if c == id_column]     # the row id, by another name
         columns = [Column(self.artifacts[s], c, name) for name, (s, c) in self.specs.items() if c != id_column]
         d = self.data
-        for k, shard in zip(order, aligned_shards(id_column, columns, order)):
+        shards = self._refined_shards(order) if self.refined is not None else \
+            zip(order, aligned_shards(id_column, columns, order))
+        for k, shard in shards:
             for name in ids_as:
                 shard[name] = list(shard[id_column])
             for name, (source, column) in self.specs.items():
@@ -170,9 +207,18 @@ class Inputs:
                     shard[name] = shard[name].reshape(-1, d.num_tokens, d.num_tokens)
             yield k, shard
 
+    def _refined_shards(self, order: list[int]) -> Iterator[tuple[int, dict]]:
+        """(k, the kept captions re-paired with images of synthetic shard k, each with its image's columns)."""
+        for k in order:
+            rows = self.refined_rows[k]
+            if len(rows):                        # no kept caption chose an image of this shard
+                yield k, {**self.captions.gather(rows), **self.images.gather(self.image_row[rows])}
+
     def fingerprint(self) -> str:
         """What these inputs are: the content of every artifact and file they come from."""
         parts = {s: a.fingerprint for s, a in self.artifacts.items()}
+        if self.refined is not None:         # only an instance that reads the refined pairs depends on them
+            parts["refined_pairs"] = self.refined.fingerprint
         parts["rows"] = sorted(self.specs.items())
         if self.needs.support:
             parts["support"] = file_id(paths.support(self.needs.support))

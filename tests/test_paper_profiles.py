@@ -10,6 +10,7 @@ The data is tests/test_runner.py's ``build_real_artifacts`` (Flickr8k photos sta
 built once per CLIP and column set; a training shared by several instances or profiles runs once (the
 runner keeps a model whose fingerprint is unchanged). Sizes shrink (one epoch, narrow models, 2 beams); the
 architectures, switches and decoding choices of every instance stay the profile's."""
+import dataclasses
 import hashlib
 import json
 import math
@@ -146,6 +147,16 @@ def test_every_instance_of_a_paper_profile_encodes_trains_and_captions_on_small_
     assert ShardedArtifact(paths.SYNTHETIC_FEATURES).columns == ["caption_id", *config.encode.synthetic_columns]
     assert ShardedArtifact(paths.eval_features("tiny")).columns == ["image_id", *config.encode.eval_columns]
     eval_ids = ShardedArtifact(paths.evalset("tiny")).read_column("image_id").to_pylist()
+    if any(getattr(i.train, "pairs", "original") == "refined" for i in config.methods.values()):
+        # the refine stage's code on these features; its sentence model (no small one here) stands in as CLIP's
+        # text features, the world's choice
+        from stages import refine as stage
+        from test_runner import REAL_ROWS_PER_SHARD
+        refine_config = dataclasses.replace(config, rows_per_shard=REAL_ROWS_PER_SHARD,
+                                            refine=dataclasses.replace(config.refine, text_similarity="clip"))
+        monkeypatch.setattr(stage, "start", lambda name: refine_config)
+        monkeypatch.setattr(stage, "pair_audits", lambda *_: None)   # the checker's audit needs the world's scenes
+        stage.main()
     for name, instance in config.methods.items():
         # instances that share their training share one model (kept by the runner on the second call)
         trained = f"{instance.method}-{hashlib.sha256(repr(cfg.as_dict(instance.train)).encode()).hexdigest()[:12]}"

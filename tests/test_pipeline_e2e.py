@@ -346,7 +346,8 @@ def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(work
 
     features = fresh_copy(workdir, tmp_path / "c", remote)
     stages = ["corpus", "encode_text", "encode_synthetic", f"encode_eval@{EVALSET}", f"evalset@{EVALSET}",
-              "tag_vocabulary", "tag_synthetic", f"tag_eval@{EVALSET}", "optimize", "support", "concepts"]
+              "tag_vocabulary", "tag_synthetic", f"tag_eval@{EVALSET}", "optimize", "support", "concepts", "refine",
+              "optimize_refined"]
     out = subprocess.run(dvc_cmd("pull", *stages), cwd=features, capture_output=True, text=True, env=env())
     assert out.returncode == 0, out.stderr
     assert not (features / "artifacts/synthetic").exists()

@@ -69,3 +69,48 @@ def check_dim(features: np.ndarray, expected: int, what: str) -> None:
     if features.ndim != 2 or features.shape[1] != expected:
         raise ValueError(f"{what} have shape {features.shape} but {expected}-dimensional features were expected "
                          f"(were they made by another CLIP model?)")
+
+
+class RowGather:
+    """Rows of per-caption artifacts (sharded like the corpus) by row number, in the order asked: e.g. the
+    features of the synthetic images SynC re-paired a shard's captions with (pipeline/refine.py). Each call
+    reads every shard that holds an asked row once, with only the columns asked for; memory is one shard
+    of each artifact plus the rows returned."""
+
+    def __init__(self, columns: list[Column]):
+        self.columns = columns
+        arts = {id(c.artifact): c.artifact for c in columns}
+        sizes = {key: [int(r["rows"]) for r in art.manifest["shards"]] for key, art in arts.items()}
+        first = next(iter(sizes.values()))
+        if any(s != first for s in sizes.values()):
+            raise ValueError(f"{', '.join(str(a.folder) for a in arts.values())} are not sharded alike: rerun the pipeline")
+        self.artifacts, self.starts = arts, np.r_[0, np.cumsum(first)].astype(np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    def gather(self, rows: np.ndarray) -> dict:
+        """{as_name: values of ``rows``} (features float32 [len(rows), D], others lists)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise ValueError(f"row {int(rows.max())} asked of an artifact of {self.num_rows} rows")
+        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
+        positions, parts = [], {c.as_name or c.name: [] for c in self.columns}
+        for k in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == k)
+            local = pa.array(rows[at] - self.starts[k])
+            tables = {key: art.read_shard(int(k), [c.name for c in self.columns if c.artifact is art])
+                      for key, art in self.artifacts.items()}
+            for c in self.columns:
+                parts[c.as_name or c.name].append(_values(tables[id(c.artifact)].column(c.name).take(local)))
+            positions.append(at)
+        back = np.argsort(np.concatenate(positions)) if positions else np.zeros(0, dtype=np.int64)
+        out = {}
+        for name, values in parts.items():
+            if values and isinstance(values[0], np.ndarray):
+                out[name] = np.concatenate(values)[back]
+            else:
+                flat = [v for part in values for v in part]
+                out[name] = [flat[i] for i in back]
+        return out

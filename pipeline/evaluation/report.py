@@ -94,6 +94,7 @@ def write_report(
     papers: Sequence[Mapping] = (),
     images: Sequence[tuple[str, bytes]] = (),
     world: Mapping | None = None,
+    refined: Mapping | None = None,
 ) -> None:
     """Write one self-contained HTML page with a metrics table, the papers' numbers, figures, a
     gallery and notes (and, for a world run, the world's gallery, exact metrics and models first).
@@ -115,6 +116,11 @@ def write_report(
     ``world`` (a world run; None otherwise): ``{"gallery": [...], "rows": [...], "controls": [...],
     "models": [...]}``, see :func:`_world_sections`. With it the page opens with the world's gallery
     and exact metrics, and ``papers`` must be empty: the world's numbers are never put beside the papers'.
+
+    ``refined`` (SynC's refined pairs, stage refine): ``{"rows": [{"method", "original", "eval_set", "CIDEr":
+    (original, refined), ["object_f1": (original, refined)]}], ["report": the refine stage's report]}``: each
+    instance trained on the refined pairs beside the instance trained on the original ones, see
+    :func:`_refined_section`.
     """
     if world is not None and papers:
         raise ValueError("a world run's report shows no papers' numbers: its numbers are not comparable with them")
@@ -122,7 +128,7 @@ def write_report(
         _check_keys(row, ("method", "eval_set"), f"metrics_table[{index}]")
     for index, item in enumerate(gallery):
         _check_keys(item, ("image_id", "image", "predictions", "references"), f"gallery[{index}]")
-    page = _page(title, metrics_table, gallery, list(notes), papers, images, world)
+    page = _page(title, metrics_table, gallery, list(notes), papers, images, world, refined)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -136,10 +142,12 @@ def _check_keys(entry: Mapping, required: Sequence[str], where: str) -> None:
 
 def _page(title: str, metrics_table: Sequence[Mapping], gallery: Sequence[Mapping],
           notes: list[str], papers: Sequence[Mapping] = (), images: Sequence[tuple[str, bytes]] = (),
-          world: Mapping | None = None) -> str:
+          world: Mapping | None = None, refined: Mapping | None = None) -> str:
     sections = [f"<h1>{_text(title)}</h1>"]
     if world is not None:
         sections += _world_sections(world)
+    if refined:
+        sections.append(_refined_section(refined))
     sections.append(_metrics_section(metrics_table, "Caption metrics" if world is not None else "Metrics"))
     if notes:
         sections.append(_notes_section(notes))
@@ -691,6 +699,86 @@ def _world_models_section(world: Mapping) -> str:
     return (f"<h2>The world{' ' + _text(name) if name else ''}: its data and models</h2>\n" + "\n".join(parts))
 
 
+# --- SynC's refined pairs -------------------------------------------------------------------------
+
+def _refined_section(refined: Mapping) -> str:
+    """Each instance trained on SynC's refined pairs beside its original, with the differences in CIDEr and object
+    F1, and the refine stage's figures: pairs kept, and (the world) the share of pairs whose image shows its caption
+    before and after refinement, by the checker."""
+    parts = ["<h2>Refined synthetic pairs (SynC)</h2>"]
+    report = refined.get("report") or {}
+    if report:
+        text = (f"<p>Stage refine re-paired each caption with the best of its top-{_text(report.get('k', MISSING))} "
+                f"synthetic images by the cycle score (top-{_text(report.get('kr', MISSING))} captions back, "
+                f"text-text similarity: {_text(report.get('text_similarity', MISSING))}) and kept the top "
+                f"{_text(report.get('tau', MISSING))} of the pairs: {_text(report.get('kept', MISSING))} of "
+                f"{_text(report.get('captions', MISSING))} kept, "
+                f"{_text(report.get('re-paired_to_another_image', MISSING))} re-paired to another image, "
+                f"{_text(report.get('images_used', MISSING))} distinct images in the kept pairs.")
+        audit = report.get("pair_audit") or {}
+        if audit:
+            def share(key):
+                a = audit.get(key) or {}
+                return (f"{_fraction(a.get('exact_match_fraction'))} ({_text(a.get('exact_matches', MISSING))} of "
+                        f"{_text(a.get('pairs', MISSING))})")
+            text += (" Pairs whose image shows exactly what its caption says (the checker): "
+                     f"original {share('original')}; re-paired, before the filter {share('re-paired')}; "
+                     f"refined (kept) {share('refined')}.")
+        parts.append(text + "</p>")
+    rows = refined.get("rows") or ()
+    if rows:
+        has_f1 = any("object_f1" in r for r in rows)
+        head = ("<tr><th>Refined instance</th><th>Beside</th><th>Eval set</th><th>CIDEr original</th>"
+                "<th>CIDEr refined</th><th>Δ CIDEr</th>"
+                + ("<th>Object F1 original</th><th>Object F1 refined</th><th>Δ object F1</th>" if has_f1 else "")
+                + "</tr>")
+        body = []
+        for r in rows:
+            cells = [_text(r["method"]), _text(r["original"] or "– (no instance with pairs: original)"),
+                     _text(r["eval_set"])]
+            before, after = r.get("CIDEr") or (None, None)
+            diff = None if _number(before) is None or _number(after) is None else _number(after) - _number(before)
+            cells += [_cider(before), _cider(after), _signed(diff, 100, 1)]
+            if has_f1:
+                before, after = r.get("object_f1") or (None, None)
+                diff = None if _number(before) is None or _number(after) is None else _number(after) - _number(before)
+                cells += [_fraction(before), _fraction(after), _signed(diff)]
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append(f'<table class="metrics"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
+    return "\n".join(parts)
+
+
+def original_instance(config, name: str) -> str | None:
+    """The instance a refined one (train.pairs: refined) is compared with: the same method and settings on the
+    original pairs; None if the profile has none."""
+    from pipeline import config as cfg
+    instance = config.methods[name]
+    want = {**cfg.as_dict(instance.train), "pairs": "original"}
+    for other, o in config.methods.items():
+        if o.method == instance.method and cfg.as_dict(o.train) == want and o.caption == instance.caption:
+            return other
+    return None
+
+
+def refined_comparison(config, rows: Sequence[Mapping]) -> dict | None:
+    """``write_report``'s ``refined``: every refined instance beside its original, and the refine stage's report."""
+    by = {(r["method"], r["eval_set"]): r for r in rows}
+    refined = [n for n, i in config.methods.items() if getattr(i.train, "pairs", "original") == "refined"]
+    if not refined:
+        return None
+    out = []
+    for name in refined:
+        original = original_instance(config, name)
+        for evalset in config.evalsets:
+            here, there = by.get((name, evalset), {}), by.get((original, evalset), {})
+            row = {"method": name, "original": original, "eval_set": evalset,
+                   "CIDEr": (there.get("CIDEr"), here.get("CIDEr"))}
+            if "object_f1" in here:
+                row["object_f1"] = (there.get("object_f1"), here.get("object_f1"))
+            out.append(row)
+    return {"rows": out, "report": _optional_json(paths.REFINE_REPORT)}
+
+
 # --- notes --------------------------------------------------------------------------------------
 
 def _notes_section(notes: list[str]) -> str:
@@ -803,7 +891,8 @@ def build_report(config, out: Path) -> tuple[int, int]:
     if world_run:
         world = {"gallery": world_gallery, "rows": world_rows, "controls": world_controls,
                  "models": [_world_models(config, name) for name in config.worlds]}
-    write_report(out, f"SynthCap report ({config.profile})", rows, gallery, notes, papers_rows, figures, world)
+    write_report(out, f"SynthCap report ({config.profile})", rows, gallery, notes, papers_rows, figures, world,
+                 refined_comparison(config, rows))
     return len(rows), len(gallery) + len(world_gallery)
 
 

@@ -80,6 +80,11 @@ TRAIN_SOURCES = {
     "synthetic_tags": ("labels", "scores", "boxes"),             # detector tags of its synthetic image
     "optimized": ("global",),                                    # SynTIC Eq. 2 features
 }
+# The sources that are per synthetic image: with ``Needs.pairs == "refined"`` the runner reads, for each caption
+# the refine stage keeps, the row of the image it was re-paired with, and drops the filtered captions; ``optimized``
+# is then SynTIC's Eq. 2 over the refined pairs (stage optimize_refined). Text-side sources are the caption's own.
+PAIRED_SOURCES = ("synthetic", "synthetic_tags")
+PAIRS = ("original", "refined")
 CAPTION_SOURCES = {
     "image": ("image_id", *IMAGE_FEATURES),                      # the real image: its id, CLIP features
     "image_tags": ("labels", "scores", "boxes"),                 # detector tags of the real image
@@ -99,6 +104,8 @@ class Needs:
     concepts: bool = False                # PCM-Net's concept vocabulary
     means: tuple[str, ...] = ()           # mean feature directions: "text", "synthetic", "eval"
     text_encoder: bool = False            # the pipeline's CLIP text encoder (caption-time re-ranking)
+    pairs: str = "original"               # training pairs: original (caption i, image i) | refined (SynC, stage
+                                          # refine: each kept caption with its re-paired image; see PAIRED_SOURCES)
 
 
 @dataclass

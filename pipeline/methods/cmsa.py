@@ -559,6 +559,8 @@ class Train:
     optim: Optim = opt(Optim(name="adam", lr=1e-4, warmup_steps=1000, grad_clip=1.0), "stage 1's optimiser")
     rl_optim: Optim = opt(Optim(name="adam", lr=1e-5, grad_clip=1.0), "stage 2's optimiser (the generator's)")
     seed: int = opt(0, "seed of the weights, the data order, dropout and the sampled captions")
+    pairs: Literal["original", "refined"] = opt("original", "training pairs: original (each caption with its own "
+                                                            "synthetic image) | refined (SynC: stage refine's pairs)")
 
     def __post_init__(self):
         if not (self.image_feature or self.entity_features):
@@ -618,7 +620,8 @@ def needs(train: Train, caption: Caption | None = None) -> Needs:
         if tags:
             rows["tags"] = "synthetic_tags.labels"
         return Needs(rows=rows, corpus=("text",) if train.vocabulary == "corpus" else (), tag_vocabulary=tags,
-                     concepts=uses_concepts(train), text_encoder=uses_clip_reward(train) and train.rl_epochs > 0)
+                     concepts=uses_concepts(train), text_encoder=uses_clip_reward(train) and train.rl_epochs > 0,
+                     pairs=train.pairs)
     rows = {"image": "image.global"}                    # captioning: the real images
     if tags:
         rows["tags"] = "image_tags.labels"
@@ -702,4 +705,4 @@ def variant(train: Train, caption: Caption | None) -> str:
     rl = train.rl_epochs > 0
     on = [("I-F", train.image_feature), ("T-F", train.entity_features),
           ("C-R", rl and uses_clip_reward(train)), ("B-R", rl and uses_fluency_reward(train))]
-    return "+".join(name for name, flag in on if flag)
+    return "+".join(name for name, flag in on if flag) + ("+SynC" if train.pairs == "refined" else "")

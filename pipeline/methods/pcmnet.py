@@ -466,6 +466,8 @@ class Train:
                              grad_clip_value=0.1), "Adam with the Noam schedule (lr is Noam's factor); released "
                                                "betas, eps and gradient value clipping")
     seed: int = opt(0, "seed of the weights, the data order, dropout and noise")
+    pairs: Literal["original", "refined"] = opt("original", "training pairs: original (each caption with its own "
+                                                            "synthetic image) | refined (SynC: stage refine's pairs)")
 
     def __post_init__(self):
         divides("heads", "hidden")(self)
@@ -484,7 +486,7 @@ def needs(train: Train, caption: Caption | None = None) -> Needs:
     if caption is None:
         return Needs(rows={"text": "corpus.text", "text_feature": "text.text_feature",
                            **{c: f"synthetic.{c}" for c in ("global", "patches", *grid)}},
-                     corpus=("text",) if train.vocabulary != "full" else (), concepts=True)
+                     corpus=("text",) if train.vocabulary != "full" else (), concepts=True, pairs=train.pairs)
     return Needs(rows={c: f"image.{c}" for c in ("global", "patches", *grid)})
 
 
@@ -539,4 +541,5 @@ def caption(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, caption: C
 
 def variant(train: Train, caption: Caption | None) -> str:
     """The Table 3 row: Base, Base+Mix-up, Base+CXE or Base+Mix-up+CXE."""
-    return "+".join(["Base"] + [label for flag, label in (("mixup", "Mix-up"), ("cxe", "CXE")) if getattr(train, flag)])
+    row = "+".join(["Base"] + [label for flag, label in (("mixup", "Mix-up"), ("cxe", "CXE")) if getattr(train, flag)])
+    return row + ("+SynC" if train.pairs == "refined" else "")          # trained on SynC's refined pairs

@@ -173,6 +173,8 @@ class Train:
     batch_size: int = opt(64, "captions per step", check=at_least(1))
     optim: Optim = opt(Optim(name="adamw", lr=1e-4, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0))
     seed: int = opt(0, "seed of the weights, the data order and dropout")
+    pairs: Literal["original", "refined"] = opt("original", "training pairs: original (each caption with its own "
+                                                            "synthetic image) | refined (SynC: stage refine's pairs)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,7 +193,7 @@ def needs(train: Train, caption: Caption | None = None) -> Needs:
         if train.af:
             rows["tags"] = "synthetic_tags.labels"
         return Needs(rows=rows, corpus=("text",) if train.vocabulary == "corpus" else (),
-                     support="corpus" if train.fp else None, tag_vocabulary=train.af)
+                     support="corpus" if train.fp else None, tag_vocabulary=train.af, pairs=train.pairs)
     rows = {"image": "image.global"}                                       # inference: real images
     if train.af:
         rows["tags"] = "image_tags.labels"
@@ -271,4 +273,4 @@ def variant(train: Train, caption: Caption | None) -> str:
     """The Table 4 row: Baseline, or the switches that are on; "-TT" with a target-domain support set."""
     on = [flag.upper() for flag in ("fo", "fp", "af") if getattr(train, flag)]
     tt = "-TT" if caption is not None and train.fp and caption.support != "corpus" else ""
-    return ("+".join(on) if on else "Baseline") + tt
+    return ("+".join(on) if on else "Baseline") + ("+SynC" if train.pairs == "refined" else "") + tt
