@@ -51,7 +51,7 @@ def runs(row: papers.PaperRow, profiles=PAPER_PROFILES) -> list[Run]:
             if instance.method == row.method and get(instance.method).variant(instance.train, instance.caption) == \
                     row.variant:
                 out.append(Run(profile, name, c.models.clip.name,
-                               papers.not_comparable(row, c.models.clip.name, instance)))
+                               papers.not_comparable(row, c.models.clip.name, instance, c)))
     return out
 
 

@@ -57,19 +57,24 @@ def paper_row(method: str, variant: str, corpus: str | None, eval_dataset: str |
     return None
 
 
-def setting(instance: cfg.MethodInstance, dotted: str):
+def setting(instance: cfg.MethodInstance | None, dotted: str, config: cfg.Config | None = None):
+    """The value here of a paper row's setting: ``train.*`` / ``caption.*`` of the instance, any other key
+    (e.g. ``concepts.source``) of the run's configuration."""
     section, _, key = dotted.partition(".")
-    node = instance.train if section == "train" else instance.caption
-    return cfg.lookup(node, key)
+    if section in ("train", "caption"):
+        return None if instance is None else cfg.lookup(instance.train if section == "train" else instance.caption, key)
+    return None if config is None else cfg.lookup(config, dotted)
 
 
-def not_comparable(row: PaperRow, clip_name: str, instance: cfg.MethodInstance | None) -> str | None:
-    """Why this run's row cannot be compared with ``row`` (None if it can)."""
+def not_comparable(row: PaperRow, clip_name: str, instance: cfg.MethodInstance | None,
+                   config: cfg.Config | None = None) -> str | None:
+    """Why this run's row cannot be compared with ``row`` (None if it can); ``config``: the run's
+    configuration, for the row's settings outside the instance."""
     reasons = []
     if clip_name != row.clip:
         reasons.append(f"CLIP {clip_name} here, {row.clip} in the paper")
     for dotted, value in row.settings.items():
-        here = setting(instance, dotted) if instance is not None else None
+        here = setting(instance, dotted, config)
         if here != value:
             reasons.append(f"{dotted} is {here!r} here, {value!r} in the paper")
     return "; ".join(reasons) or None

@@ -842,7 +842,7 @@ def build_report(config, out: Path) -> tuple[int, int]:
                                                           config.evalsets[evalset].dataset)
             if row is not None:
                 papers_rows.append({"method": name, "eval_set": evalset, "paper": row.paper, "source": row.source,
-                                    "not_comparable": papers.not_comparable(row, config.models.clip.name, instance),
+                                    "not_comparable": papers.not_comparable(row, config.models.clip.name, instance, config),
                                     "metrics": papers.comparison(scores, row)})
         curve = paths.train_curve(name)
         if curve.is_file():
