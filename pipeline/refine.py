@@ -42,9 +42,10 @@ class Refined:
     kept: np.ndarray          # bool [N]
 
 
-def inner_product_index(features: np.ndarray, spec: str = "Flat", nprobe: int = 8, chunk: int = 65536):
-    """A FAISS inner-product index over the L2-normalised rows of ``features``, added in chunks (no normalised copy
-    of the whole matrix beside the index's own). ``spec``: an index_factory string or "auto" (pipeline/support.py
+def inner_product_index(features: np.ndarray, spec: str = "Flat", nprobe: int = 8, chunk: int = 4096):
+    """A FAISS inner-product index over the L2-normalised rows of ``features``, added in chunks of ``chunk`` rows
+    (no normalised copy of the whole matrix beside the index's own: l2_normalize works in float64, so a chunk
+    costs 2 x 8 bytes per value while it is added, whatever the pool). ``spec``: an index_factory string or "auto" (pipeline/support.py
     auto_index); an IVF index is trained on a seeded sample of TRAIN_POINTS_PER_LIST rows per list, as the
     support sets are."""
     import faiss
