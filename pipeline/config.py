@@ -395,7 +395,10 @@ class Generate:
     image_format: Literal["png", "jpeg"] = opt("png", "png (lossless) | jpeg")
 
 
-ImageColumn = Literal["global", "patches", "grid", "cls_attention", "attention"]   # = pipeline.methods.IMAGE_FEATURES
+# The image feature columns the encode stages can cache (what each holds: pipeline/models/clip.py, which computes
+# them; pipeline/methods/__init__.py, whose methods read them), named once here
+IMAGE_COLUMNS = ("global", "patches", "grid", "cls_attention", "attention")
+ImageColumn = Literal[IMAGE_COLUMNS]
 
 
 @dataclass(frozen=True, kw_only=True)

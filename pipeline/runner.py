@@ -116,17 +116,14 @@ class Inputs:
         if self.refined is not None:
             require_same_model(training_features=clip, refined_pairs=self.refined)
         dim = int(clip["embed_dim"])
-        num_patches = None
-        if any(column in ("patches", "grid") for _, column in specs.values()):
-            source = next(s for s, c in specs.values() if c in ("patches", "grid"))
-            num_patches = patch_count(self.artifacts[source], dim)
+        read_from = {c: self.artifacts[s] for s, c in reversed(list(specs.values()))}   # column -> its first source
+        patched = read_from.get("patches") or read_from.get("grid")
+        num_patches = patch_count(patched, dim) if patched is not None else None
         self.data = Data(clip=clip, feature_dim=dim, num_patches=num_patches, device=device)
-        if any(column == "grid" for _, column in specs.values()):
-            source = next(s for s, c in specs.values() if c == "grid")
-            self.data.grid_dim = grid_width(self.artifacts[source])
-        if any(column == "attention" for _, column in specs.values()):
-            source = next(s for s, c in specs.values() if c == "attention")
-            self.data.num_tokens = token_count(self.artifacts[source], num_patches)
+        if "grid" in read_from:
+            self.data.grid_dim = grid_width(read_from["grid"])
+        if "attention" in read_from:
+            self.data.num_tokens = token_count(read_from["attention"], num_patches)
         d = self.data
         if needs.corpus:
             corpus = self.artifacts["corpus"]
@@ -167,8 +164,8 @@ class Inputs:
         if self.captions.num_rows != refined.num_rows:
             raise ValueError(f"{refined.folder} holds {refined.num_rows} captions, the corpus side "
                              f"{self.captions.num_rows}: rerun `dvc repro refine`")
-        image_row = np.asarray(refined.read_column("image_row").to_pylist(), dtype=np.int64)
-        kept = np.flatnonzero(np.asarray(refined.read_column("kept").to_pylist(), dtype=bool))
+        image_row = refined.read_column("image_row").to_numpy().astype(np.int64)
+        kept = np.flatnonzero(refined.read_column("kept").to_numpy(zero_copy_only=False))
         shard_of = np.searchsorted(self.images.starts, image_row[kept], side="right") - 1
         self.refined_rows = [kept[shard_of == k] for k in range(len(self.images.starts) - 1)]   # caption rows
         self.image_row = image_row

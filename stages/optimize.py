@@ -19,13 +19,14 @@ from pipeline import paths
 from pipeline.data.aligned import Column, aligned_shards
 from pipeline.data.executors import torch_threads
 from pipeline.data.shards import ShardedArtifact, feature_array, require_same_model, write_sharded
+from pipeline.methods import PAIRS
 from pipeline.methods.syntic import optimize_features
 from pipeline.stage import base_fingerprint, run, say, shard_summary, start, write_json
 
 
 def main(pairs: str = "original") -> None:
-    if pairs not in ("original", "refined"):
-        raise SystemExit(f"optimize: pairs must be original or refined, got {pairs!r}")
+    if pairs not in PAIRS:
+        raise SystemExit(f"optimize: pairs must be one of {', '.join(PAIRS)}, got {pairs!r}")
     stage = "optimize" if pairs == "original" else "optimize_refined"
     config = start(stage)
     o = config.optimize
@@ -40,8 +41,8 @@ def main(pairs: str = "original") -> None:
         require_same_model(synthetic_images=images, refined_pairs=refined)
         if refined.read_column("caption_id").to_pylist() != ids:
             raise ValueError(f"{paths.REFINED} holds other captions than {paths.TEXT_FEATURES}: rerun `dvc repro refine`")
-        image = image[np.asarray(refined.read_column("image_row").to_pylist(), dtype=np.int64)]   # re-paired
-        rows = np.flatnonzero(np.asarray(refined.read_column("kept").to_pylist(), dtype=bool))
+        image = image[refined.read_column("image_row").to_numpy().astype(np.int64)]   # re-paired
+        rows = np.flatnonzero(refined.read_column("kept").to_numpy(zero_copy_only=False))
         inputs.append(refined.fingerprint)
     with torch_threads(config.threads_per_task):  # a parameter: float sums depend on the thread count
         optimized, report = optimize_features(image[rows], text[rows], tau=o.tau, lr=o.lr, epochs=o.epochs,

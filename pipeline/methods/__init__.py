@@ -60,6 +60,8 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
+
+from pipeline.config import IMAGE_COLUMNS
 from typing import Callable
 
 REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", "variant")
@@ -72,7 +74,7 @@ REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", 
 # the vision tower's width, before that head (PCM-Net's encoder input), ``cls_attention`` the last layer's
 # CLS->patch attention and ``attention`` its whole map over the N_p + 1 tokens, CLS first (both averaged over
 # heads). The encode stages cache only what the enabled instances read (``image_columns``).
-IMAGE_FEATURES = ("global", "patches", "grid", "cls_attention", "attention")
+IMAGE_FEATURES = IMAGE_COLUMNS
 TRAIN_SOURCES = {
     "corpus": ("caption_id", "group_id", "text"),
     "text": ("text_feature",),                                   # CLIP text feature of the caption

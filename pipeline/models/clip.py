@@ -31,12 +31,12 @@ import open_clip
 import torch
 from PIL import Image
 
+from pipeline.config import IMAGE_COLUMNS
 from pipeline.models import CONFIG_DIR, missing_model_error, weights_sha256
 from pipeline.vectors import l2_normalize_torch
 
 open_clip.add_model_config(CONFIG_DIR)
 
-IMAGE_COLUMNS = ("global", "patches", "grid", "cls_attention", "attention")   # = pipeline.methods.IMAGE_FEATURES
 
 
 @dataclass
