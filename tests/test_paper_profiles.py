@@ -138,7 +138,7 @@ def artifacts_for(config: cfg.Config, shared: Path, scratch: Path) -> Path:
 
 @pytest.mark.parametrize("profile", PAPER_PROFILES)
 def test_every_instance_of_a_paper_profile_encodes_trains_and_captions_on_small_models(
-        profile, roberta, shared_data, tmp_path_factory, monkeypatch):
+        profile, roberta, shared_data, tmp_path_factory, tmp_path, monkeypatch):
     config, family = small_profile(profile, roberta)
     root = artifacts_for(config, shared_data, tmp_path_factory.getbasetemp() / "paper-profile-artifacts")
     for key, value in paths.layout(root).items():
@@ -148,12 +148,14 @@ def test_every_instance_of_a_paper_profile_encodes_trains_and_captions_on_small_
     assert ShardedArtifact(paths.eval_features("tiny")).columns == ["image_id", *config.encode.eval_columns]
     eval_ids = ShardedArtifact(paths.evalset("tiny")).read_column("image_id").to_pylist()
     if any(getattr(i.train, "pairs", "original") == "refined" for i in config.methods.values()):
-        # the refine stage's code on these features; its sentence model (no small one here) stands in as CLIP's
-        # text features, the world's choice
+        # the refine stage's code on these features, its sentence-transformers model swapped for a small one
         from stages import refine as stage
+        from test_refine import tiny_sentence_model
         from test_runner import REAL_ROWS_PER_SHARD
+        assert config.refine.text_similarity.startswith("sentence-transformers/"), config.refine.text_similarity
+        small = str(tiny_sentence_model(tmp_path))
         refine_config = dataclasses.replace(config, rows_per_shard=REAL_ROWS_PER_SHARD,
-                                            refine=dataclasses.replace(config.refine, text_similarity="clip"))
+                                            refine=dataclasses.replace(config.refine, text_similarity=small))
         monkeypatch.setattr(stage, "start", lambda name: refine_config)
         monkeypatch.setattr(stage, "pair_audits", lambda *_: None)   # the checker's audit needs the world's scenes
         stage.main()

@@ -397,3 +397,50 @@ def test_optimize_refined_runs_eq_2_over_the_kept_re_paired_rows_only(artifacts_
     np.testing.assert_allclose(got[kept], direct, atol=1e-6)               # Eq. 2 on the kept re-paired pairs
     np.testing.assert_allclose(got[~kept], pool[image_row][~kept], atol=1e-6)   # the others as they are
     assert not paths.OPTIMIZED.exists()                                    # the original optimize untouched
+
+
+def tiny_sentence_model(folder):
+    """A small sentence-transformers model saved as the hub's are (a BERT encoder + mean pooling, the shape of
+    SynC's paraphrase-multilingual-MiniLM-L12-v2), built from a config with seeded weights and a WordPiece
+    vocabulary of single characters."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list(".,'-0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters)]
+    files = folder / "files"
+    files.mkdir(parents=True)
+    (files / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    encoder = folder / "encoder"
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(encoder)
+    BertTokenizerFast(vocab_file=str(files / "vocab.txt"), do_lower_case=True).save_pretrained(encoder)
+    word = Transformer(str(encoder), max_seq_length=96)
+    out = folder / "sentence-model"
+    SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), "mean")]).save(str(out))
+    return out
+
+
+def test_a_sentence_transformers_model_loads_from_a_folder_and_embeds_as_its_mean_pooled_encoder(tmp_path):
+    """pipeline/models/sentence.py against a direct computation: the masked mean of the encoder's last hidden
+    states, L2-normalised; its identity is the hash of its weights."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    from pipeline.models.sentence import sentence_encoder_for
+    folder = tiny_sentence_model(tmp_path)
+    encode, identity = sentence_encoder_for(str(folder), batch_size=2)
+    texts = ["a red ball left of a box.", "two green discs", "x"]
+    got = encode(texts)
+    tokenizer, model = AutoTokenizer.from_pretrained(tmp_path / "encoder"), AutoModel.from_pretrained(tmp_path / "encoder")
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert got.shape == (3, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert identity["library"] == "sentence-transformers" and len(identity["weights_sha256"]) == 64
+    with pytest.raises(RuntimeError, match="could not load the sentence-transformers model .*missing"):
+        sentence_encoder_for(str(tmp_path / "missing"))

@@ -2,9 +2,10 @@
 
 ``sentence_encoder_for(name)`` loads a sentence-transformers model id or local folder like every other
 loader (HF_HUB_OFFLINE=1 and local paths work) and returns texts -> L2-normalised embeddings [n, E]
-with its identity. The package is optional: only a profile whose `refine.text_similarity` names such a
-model needs it (`pip install sentence-transformers`); the offline and world profiles use CLIP's text
-features instead.
+with its identity. Only a profile whose `refine.text_similarity` names such a model uses it (the paper
+profiles); the offline and world profiles use CLIP's text features instead. The package is in the locks and
+imported here only, on first use (it is slow to import); an environment built without it gets an error that
+names the fix.
 """
 from __future__ import annotations
 
