@@ -24,6 +24,7 @@ import pytest
 from pipeline import config as cfg
 from pipeline import paths, runner
 from pipeline.data.shards import ShardedArtifact
+from pipeline.methods import get
 from pipeline.models import CONFIG_DIR
 from pipeline.profiles import PROFILES, merge, resolve_profile
 
@@ -159,6 +160,14 @@ def test_every_instance_of_a_paper_profile_encodes_trains_and_captions_on_small_
         monkeypatch.setattr(stage, "start", lambda name: refine_config)
         monkeypatch.setattr(stage, "pair_audits", lambda *_: None)   # the checker's audit needs the world's scenes
         stage.main()
+    widths = []         # every training batch's tokens are cut after its longest caption (nn.tokenizer.to_longest)
+    for module in {get(i.method) for i in config.methods.values()}:
+        def spy(*args, real=module.batch, **kwargs):
+            out = real(*args, **kwargs)
+            if "tokens" in out:
+                widths.append((out["tokens"].shape[1], int(out["lengths"].max())))
+            return out
+        monkeypatch.setattr(module, "batch", spy)
     for name, instance in config.methods.items():
         # instances that share their training share one model (kept by the runner on the second call)
         trained = f"{instance.method}-{hashlib.sha256(repr(cfg.as_dict(instance.train)).encode()).hexdigest()[:12]}"
@@ -167,5 +176,6 @@ def test_every_instance_of_a_paper_profile_encodes_trains_and_captions_on_small_
         captions = runner.caption(trained, instance, "tiny", "cpu", progress=False)
         assert sorted(captions) == sorted(eval_ids), name
         assert all(isinstance(c, str) for c in captions.values()), name
+    assert all(width == longest for width, longest in widths), widths
     if profile == "paper-capdec-coco":      # RN50x4: the ResNet CLIP ran, and was asked for the global feature only
         assert family == "resnet" and config.encode.synthetic_columns == config.encode.eval_columns == ["global"]

@@ -404,7 +404,9 @@ def test_batch_holds_projected_features_tag_features_and_tokens(contract_data):
     np.testing.assert_array_equal(batch["tag_feats"].numpy(), tag_feats)
     assert batch["tag_mask"].tolist() == tag_mask.tolist()
     tokens, lengths = model.tokenizer.encode([CAPTIONS[i] for i in idx], 12)
-    assert torch.equal(batch["tokens"], tokens) and torch.equal(batch["lengths"], lengths)
+    longest = int(lengths.max())                  # cut after the longest caption (nn.tokenizer.to_longest)
+    assert longest < 12 and (tokens[:, longest:] == model.tokenizer.pad_id).all()
+    assert torch.equal(batch["tokens"], tokens[:, :longest]) and torch.equal(batch["lengths"], lengths)
     assert model.loss(batch).isfinite()
     assert "tag_feats" not in syntic.batch(syntic.create(train_settings(af=False), facts), prepared, idx,
                                            train_settings(af=False), data, Step(0, 0, 0, 0))

