@@ -5,7 +5,8 @@
 
 Runs bench.encode (CLIP image and text paths), bench.support (Eq. 3), bench.refine (SynC's refined pairs at
 50k x 50k vs brute force, its memory as the pool grows), bench.scale (memory flat in
-corpus size, growth exponents), bench.train (training input, the projection cache) and bench.dvc (DVC's
+corpus size, growth exponents), bench.train (training input, the projection cache), bench.step (one training
+step: batches cut after their longest caption, the fused optimiser) and bench.dvc (DVC's
 overhead) in this order, the throwaway pipelines of scale and train shared (one temp folder, removed at
 the end). Prints one Markdown table (figure, this project, baseline, ratio, target, conditions) and writes
 ``{figure: {value, baseline, ratio, unit, conditions, target, holds}}`` to ``--out`` (and the run's date,
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from bench.common import REPO, machine, table
 
-BENCHMARKS = ("encode", "support", "refine", "scale", "train", "dvc")
+BENCHMARKS = ("encode", "support", "refine", "scale", "train", "step", "dvc")
 
 
 def main() -> None:
