@@ -22,6 +22,7 @@ from pipeline.data.shards import ShardedArtifact, describe_model
 from pipeline.evaluation.evaluate import evaluate_captions
 from pipeline.evaluation.metrics import caption_metrics
 from pipeline.evaluation.results import match, read_predictions
+from pipeline.stage import STAGE_TIMES, last_stage_times
 
 SHOWN = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore")
 
@@ -55,6 +56,14 @@ def status(args) -> int:
                   f"{scores}")
     report = paths.REPORT / "index.html"
     print(f"Report: {report.relative_to(paths.REPO) if report.is_file() else 'not written yet (dvc repro report)'}")
+    times = last_stage_times()
+    if times:
+        slowest = sorted(times.items(), key=lambda kv: -kv[1]["seconds"])[:6]
+        failed = sorted(name for name, t in times.items() if t["outcome"] != "ok")
+        print(f"Stage times (the last run of each of {len(times)} stages, artifacts/logs/{STAGE_TIMES}): "
+              f"{sum(t['seconds'] for t in times.values()) / 60:.1f} min in all; slowest "
+              + ", ".join(f"{name} {t['seconds']:.0f} s" for name, t in slowest)
+              + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 0
 
 

@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import sys
+import time
 import traceback
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +23,8 @@ from pipeline.data.provenance import code_version
 from pipeline.data.shards import fingerprint
 
 
+_imported = time.perf_counter()       # a stage script imports this module first: its time starts here
+STAGE_TIMES = "stage_times.jsonl"     # artifacts/logs/: one line per stage process (`synthcap status` sums them)
 _held_for_life = ExitStack()          # the stage locks this process holds until it exits
 atexit.register(_held_for_life.close)
 _running: list[str] = []              # this process's stage instance name, once ``start`` knows it
@@ -34,9 +37,12 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 
 def run(main, *args: str) -> None:
     """A stage script's entry point: ``main(*args)``; an input error ends the process with one line,
-    ``STAGE: what is wrong and how to fix it``, its traceback kept in ``artifacts/logs/STAGE.traceback``."""
+    ``STAGE: what is wrong and how to fix it``, its traceback kept in ``artifacts/logs/STAGE.traceback``.
+    Either way the process's time goes to ``artifacts/logs/stage_times.jsonl`` (:func:`log_time`)."""
+    outcome = "failed"
     try:
         main(*args)
+        outcome = "ok"
     except INPUT_ERRORS as err:
         name = _running[0] if _running else Path(sys.argv[0]).stem
         if os.environ.get("SYNTHCAP_TRACEBACK"):
@@ -49,6 +55,43 @@ def run(main, *args: str) -> None:
         except OSError:
             where = "SYNTHCAP_TRACEBACK=1 prints the traceback"
         sys.exit(f"{name}: {err}\n({type(err).__name__}; {where})")
+    finally:
+        log_time(_running[0] if _running else Path(sys.argv[0]).stem, time.perf_counter() - _imported, outcome)
+
+
+def log_time(name: str, seconds: float, outcome: str) -> None:
+    """One line, ``{"stage", "seconds", "outcome", "finished"}``, appended to artifacts/logs/stage_times.jsonl:
+    where a `dvc repro` spent its time (DVC keeps no stage durations). The seconds run from the stage
+    script's first import of this module (the interpreter's own start, ~0.05 s, is not in them). A log, not an
+    artifact: no stage reads it, and a failure to write it never fails the stage."""
+    line = json.dumps({"stage": name, "seconds": round(seconds, 2), "outcome": outcome,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    try:
+        log = paths.ARTIFACTS / "logs" / STAGE_TIMES
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:        # one short write: O_APPEND keeps lines whole
+            f.write(line + "\n")
+    except OSError:
+        pass
+
+
+def last_stage_times(log: Path | None = None) -> dict[str, dict]:
+    """The last logged run of each stage instance: {name: {"seconds", "outcome", "finished"}} ({} without a log;
+    a torn or foreign line is skipped)."""
+    log = log if log is not None else paths.ARTIFACTS / "logs" / STAGE_TIMES
+    last: dict[str, dict] = {}
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return last
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            last[str(entry["stage"])] = {"seconds": float(entry["seconds"]), "outcome": str(entry["outcome"]),
+                                         "finished": str(entry["finished"])}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return last
 
 
 def start(stage: str, *instance: str) -> cfg.Config:

@@ -1,4 +1,5 @@
 """What every stage does first (pipeline/stage.py): one process per stage instance."""
+import json
 import subprocess
 import sys
 import time
@@ -54,3 +55,31 @@ def test_status_names_a_damaged_metrics_file_and_goes_on(artifacts_root, capsys)
     out = capsys.readouterr().out
     assert f"{paths.metrics(first, evalset)} cannot be read" in out and f"`dvc repro -f evaluate@{first}-{evalset}`" in out
     assert "BLEU-4 0.250" in out                                                    # the next instance still shown
+
+
+def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_of_each(artifacts_root, capsys):
+    from pipeline import cli
+
+    def work(name):
+        stage.start("train", name)
+        time.sleep(0.2)
+
+    def bad(name):
+        stage.start("train", name)
+        raise ValueError("a wrong value, named")
+
+    stage.run(work, "syntic")
+    with pytest.raises(SystemExit, match="train@pcmnet: a wrong value, named"):
+        stage.run(bad, "pcmnet")
+    stage._imported = time.perf_counter()              # the second run of syntic starts its clock here
+    stage.run(work, "syntic")
+    lines = (artifacts_root / "logs" / stage.STAGE_TIMES).read_text().splitlines()
+    assert [json.loads(line)["stage"] for line in lines] == ["train@syntic", "train@pcmnet", "train@syntic"]
+    (artifacts_root / "logs" / stage.STAGE_TIMES).write_text("\n".join(lines + ['{"stage": "torn'] ) + "\n")
+    last = stage.last_stage_times()
+    assert set(last) == {"train@syntic", "train@pcmnet"}                          # the torn line skipped
+    assert last["train@pcmnet"]["outcome"] == "failed" and last["train@syntic"]["outcome"] == "ok"
+    assert 0.2 <= last["train@syntic"]["seconds"] < 5                             # the last run's, not the sum
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "Stage times (the last run of each of 2 stages" in out and "failed: train@pcmnet" in out
