@@ -23,7 +23,7 @@ from pipeline.data.provenance import code_version
 from pipeline.data.shards import fingerprint
 
 
-_imported = time.perf_counter()       # a stage script imports this module first: its time starts here
+_imported = time.perf_counter()       # without /proc, a stage's time starts at its import of this module
 STAGE_TIMES = "stage_times.jsonl"     # artifacts/logs/: one line per stage process (`synthcap status` sums them)
 _held_for_life = ExitStack()          # the stage locks this process holds until it exits
 atexit.register(_held_for_life.close)
@@ -56,14 +56,29 @@ def run(main, *args: str) -> None:
             where = "SYNTHCAP_TRACEBACK=1 prints the traceback"
         sys.exit(f"{name}: {err}\n({type(err).__name__}; {where})")
     finally:
-        log_time(_running[0] if _running else Path(sys.argv[0]).stem, time.perf_counter() - _imported, outcome)
+        seconds = process_seconds()
+        log_time(_running[0] if _running else Path(sys.argv[0]).stem,
+                 seconds if seconds is not None else time.perf_counter() - _imported, outcome)
+
+
+def process_seconds() -> float | None:
+    """Wall seconds since this process started, interpreter and imports included (Linux: its start time in
+    /proc/self/stat against /proc/uptime, to 10 ms), or None where /proc is not there."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])        # field 22, starttime, in clock ticks
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def log_time(name: str, seconds: float, outcome: str) -> None:
     """One line, ``{"stage", "seconds", "outcome", "finished"}``, appended to artifacts/logs/stage_times.jsonl:
-    where a `dvc repro` spent its time (DVC keeps no stage durations). The seconds run from the stage
-    script's first import of this module (the interpreter's own start, ~0.05 s, is not in them). A log, not an
-    artifact: no stage reads it, and a failure to write it never fails the stage."""
+    where a `dvc repro` spent its time (DVC keeps no stage durations). The seconds are the process's
+    (:func:`process_seconds`; where /proc is missing, from the stage script's import of this module). A log,
+    not an artifact: no stage reads it, and a failure to write it never fails the stage."""
     line = json.dumps({"stage": name, "seconds": round(seconds, 2), "outcome": outcome,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     try:

@@ -57,7 +57,8 @@ def test_status_names_a_damaged_metrics_file_and_goes_on(artifacts_root, capsys)
     assert "BLEU-4 0.250" in out                                                    # the next instance still shown
 
 
-def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_of_each(artifacts_root, capsys):
+def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_of_each(artifacts_root, capsys,
+                                                                                       monkeypatch):
     from pipeline import cli
 
     def work(name):
@@ -68,10 +69,12 @@ def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_
         stage.start("train", name)
         raise ValueError("a wrong value, named")
 
+    age = stage.process_seconds()                    # this (pytest's) process: the first run logs its age
     stage.run(work, "syntic")
     with pytest.raises(SystemExit, match="train@pcmnet: a wrong value, named"):
         stage.run(bad, "pcmnet")
-    stage._imported = time.perf_counter()              # the second run of syntic starts its clock here
+    monkeypatch.setattr(stage, "process_seconds", lambda: None)    # without /proc: from the import of stage
+    monkeypatch.setattr(stage, "_imported", time.perf_counter())
     stage.run(work, "syntic")
     lines = (artifacts_root / "logs" / stage.STAGE_TIMES).read_text().splitlines()
     assert [json.loads(line)["stage"] for line in lines] == ["train@syntic", "train@pcmnet", "train@syntic"]
@@ -80,6 +83,7 @@ def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_
     assert set(last) == {"train@syntic", "train@pcmnet"}                          # the torn line skipped
     assert last["train@pcmnet"]["outcome"] == "failed" and last["train@syntic"]["outcome"] == "ok"
     assert 0.2 <= last["train@syntic"]["seconds"] < 5                             # the last run's, not the sum
+    assert age is not None and json.loads(lines[0])["seconds"] >= age + 0.2       # the first: the process's age
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
     assert "Stage times (the last run of each of 2 stages" in out and "failed: train@pcmnet" in out
