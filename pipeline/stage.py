@@ -28,6 +28,7 @@ STAGE_TIMES = "stage_times.jsonl"     # artifacts/logs/: one line per stage proc
 _held_for_life = ExitStack()          # the stage locks this process holds until it exits
 atexit.register(_held_for_life.close)
 _running: list[str] = []              # this process's stage instance name, once ``start`` knows it
+_started = False                      # True once ``start`` has validated params.yaml and holds the stage's lock
 
 # What bad input raises (a missing or damaged file, a wrong value, features of another model): its
 # message names the item and the fix, so a stage prints that one line; anything else is a bug and keeps
@@ -38,7 +39,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 def run(main, *args: str) -> None:
     """A stage script's entry point: ``main(*args)``; an input error ends the process with one line,
     ``STAGE: what is wrong and how to fix it``, its traceback kept in ``artifacts/logs/STAGE.traceback``.
-    Either way the process's time goes to ``artifacts/logs/stage_times.jsonl`` (:func:`log_time`)."""
+    Either way, once ``start`` has let the stage begin, the process's time goes to
+    ``artifacts/logs/stage_times.jsonl`` (:func:`log_time`)."""
     outcome = "failed"
     try:
         main(*args)
@@ -56,9 +58,9 @@ def run(main, *args: str) -> None:
             where = "SYNTHCAP_TRACEBACK=1 prints the traceback"
         sys.exit(f"{name}: {err}\n({type(err).__name__}; {where})")
     finally:
-        seconds = process_seconds()
-        log_time(_running[0] if _running else Path(sys.argv[0]).stem,
-                 seconds if seconds is not None else time.perf_counter() - _imported, outcome)
+        if _started:            # a stage stopped by a bad key or another's lock did no work, and writes nothing
+            seconds = process_seconds()
+            log_time(_running[0], seconds if seconds is not None else time.perf_counter() - _imported, outcome)
 
 
 def process_seconds() -> float | None:
@@ -122,6 +124,8 @@ def start(stage: str, *instance: str) -> cfg.Config:
     except cfg.ConfigError as err:
         sys.exit(f"{name}: {err}")
     hold_stage_lock(name)
+    global _started
+    _started = True
     return config
 
 

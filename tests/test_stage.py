@@ -69,6 +69,14 @@ def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_
         stage.start("train", name)
         raise ValueError("a wrong value, named")
 
+    def early():
+        raise ValueError("params.yaml is fine, but this stage stops before start()")
+
+    monkeypatch.setattr(stage, "_started", False)
+    monkeypatch.setattr(stage, "_running", [])
+    with pytest.raises(SystemExit, match="stops before start"):
+        stage.run(early)
+    assert not (artifacts_root / "logs" / stage.STAGE_TIMES).exists()             # it did no work: no time
     age = stage.process_seconds()                    # this (pytest's) process: the first run logs its age
     stage.run(work, "syntic")
     with pytest.raises(SystemExit, match="train@pcmnet: a wrong value, named"):
