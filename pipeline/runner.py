@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from pipeline.environment import library_versions
 from pipeline import config as cfg
 from pipeline import methods, paths
-from pipeline.data.aligned import Column, RowGather, aligned_shards, check_dim, read_single_table, shard_order
+from pipeline.data.aligned import (Column, RowGather, aligned_shards, check_dim, read_refined_pairs, read_single_table,
+                                   shard_order)
 from pipeline.data.provenance import code_version
 from pipeline.data.shards import ModelMismatchError, ShardedArtifact, feature_numpy, fingerprint, require_same_model
 from pipeline.data.vocabularies import TagVocabulary, read_concepts
@@ -164,11 +165,10 @@ class Inputs:
         if self.captions.num_rows != refined.num_rows:
             raise ValueError(f"{refined.folder} holds {refined.num_rows} captions, the corpus side "
                              f"{self.captions.num_rows}: rerun `dvc repro refine`")
-        image_row = refined.read_column("image_row").to_numpy().astype(np.int64)
-        kept = np.flatnonzero(refined.read_column("kept").to_numpy(zero_copy_only=False))
-        shard_of = np.searchsorted(self.images.starts, image_row[kept], side="right") - 1
+        self.image_row, kept = read_refined_pairs(refined)
+        kept = np.flatnonzero(kept)
+        shard_of = np.searchsorted(self.images.starts, self.image_row[kept], side="right") - 1
         self.refined_rows = [kept[shard_of == k] for k in range(len(self.images.starts) - 1)]   # caption rows
-        self.image_row = image_row
 
     def shard_rows(self) -> list[int]:
         if self.refined is not None:

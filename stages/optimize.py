@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.data.aligned import Column, aligned_shards
+from pipeline.data.aligned import Column, aligned_shards, read_refined_pairs
 from pipeline.data.executors import torch_threads
 from pipeline.data.shards import ShardedArtifact, feature_array, require_same_model, write_sharded
 from pipeline.methods import PAIRS
@@ -39,10 +39,8 @@ def main(pairs: str = "original") -> None:
     if pairs == "refined":
         refined = ShardedArtifact(paths.REFINED)
         require_same_model(synthetic_images=images, refined_pairs=refined)
-        if refined.read_column("caption_id").to_pylist() != ids:
-            raise ValueError(f"{paths.REFINED} holds other captions than {paths.TEXT_FEATURES}: rerun `dvc repro refine`")
-        image = image[refined.read_column("image_row").to_numpy().astype(np.int64)]   # re-paired
-        rows = np.flatnonzero(refined.read_column("kept").to_numpy(zero_copy_only=False))
+        image_row, kept = read_refined_pairs(refined, ids)
+        image, rows = image[image_row], np.flatnonzero(kept)                          # re-paired, kept
         inputs.append(refined.fingerprint)
     with torch_threads(config.threads_per_task):  # a parameter: float sums depend on the thread count
         optimized, report = optimize_features(image[rows], text[rows], tau=o.tau, lr=o.lr, epochs=o.epochs,

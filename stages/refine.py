@@ -9,13 +9,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import paths
-from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model, write_sharded
+from pipeline.data.shards import ShardedArtifact, require_same_model, write_sharded
 from pipeline.refine import refine_pairs, score_summary
 from pipeline.stage import base_fingerprint, run, say, shard_summary, start, write_json
-
-
-def read_features(artifact: ShardedArtifact, column: str) -> np.ndarray:
-    return np.concatenate([feature_numpy(b.column(0)) for b in artifact.iter_batches([column])])
 
 
 def pair_audits(image_row: np.ndarray, kept: np.ndarray) -> dict | None:
@@ -44,7 +40,7 @@ def main() -> None:
     if images.read_column("caption_id").to_pylist() != ids:
         raise ValueError(f"{paths.SYNTHETIC_FEATURES} and {paths.TEXT_FEATURES} hold other captions: rerun the pipeline")
     began = time.perf_counter()
-    text, image = read_features(texts, "text_feature"), read_features(images, "global")
+    text, image = texts.read_features("text_feature"), images.read_features("global")
     if r.text_similarity == "clip":       # the world and offline profiles: CLIP's text features, cached
         sentence, sentence_model = text, model
     else:                                 # SynC's sentence embedding (pipeline/models/sentence.py)

@@ -40,7 +40,7 @@ def corpus_support() -> None:
     s = config.support
     texts, images = ShardedArtifact(paths.TEXT_FEATURES), ShardedArtifact(paths.SYNTHETIC_FEATURES)
     model = require_same_model(corpus_texts=texts, synthetic_images=images)
-    features = np.concatenate([feature_numpy(b.column(0)) for b in texts.iter_batches(["text_feature"])])
+    features = texts.read_features("text_feature")
     support = SupportSet.build(features, index=s.index, nprobe=s.nprobe, tau=s.tau, top_k=s.top_k, model=model)
     out = paths.support("corpus")
     support.save(out)

@@ -71,6 +71,16 @@ def check_dim(features: np.ndarray, expected: int, what: str) -> None:
                          f"(were they made by another CLIP model?)")
 
 
+def read_refined_pairs(refined, caption_ids: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SynC's refined pairs (the refine stage's artifact, one row per corpus caption, in corpus order): each
+    caption's re-paired synthetic image row (int64 [N]) and whether the filter keeps it (bool [N]). With
+    ``caption_ids``, the artifact must hold exactly those captions, in that order."""
+    if caption_ids is not None and refined.read_column("caption_id").to_pylist() != list(caption_ids):
+        raise ValueError(f"{refined.folder} holds other captions than the corpus side: rerun `dvc repro refine`")
+    return (refined.read_column("image_row").to_numpy().astype(np.int64),
+            refined.read_column("kept").to_numpy(zero_copy_only=False).astype(bool))
+
+
 class RowGather:
     """Rows of per-caption artifacts (sharded like the corpus) by row number, in the order asked: e.g. the
     features of the synthetic images SynC re-paired a shard's captions with (pipeline/refine.py). Each call

@@ -460,6 +460,11 @@ class ShardedArtifact:
                 raise self._parse_error(index, err) from err
             del data, batches
 
+    def read_features(self, name: str, dtype=np.float32) -> np.ndarray:
+        """One whole feature column as numpy [n, d], read batch by batch (for a step that needs every row at
+        once: a search index, a cycle score, a score over the eval set)."""
+        return np.concatenate([feature_numpy(b.column(0), dtype) for b in self.iter_batches([name])])
+
     def read_column(self, name: str) -> pa.ChunkedArray:
         """One whole column (for small ones: ids, texts). Features should be streamed instead."""
         return pa.chunked_array([self.read_shard(k, [name]).column(name).combine_chunks()

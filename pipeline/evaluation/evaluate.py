@@ -10,7 +10,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.data.aligned import check_dim
-from pipeline.data.shards import ShardedArtifact, feature_numpy, require_same_model
+from pipeline.data.shards import ShardedArtifact, require_same_model
 from pipeline.evaluation.metrics import caption_metrics, clip_score, ref_clip_score, start_meteor
 from pipeline.stage import read_json
 
@@ -40,7 +40,7 @@ def evaluate_captions(predictions: dict[str, str], evalset: str, config: Config)
     references = dict(zip(all_ids, images.read_column("references").to_pylist()))
     references = {i: references[i] for i in ids}
 
-    image_features = np.concatenate([feature_numpy(b.column(0)) for b in features.iter_batches(["global"])])[keep]
+    image_features = features.read_features("global")[keep]
     check_dim(image_features, clip.dim, f"eval image features of {evalset}")
     caption_features = clip.encode_texts([CLIPSCORE_PROMPT + predictions[i] for i in ids])
     flat = clip.encode_texts([CLIPSCORE_PROMPT + r for i in ids for r in references[i]])   # one batched pass
