@@ -60,9 +60,9 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Callable, Literal
 
-from pipeline.config import IMAGE_COLUMNS
-from typing import Callable
+from pipeline.config import IMAGE_COLUMNS, opt
 
 REQUIRED = ("Train", "Caption", "needs", "facts", "create", "batch", "caption", "variant")
 
@@ -87,6 +87,18 @@ TRAIN_SOURCES = {
 # is then SynTIC's Eq. 2 over the refined pairs (stage optimize_refined). Text-side sources are the caption's own.
 PAIRED_SOURCES = ("synthetic", "synthetic_tags")
 PAIRS = ("original", "refined")
+Pairs = Literal[PAIRS]
+
+
+def pairs_option():
+    """The ``train.pairs`` setting of a method that reads synthetic images (SynTIC, PCM-Net, CMSA)."""
+    return opt("original", "training pairs: original (each caption with its own synthetic image) | refined "
+                           "(SynC: stage refine's pairs)")
+
+
+def pairs_mark(pairs: str) -> str:
+    """What a variant name adds for an instance trained on SynC's refined pairs."""
+    return "+SynC" if pairs == "refined" else ""
 CAPTION_SOURCES = {
     "image": ("image_id", *IMAGE_FEATURES),                      # the real image: its id, CLIP features
     "image_tags": ("labels", "scores", "boxes"),                 # detector tags of the real image

@@ -118,7 +118,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import ModelRef, at_least, divides, dropout_rate, non_negative, opt, positive
-from pipeline.methods import Data, Needs, Phase, Step
+from pipeline.methods import Data, Needs, Pairs, Phase, Step, pairs_mark, pairs_option
 from pipeline.models import weights_sha256
 from pipeline.nn import decoding, schedules
 from pipeline.nn.fusion import AuxiliaryFusion
@@ -559,8 +559,7 @@ class Train:
     optim: Optim = opt(Optim(name="adam", lr=1e-4, warmup_steps=1000, grad_clip=1.0), "stage 1's optimiser")
     rl_optim: Optim = opt(Optim(name="adam", lr=1e-5, grad_clip=1.0), "stage 2's optimiser (the generator's)")
     seed: int = opt(0, "seed of the weights, the data order, dropout and the sampled captions")
-    pairs: Literal["original", "refined"] = opt("original", "training pairs: original (each caption with its own "
-                                                            "synthetic image) | refined (SynC: stage refine's pairs)")
+    pairs: Pairs = pairs_option()
 
     def __post_init__(self):
         if not (self.image_feature or self.entity_features):
@@ -705,4 +704,4 @@ def variant(train: Train, caption: Caption | None) -> str:
     rl = train.rl_epochs > 0
     on = [("I-F", train.image_feature), ("T-F", train.entity_features),
           ("C-R", rl and uses_clip_reward(train)), ("B-R", rl and uses_fluency_reward(train))]
-    return "+".join(name for name, flag in on if flag) + ("+SynC" if train.pairs == "refined" else "")
+    return "+".join(name for name, flag in on if flag) + pairs_mark(train.pairs)

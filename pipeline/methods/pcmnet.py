@@ -68,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import at_least, divides, dropout_rate, non_negative, opt, positive
-from pipeline.methods import Data, Needs, Step
+from pipeline.methods import Data, Needs, Pairs, Step, pairs_mark, pairs_option
 from pipeline.nn import decoding
 from pipeline.nn.schedules import Optim
 from pipeline.nn.tokenizer import CaptionTokenizer, WordTokenizer, to_longest
@@ -466,8 +466,7 @@ class Train:
                              grad_clip_value=0.1), "Adam with the Noam schedule (lr is Noam's factor); released "
                                                "betas, eps and gradient value clipping")
     seed: int = opt(0, "seed of the weights, the data order, dropout and noise")
-    pairs: Literal["original", "refined"] = opt("original", "training pairs: original (each caption with its own "
-                                                            "synthetic image) | refined (SynC: stage refine's pairs)")
+    pairs: Pairs = pairs_option()
 
     def __post_init__(self):
         divides("heads", "hidden")(self)
@@ -542,4 +541,4 @@ def caption(model: PCMNet, rows: dict, idx: np.ndarray, train: Train, caption: C
 def variant(train: Train, caption: Caption | None) -> str:
     """The Table 3 row: Base, Base+Mix-up, Base+CXE or Base+Mix-up+CXE."""
     row = "+".join(["Base"] + [label for flag, label in (("mixup", "Mix-up"), ("cxe", "CXE")) if getattr(train, flag)])
-    return row + ("+SynC" if train.pairs == "refined" else "")          # trained on SynC's refined pairs
+    return row + pairs_mark(train.pairs)

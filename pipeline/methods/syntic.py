@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.config import at_least, opt
-from pipeline.methods import Data, Needs, Step
+from pipeline.methods import Data, Needs, Pairs, Step, pairs_mark, pairs_option
 from pipeline.nn import decoding
 from pipeline.nn.fusion import AuxiliaryFusion
 from pipeline.nn.prefix_decoder import Decoder, DecoderConfig, PrefixDecoder, caption_loss
@@ -173,8 +173,7 @@ class Train:
     batch_size: int = opt(64, "captions per step", check=at_least(1))
     optim: Optim = opt(Optim(name="adamw", lr=1e-4, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0))
     seed: int = opt(0, "seed of the weights, the data order and dropout")
-    pairs: Literal["original", "refined"] = opt("original", "training pairs: original (each caption with its own "
-                                                            "synthetic image) | refined (SynC: stage refine's pairs)")
+    pairs: Pairs = pairs_option()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,4 +272,4 @@ def variant(train: Train, caption: Caption | None) -> str:
     """The Table 4 row: Baseline, or the switches that are on; "-TT" with a target-domain support set."""
     on = [flag.upper() for flag in ("fo", "fp", "af") if getattr(train, flag)]
     tt = "-TT" if caption is not None and train.fp and caption.support != "corpus" else ""
-    return ("+".join(on) if on else "Baseline") + ("+SynC" if train.pairs == "refined" else "") + tt
+    return ("+".join(on) if on else "Baseline") + pairs_mark(train.pairs) + tt
