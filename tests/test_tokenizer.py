@@ -88,3 +88,23 @@ def test_corpus_vocabulary_round_trips_and_refuses_unknown_tokens():
     # a decoder rebuilt from the saved vocabulary (a checkpoint's facts) has the same ids
     again = CaptionTokenizer(small.vocabulary)
     assert again.vocabulary == small.vocabulary and torch.equal(again.encode(texts, 12)[0], ids)
+
+
+def test_a_caption_encoded_again_is_read_from_the_memo_and_cut_to_each_max_len():
+    """CaptionTokenizer.text_ids keeps each text's ids (a training encodes every caption every epoch);
+    the memo holds the whole caption, so a later shorter max_len still cuts it and keeps the end token,
+    and an unknown token still raises on every call."""
+    texts = ["a very long caption " * 6, "two cats sleep on a red sofa"]
+    tok, fresh = CaptionTokenizer(), CaptionTokenizer()
+    first = tok.encode(texts, max_len=40)
+    assert set(tok._ids) == set(texts)
+    tok.bpe = None                                 # a second encode must not run the BPE again
+    for max_len in (40, 6, 2):
+        ids, lengths = tok.encode(texts, max_len)
+        want_ids, want_lengths = fresh.encode(texts, max_len)
+        assert torch.equal(ids, want_ids) and torch.equal(lengths, want_lengths), max_len
+    assert torch.equal(first[0], fresh.encode(texts, 40)[0])
+    small = CaptionTokenizer.for_corpus("corpus", texts)
+    for _ in range(2):
+        with pytest.raises(KeyError, match="'horse'"):
+            small.encode(["a horse"], max_len=8)
