@@ -6,9 +6,9 @@
 Runs bench.encode (CLIP image and text paths), bench.support (Eq. 3), bench.refine (SynC's refined pairs at
 50k x 50k vs brute force, its memory as the pool grows), bench.scale (memory flat in
 corpus size, growth exponents), bench.train (training input, the projection cache), bench.step (one training
-step: batches cut after their longest caption, the fused optimiser) and bench.dvc (DVC's
-overhead) in this order, the throwaway pipelines of scale and train shared (one temp folder, removed at
-the end). Prints one Markdown table (figure, this project, baseline, ratio, target, conditions) and writes
+step: batches cut after their longest caption, the fused optimiser), bench.decode (greedy, beam and
+sampling over the prefix decoder's KV cache vs the full re-run) and bench.dvc (DVC's overhead) in this
+order, the throwaway pipelines of scale and train shared (one temp folder, removed at the end). Prints one Markdown table (figure, this project, baseline, ratio, target, conditions) and writes
 ``{figure: {value, baseline, ratio, unit, conditions, target, holds}}`` to ``--out`` (and the run's date,
 machine and wall time beside it, ``run.json``). Baselines are
 measured in the same run; the figures are timings of this machine at this moment (other work running on
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.common import REPO, machine, table
 
-BENCHMARKS = ("encode", "support", "refine", "scale", "train", "step", "dvc")
+BENCHMARKS = ("encode", "support", "refine", "scale", "train", "step", "decode", "dvc")
 
 
 def main() -> None:

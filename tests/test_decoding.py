@@ -1,5 +1,6 @@
 """Decoding (pipeline/nn/decoding.py) of a decoder trained from scratch: greedy, beam search (beam 1 =
-greedy, length-normalised scores), sampling with its log-probs, the max_len bound. Decoding a pretrained
+greedy, length-normalised scores), sampling with its log-probs, the max_len bound; the incremental path
+(PrefixDecoder.start/step, a KV cache) against the full re-run (decoding.FullRerun). Decoding a pretrained
 causal LM from a prefix (generate_from_prefix) is tested in tests/test_language_model.py."""
 import pytest
 import torch
@@ -153,3 +154,119 @@ def test_sample_draws_from_the_model_and_returns_its_log_probs(trained):
     cold, _ = decoding.sample(model, noisy, SOT, EOT, 16, generator=torch.Generator().manual_seed(1),
                               temperature=1e-4)
     assert decoding.ids_of(cold, EOT) == greedy(model, noisy, 16)
+
+
+# ---- the incremental path (PrefixDecoder.start/step, a KV cache) against the full re-run --------------------
+class CountingDecoder(PrefixDecoder):
+    """A PrefixDecoder that counts its forward and step calls and the rows of each step: the test of which
+    path decoding took, and that beam search shrank the cache."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.forwards, self.step_rows = 0, []
+
+    def forward(self, prefix, tokens):
+        self.forwards += 1
+        return super().forward(prefix, tokens)
+
+    def step(self, tokens, cache):
+        self.step_rows.append(tokens.shape[0])
+        return super().step(tokens, cache)
+
+    def reset(self):
+        self.forwards, self.step_rows = 0, []
+
+
+def counting(model):
+    copy = CountingDecoder(model.cfg)
+    copy.load_state_dict(model.state_dict())
+    return copy.train(model.training)
+
+
+def random_decoder(seed=0, eot_lift=0.0):
+    """A small random decoder (a CountingDecoder), its weights drawn wider than the init (peakier distributions),
+    the logit of <end_of_text> lifted by ``eot_lift`` through the final LayerNorm's bias (captions end sooner)."""
+    model = counting(tiny(seed=seed))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+        e = model.tok_emb.weight[EOT]
+        model.ln_f.bias.add_(eot_lift * e / e.norm() ** 2)
+    return model.eval()
+
+
+def cached_and_full(model, fn):
+    """fn(decoder) by the cached path (model) and the full re-run (FullRerun(model)), checking which ran."""
+    model.reset()
+    cached = fn(model)
+    assert model.forwards == 0 and model.step_rows, "decoding did not take the incremental path"
+    steps = list(model.step_rows)
+    model.reset()
+    full = fn(decoding.FullRerun(model))
+    assert model.step_rows == [] and model.forwards > 0, "FullRerun did not take the full re-run"
+    return cached, full, steps
+
+
+def test_cached_greedy_and_beam_give_the_full_reruns_ids(trained):
+    torch.manual_seed(0)
+    random_prefix = torch.randn(16, 2, 32)
+    trained_model, trained_prefix = counting(trained[0]), trained[1]
+    noisy = torch.cat([trained_prefix + s * torch.randn_like(trained_prefix) for s in (0.0, 0.8, 1.5, 3.0)])
+    shrank = ended = 0
+    for model, prefix in ((random_decoder(0), random_prefix), (random_decoder(1, eot_lift=2.0), random_prefix),
+                          (trained_model, noisy)):
+        cached, full, _ = cached_and_full(model, lambda m: greedy(m, prefix, max_len=16))
+        assert cached == full
+        ended += sum(len(r) < 15 for r in cached)
+        for k in (1, 3):
+            for norm in (True, False):
+                cached, full, rows = cached_and_full(model, lambda m: beam(m, prefix, k, 16, length_normalize=norm))
+                assert cached == full, (k, norm)
+                # the cache follows the beam: one row (sot), then k, then fewer as beams finish
+                shrank += k == 3 and any(0 < b < a for a, b in zip(rows, rows[1:]))
+    assert shrank and ended                      # finished beams left the cache; greedy rows ended with eot
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_cached_sample_gives_the_full_reruns_draws_log_probs_and_gradients(mode):
+    """Same generator seed: the same tokens, log-probs to 1e-5, and d(sum of weighted log-probs)/d(parameters)
+    to 1e-5. Train mode with dropout 0 is CMSA's sampling without its dropout (with dropout the two paths
+    differ by design: the module docstring of pipeline/nn/decoding.py)."""
+    model = getattr(random_decoder(0, eot_lift=1.0), mode)()
+    prefix = torch.randn(12, 2, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    weights = torch.randn(12, 15, generator=torch.Generator().manual_seed(4))        # an advantage per token
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        prefix.grad = None
+        tokens, logps = decoding.sample(m, prefix, SOT, EOT, 16, generator=torch.Generator().manual_seed(7))
+        (logps * weights[:, :logps.shape[1]]).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        return tokens, logps.detach(), grads, prefix.grad.clone()
+
+    (tokens, logps, grads, dprefix), (tokens_f, logps_f, grads_f, dprefix_f), _ = cached_and_full(model, run)
+    lengths = [len(r) for r in decoding.ids_of(tokens, EOT)]
+    assert len(set(lengths)) > 3 and min(lengths) < 15                   # varied lengths, some ended with eot
+    assert torch.equal(tokens, tokens_f)
+    torch.testing.assert_close(logps, logps_f, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_f.keys()
+    for name in grads:
+        assert grads[name].abs().max() > 0, name                          # every parameter gets a gradient
+        torch.testing.assert_close(grads[name], grads_f[name], atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(dprefix, dprefix_f, atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoder_without_step_is_re_run():
+    """The full re-run stays the path of a decoder with forward only (PCM-Net's SentenceDecoder): every step
+    runs the whole sequence so far."""
+    model = random_decoder()
+    prefix = torch.randn(3, 2, 32)
+    model.reset()
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[1].shape[1]))
+    try:
+        out = greedy(decoding.FullRerun(model), prefix, max_len=6)
+    finally:
+        handle.remove()
+    assert seen == [1, 2, 3, 4, 5][:len(seen)] and len(seen) >= 1 and model.step_rows == []
+    assert out == greedy(model, prefix, max_len=6)

@@ -1,5 +1,6 @@
-"""Prefix decoder (pipeline/nn/prefix_decoder.py): the forward convention and the Eq. 6 loss. The
-tokenizer is tested in tests/test_tokenizer.py, decoding in tests/test_decoding.py."""
+"""Prefix decoder (pipeline/nn/prefix_decoder.py): the forward convention, the incremental path (start/step
+over a KV cache) against forward, and the Eq. 6 loss. The tokenizer is tested in tests/test_tokenizer.py,
+decoding in tests/test_decoding.py."""
 import pytest
 import torch
 
@@ -37,6 +38,39 @@ def test_output_layer_is_tied_and_shapes_are_checked():
         model(torch.randn(1, 3, 32), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="17 tokens > config max_len 16"):
         model(torch.randn(1, 2, 32), torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])          # train mode with dropout 0: the same numbers
+def test_step_gives_forwards_logits_one_or_several_tokens_at_a_time(mode):
+    model = getattr(tiny(), mode)()
+    prefix = torch.randn(3, 2, 32)
+    tokens = torch.randint(0, 49408, (3, 16))
+    full = model(prefix, tokens)
+    cache = model.start(prefix)
+    assert cache.length == 2 and len(cache.keys) == 2
+    assert cache.keys[0].shape == (3, 2, 2, 16)                       # [B, heads, S, width/heads]
+    for i in range(16):                                   # one token at a time: logits of position i
+        logits, cache = model.step(tokens[:, i:i + 1], cache)
+        torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
+    assert cache.length == 18
+    cache = model.start(prefix)     # several at a time: causal among the new ones too (the next chunk sees
+    for lo, hi in ((0, 5), (5, 6), (6, 16)):                       # their keys and values)
+        logits, cache = model.step(tokens[:, lo:hi], cache)
+        torch.testing.assert_close(logits, full[:, hi - 1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="17 tokens > config max_len 16"):
+        model.step(tokens[:, :1], cache)
+    with pytest.raises(ValueError, match="prefix length 3 != config prefix_len 2"):
+        model.start(torch.randn(1, 3, 32))
+
+
+def test_cache_rows_follow_the_batch_rows():
+    model = tiny().eval()
+    prefix, tokens = torch.randn(3, 2, 32), torch.randint(0, 49408, (3, 6))
+    _, cache = model.step(tokens[:, :5], model.start(prefix))
+    index = torch.tensor([2, 0, 0])
+    logits, moved = model.step(tokens[index, 5:6], cache.rows(index))
+    torch.testing.assert_close(logits, model(prefix[index], tokens[index])[:, -1], atol=1e-5, rtol=1e-5)
+    assert moved.length == 8 and all(k.shape[0] == 3 for k in moved.keys + moved.values)
 
 
 def test_caption_loss_matches_manual_eq6():

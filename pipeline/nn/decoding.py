@@ -6,9 +6,20 @@ Two kinds of decoder are decoded here:
   module with ``forward(memory, tokens) -> logits [B, T, V]`` where ``logits[:, i]`` is the
   distribution of ``tokens[:, i + 1]``; ``memory`` [B, ...] is what it is conditioned on (a prefix,
   an encoder output), or a ``Memory`` (an encoder output whose length varies per row, with its
-  key-padding mask), whose rows travel together through every search. Sequences start with ``sot`` and end with ``eot``; ``max_len`` bounds the
-  whole sequence including both, so at most ``max_len - 1`` tokens are generated. No KV cache:
-  captions are short and the decoders small, so each step re-runs the sequence.
+  key-padding mask), whose rows travel together through every search. Sequences start with ``sot``
+  and end with ``eot``; ``max_len`` bounds the whole sequence including both, so at most
+  ``max_len - 1`` tokens are generated.
+  Two paths, the same searches:
+  * incremental (a KV cache), for a model that also has ``start(memory) -> cache`` and
+    ``step(tokens [B, L], cache) -> (logits [B, V] of the last position, cache)``, the cache having
+    ``rows(index)`` (SynTIC's and CMSA's ``PrefixDecoder``): each step runs the newest token only;
+    beam search takes the cache rows of the beams' parents and drops those of finished beams.
+  * full re-run, for any other (PCM-Net's ``SentenceDecoder``, ``FullRerun``): each step runs
+    ``model(memory, seq)`` over the whole sequence and keeps its last position.
+  In eval mode both give the same ids, and ``sample`` the same draws and log-probs to float
+  rounding (tests/test_decoding.py). In train mode (CMSA's sampling, dropout on) they differ by
+  design: the full re-run redraws dropout on every earlier position at each step, the cache
+  applies it once per position, as a training forward does.
 - A pretrained causal LM (transformers): ``generate_from_prefix`` runs its own ``generate`` from
   prefix embeddings (greedy or beam search, no sampling).
 
@@ -39,14 +50,49 @@ def _batch_size_and_device(memory) -> tuple[int, torch.device]:
     return first.shape[0], first.device
 
 
+class FullRerun(torch.nn.Module):
+    """``model`` seen through its ``forward`` only, so that decoding takes the full re-run path: the
+    reference of the incremental one (tests/test_decoding.py, bench/decode.py)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, memory, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(memory, tokens)
+
+
+class _Next:
+    """The next-token logits of a growing sequence, by either path. ``next(seq)`` -> logits [B, V] of
+    seq's last position; seq must extend by one token the seq of the previous call (or be [sot]).
+    ``rows(index)`` follows a reordering of the sequences (beam search's parents, finished beams dropped)."""
+
+    def __init__(self, model, memory):
+        self.model, self.memory = model, memory
+        self.cache = model.start(memory) if hasattr(model, "step") else None
+
+    def next(self, seq: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.model(self.memory, seq)[:, -1]                 # full re-run
+        logits, self.cache = self.model.step(seq[:, -1:], self.cache)   # the newest token only
+        return logits
+
+    def rows(self, index: torch.Tensor) -> None:
+        if self.cache is None:
+            self.memory = _rows(self.memory, index)
+        else:
+            self.cache = self.cache.rows(index)
+
+
 @torch.no_grad()
 def greedy(model, memory: torch.Tensor, sot: int, eot: int, max_len: int) -> list[list[int]]:
     """Batched argmax decoding."""
     B, device = _batch_size_and_device(memory)
     seq = torch.full((B, 1), sot, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    run = _Next(model, memory)
     for _ in range(max_len - 1):
-        nxt = model(memory, seq)[:, -1].argmax(-1)
+        nxt = run.next(seq).argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         done |= nxt == eot
@@ -75,8 +121,9 @@ def beam(model, memory: torch.Tensor, sot: int, eot: int, max_len: int, beam_siz
         scores = torch.zeros(1, device=device)
         finished: list[tuple[float, list[int]]] = []
         width = beam_size
+        run = _Next(model, _rows(memory, torch.tensor([b], device=device)))   # example b, one row
         for step in range(1, max_len):
-            logits = model(_rows(memory, torch.full((seqs.shape[0],), b, device=device)), seqs)[:, -1]
+            logits = run.next(seqs)
             cand = (scores[:, None] + F.log_softmax(logits.float(), dim=-1)).view(-1)
             top_v, top_i = cand.topk(width)
             V = logits.shape[-1]
@@ -89,6 +136,7 @@ def beam(model, memory: torch.Tensor, sot: int, eot: int, max_len: int, beam_siz
             width = seqs.shape[0]
             if width == 0:
                 break
+            run.rows(parent[keep])                  # the live beams' memory rows or cache rows
         steps = seqs.shape[1] - 1
         for v, row in zip(scores.tolist(), seqs.tolist()):
             finished.append((v / steps if length_normalize else v, row[1:]))
@@ -102,13 +150,14 @@ def sample(model, memory: torch.Tensor, sot: int, eot: int, max_len: int,
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one caption per row from the model's distribution, keeping the graph (for policy
     gradients). -> tokens [B, T] (sot first, eot then padding with eot) and the log-prob of each
-    generated token [B, T-1] (0 after eot)."""
+    generated token [B, T-1] (0 after eot). The incremental path keeps the graph through its cache."""
     B, device = _batch_size_and_device(memory)
     seq = torch.full((B, 1), sot, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logps = []
+    run = _Next(model, memory)
     for _ in range(max_len - 1):
-        logp = F.log_softmax(model(memory, seq)[:, -1].float() / temperature, dim=-1)
+        logp = F.log_softmax(run.next(seq).float() / temperature, dim=-1)
         with torch.no_grad():
             nxt = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
         nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
