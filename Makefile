@@ -30,8 +30,12 @@ $(STAMP): $(LOCKED) pyproject.toml
 install: $(STAMP)
 
 # The stages run `python -m stages.NAME`: put the venv first on PATH so that python is this one.
+# `synthcap speed` times a fixed CPU workload before and after (pipeline/machine_speed.py): `synthcap status`
+# gives the stage times in units of it, since wall time on a shared machine drifts.
 demo: $(STAMP)
+	$(BIN)/synthcap speed --when before
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/synthcap speed --when after
 	@$(BIN)/synthcap status
 
 # Two pytest-xdist workers, one per core (TEST_WORKERS=0: one process). --dist loadgroup keeps each long

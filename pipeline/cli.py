@@ -22,6 +22,7 @@ from pipeline.data.shards import ShardedArtifact, describe_model
 from pipeline.evaluation.evaluate import evaluate_captions
 from pipeline.evaluation.metrics import caption_metrics
 from pipeline.evaluation.results import match, read_predictions
+from pipeline.machine_speed import MACHINE_SPEED, in_units, last_speeds, log_speed, reference_seconds
 from pipeline.stage import STAGE_TIMES, last_stage_times
 
 SHOWN = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIPScore", "RefCLIPScore")
@@ -64,6 +65,22 @@ def status(args) -> int:
               f"{sum(t['seconds'] for t in times.values()) / 60:.1f} min in all; slowest "
               + ", ".join(f"{name} {t['seconds']:.0f} s" for name, t in slowest)
               + (f"; failed: {', '.join(failed)}" if failed else ""))
+        speeds = last_speeds(paths.ARTIFACTS / "logs" / MACHINE_SPEED)
+        units = in_units(sum(t["seconds"] for t in times.values()), speeds)
+        if units is not None:
+            readings = ", ".join(f"{s['reference_seconds']:.2f} s {s['when']}" for s in speeds)
+            print(f"Machine speed (`synthcap speed`, artifacts/logs/{MACHINE_SPEED}): the reference workload took "
+                  f"{readings}; the stages took {units[1]:.0f} units of {units[0]:.2f} s (compare runs in units: "
+                  f"wall time drifts)")
+    return 0
+
+
+def speed(args) -> int:
+    """Time the reference workload (pipeline/machine_speed.py) now; log it beside the stage times."""
+    seconds = reference_seconds(steps=args.steps, repeats=args.repeats)
+    log_speed(paths.ARTIFACTS / "logs" / MACHINE_SPEED, seconds, args.when)
+    print(f"synthcap speed: the reference workload took {seconds:.2f} s ({args.when}; "
+          f"artifacts/logs/{MACHINE_SPEED})")
     return 0
 
 
@@ -207,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=caption)
     p = sub.add_parser("status", help="what is trained, on which models, with which metrics")
     p.set_defaults(run=status)
+    p = sub.add_parser("speed", help="time a fixed CPU workload now (make demo runs it before and after "
+                                     "dvc repro): status then gives the stage times in units of it")
+    p.add_argument("--when", default="now", help="a label of the reading, e.g. before | after")
+    p.add_argument("--steps", type=int, default=40, help="training steps per timing (default 40)")
+    p.add_argument("--repeats", type=int, default=3, help="timings, of which the median is kept (default 3)")
+    p.set_defaults(run=speed)
     p = sub.add_parser("score", help="score a result file with the same protocol as evaluate@")
     p.add_argument("results", help="COCO results [{image_id, caption}], Karpathy-style [{image_name, prediction}] "
                                    "or JSON Lines from `synthcap caption`")

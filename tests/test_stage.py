@@ -95,3 +95,31 @@ def test_every_stage_process_logs_its_time_and_outcome_and_status_sums_the_last_
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
     assert "Stage times (the last run of each of 2 stages" in out and "failed: train@pcmnet" in out
+
+
+def test_speed_logs_the_reference_workload_and_status_gives_the_stage_times_in_its_units(artifacts_root, capsys):
+    """`synthcap speed` (make demo: before and after dvc repro) times pipeline/machine_speed.py's fixed workload;
+    status divides the stages' total by the mean of the last two readings. A torn line is skipped."""
+    from pipeline import cli, machine_speed
+
+    assert machine_speed.reference_seconds(steps=1, repeats=1) > 0
+    with pytest.raises(ValueError, match="steps and repeats must be >= 1"):
+        machine_speed.reference_seconds(steps=0)
+    assert cli.main(["speed", "--when", "before", "--steps", "1", "--repeats", "1"]) == 0
+    log = artifacts_root / "logs" / machine_speed.MACHINE_SPEED
+    first = json.loads(log.read_text().splitlines()[0])
+    assert first["when"] == "before" and first["reference_seconds"] > 0
+    # a run's record, written by hand: 600 s of stages, readings 2.0 s and 3.0 s (after a torn line)
+    log.write_text("\n".join([json.dumps({"reference_seconds": 9.0, "when": "old run"}), '{"reference_se',
+                              json.dumps({"reference_seconds": 2.0, "when": "before"}),
+                              json.dumps({"reference_seconds": 3.0, "when": "after"})]) + "\n")
+    times = artifacts_root / "logs" / stage.STAGE_TIMES
+    times.write_text("\n".join(json.dumps({"stage": s, "seconds": t, "outcome": "ok", "finished": "now"})
+                               for s, t in (("world_clip@shapes", 400.0), ("train@syntic", 200.0))) + "\n")
+    assert [s["when"] for s in machine_speed.last_speeds(log)] == ["before", "after"]
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "took 2.00 s before, 3.00 s after; the stages took 240 units of 2.50 s" in out
+    log.unlink()
+    assert cli.main(["status"]) == 0
+    assert "Machine speed" not in capsys.readouterr().out                          # no reading: no units
