@@ -5,6 +5,7 @@
     synthcap status                                   what is trained, on which models, with which metrics
     synthcap score RESULTS --evalset NAME             anyone's captions scored exactly as evaluate@ scores ours
     synthcap score RESULTS --references FILE          the COCO metrics against a references file
+    synthcap speed [--when LABEL]                     time a fixed CPU workload now (make demo: before and after)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import captioning, methods, paths
+from pipeline import methods, paths
 from pipeline import config as cfg
 from pipeline.data.evalsets import read_references
 from pipeline.data.shards import ShardedArtifact, describe_model
@@ -134,6 +135,7 @@ def score(args) -> int:
 
 def caption(args) -> int:
     """Caption image files, folders or lists of paths with every trained method (or --method)."""
+    from pipeline import captioning     # open_clip and the models: seconds to import, for this command only
     config = cfg.load()
     names = args.method or list(config.methods)
     unknown = [n for n in names if n not in config.methods]
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("speed", help="time a fixed CPU workload now (make demo runs it before and after "
                                      "dvc repro): status then gives the stage times in units of it")
     p.add_argument("--when", default="now", help="a label of the reading, e.g. before | after")
-    p.add_argument("--steps", type=int, default=40, help="training steps per timing (default 40)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per timing (default 20)")
     p.add_argument("--repeats", type=int, default=3, help="timings, of which the median is kept (default 3)")
     p.set_defaults(run=speed)
     p = sub.add_parser("score", help="score a result file with the same protocol as evaluate@")

@@ -22,7 +22,7 @@ from pathlib import Path
 MACHINE_SPEED = "machine_speed.jsonl"   # artifacts/logs/: one line per `synthcap speed`
 
 
-def reference_seconds(steps: int = 40, repeats: int = 3) -> float:
+def reference_seconds(steps: int = 20, repeats: int = 3) -> float:
     """Seconds for ``steps`` training steps of the reference decoder (module docstring); the median of
     ``repeats`` timings."""
     import torch
