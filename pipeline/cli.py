@@ -69,10 +69,12 @@ def status(args) -> int:
         speeds = last_speeds(paths.ARTIFACTS / "logs" / MACHINE_SPEED)
         units = in_units(sum(t["seconds"] for t in times.values()), speeds)
         if units is not None:
-            readings = ", ".join(f"{s['reference_seconds']:.2f} s {s['when']}" for s in speeds)
+            readings = ", ".join(f"{s['reference_seconds']:.2f} s {s['when']}" + (f" ({s['finished'][11:16]})"
+                                                                                  if s["finished"] else "")
+                                 for s in speeds)
             print(f"Machine speed (`synthcap speed`, artifacts/logs/{MACHINE_SPEED}): the reference workload took "
-                  f"{readings}; the stages took {units[1]:.0f} units of {units[0]:.2f} s (compare runs in units: "
-                  f"wall time drifts)")
+                  f"{readings}; the stages took {units[1]:.0f} units of {units[0]:.2f} s (compare full runs in "
+                  f"units, wall time drifts; readings taken around another run than the stages' do not compare)")
     return 0
 
 

@@ -111,7 +111,8 @@ def test_speed_logs_the_reference_workload_and_status_gives_the_stage_times_in_i
     assert first["when"] == "before" and first["reference_seconds"] > 0
     # a run's record, written by hand: 600 s of stages, readings 2.0 s and 3.0 s (after a torn line)
     log.write_text("\n".join([json.dumps({"reference_seconds": 9.0, "when": "old run"}), '{"reference_se',
-                              json.dumps({"reference_seconds": 2.0, "when": "before"}),
+                              json.dumps({"reference_seconds": 2.0, "when": "before",
+                                          "finished": "2026-12-07T20:38:51+0000"}),
                               json.dumps({"reference_seconds": 3.0, "when": "after"})]) + "\n")
     times = artifacts_root / "logs" / stage.STAGE_TIMES
     times.write_text("\n".join(json.dumps({"stage": s, "seconds": t, "outcome": "ok", "finished": "now"})
@@ -119,7 +120,7 @@ def test_speed_logs_the_reference_workload_and_status_gives_the_stage_times_in_i
     assert [s["when"] for s in machine_speed.last_speeds(log)] == ["before", "after"]
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
-    assert "took 2.00 s before, 3.00 s after; the stages took 240 units of 2.50 s" in out
+    assert "took 2.00 s before (20:38), 3.00 s after; the stages took 240 units of 2.50 s" in out
     log.unlink()
     assert cli.main(["status"]) == 0
     assert "Machine speed" not in capsys.readouterr().out                          # no reading: no units
