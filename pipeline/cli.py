@@ -62,12 +62,13 @@ def status(args) -> int:
     if times:
         slowest = sorted(times.items(), key=lambda kv: -kv[1]["seconds"])[:6]
         failed = sorted(name for name, t in times.items() if t["outcome"] != "ok")
+        total = sum(t["seconds"] for t in times.values())
         print(f"Stage times (the last run of each of {len(times)} stages, artifacts/logs/{STAGE_TIMES}): "
-              f"{sum(t['seconds'] for t in times.values()) / 60:.1f} min in all; slowest "
+              f"{total / 60:.1f} min in all; slowest "
               + ", ".join(f"{name} {t['seconds']:.0f} s" for name, t in slowest)
               + (f"; failed: {', '.join(failed)}" if failed else ""))
         speeds = last_speeds(paths.ARTIFACTS / "logs" / MACHINE_SPEED)
-        units = in_units(sum(t["seconds"] for t in times.values()), speeds)
+        units = in_units(total, speeds)
         if units is not None:
             readings = ", ".join(f"{s['reference_seconds']:.2f} s {s['when']}" + (f" ({s['finished'][11:16]})"
                                                                                   if s["finished"] else "")

@@ -14,10 +14,11 @@ timings of ``steps`` steps, after one warm-up step.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
+
+from pipeline.stage import append_log, read_log
 
 MACHINE_SPEED = "machine_speed.jsonl"   # artifacts/logs/: one line per `synthcap speed`
 
@@ -61,27 +62,13 @@ def log_speed(log: Path, seconds: float, when: str) -> dict:
     """Append ``{"reference_seconds", "when", "finished"}`` to ``log`` (``when``: e.g. before | after)."""
     entry = {"reference_seconds": round(seconds, 3), "when": when,
              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_log(log, entry)
     return entry
 
 
 def last_speeds(log: Path, n: int = 2) -> list[dict]:
     """The last ``n`` readable entries of ``log`` (oldest first; [] without a log; torn lines skipped)."""
-    try:
-        lines = log.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            entries.append({"reference_seconds": float(entry["reference_seconds"]), "when": str(entry["when"]),
-                            "finished": str(entry.get("finished", ""))})
-        except (ValueError, KeyError, TypeError):
-            continue
-    return entries[-n:]
+    return read_log(log, {"reference_seconds": float, "when": str, "finished": str}, {"finished": ""})[-n:]
 
 
 def in_units(total_seconds: float, speeds: list[dict]) -> tuple[float, float] | None:

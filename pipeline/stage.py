@@ -76,18 +76,41 @@ def process_seconds() -> float | None:
         return None
 
 
+def append_log(log: Path, entry: dict) -> None:
+    """One JSON line appended to ``log`` (artifacts/logs/: the stage times, `synthcap speed`'s readings): one
+    short write, so O_APPEND keeps lines whole."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_log(log: Path, fields: dict, defaults: dict | None = None) -> list[dict]:
+    """Every line of ``log`` holding each of ``fields`` ({name: type}; a field of ``defaults`` may be missing),
+    converted; a torn or foreign line is skipped, and a missing or unreadable log gives []."""
+    defaults = defaults or {}
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            out.append({name: kind(entry[name] if name in entry else defaults[name]) for name, kind in fields.items()})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 def log_time(name: str, seconds: float, outcome: str) -> None:
     """One line, ``{"stage", "seconds", "outcome", "finished"}``, appended to artifacts/logs/stage_times.jsonl:
     where a `dvc repro` spent its time (DVC keeps no stage durations). The seconds are the process's
     (:func:`process_seconds`; where /proc is missing, from the stage script's import of this module). A log,
     not an artifact: no stage reads it, and a failure to write it never fails the stage."""
-    line = json.dumps({"stage": name, "seconds": round(seconds, 2), "outcome": outcome,
-                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     try:
-        log = paths.ARTIFACTS / "logs" / STAGE_TIMES
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a", encoding="utf-8") as f:        # one short write: O_APPEND keeps lines whole
-            f.write(line + "\n")
+        append_log(paths.ARTIFACTS / "logs" / STAGE_TIMES, {
+            "stage": name, "seconds": round(seconds, 2), "outcome": outcome,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError:
         pass
 
@@ -96,19 +119,8 @@ def last_stage_times(log: Path | None = None) -> dict[str, dict]:
     """The last logged run of each stage instance: {name: {"seconds", "outcome", "finished"}} ({} without a log;
     a torn or foreign line is skipped)."""
     log = log if log is not None else paths.ARTIFACTS / "logs" / STAGE_TIMES
-    last: dict[str, dict] = {}
-    try:
-        lines = log.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return last
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            last[str(entry["stage"])] = {"seconds": float(entry["seconds"]), "outcome": str(entry["outcome"]),
-                                         "finished": str(entry["finished"])}
-        except (ValueError, KeyError, TypeError):
-            continue
-    return last
+    fields = {"stage": str, "seconds": float, "outcome": str, "finished": str}
+    return {e.pop("stage"): e for e in read_log(log, fields)}
 
 
 def start(stage: str, *instance: str) -> cfg.Config:
