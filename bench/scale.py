@@ -9,10 +9,10 @@ repeated past ~100k), ``rows_per_shard`` 2,000, ``support.index: auto``, one epo
 training, an eval set of 50 Flickr8k photos. No diffusion model runs: the synthetic images' CLIP
 features (the text feature plus noise) and tags (random labels) are written as the stages write them;
 everything else (corpus, encode_text, tag_vocabulary, optimize, support, concepts, train@syntic,
-train@pcmnet, evalset, encode_eval, tag_eval, caption@syntic-bench) is the stage itself.
+train@pcmnet, evalset, encode_eval, tag_eval, evaluate@syntic-bench) is the stage itself.
 
 Memory: peak RSS at 1x and 10x the corpus (1k and 10k captions) for encode_text, support, train@syntic,
-train@pcmnet and caption@syntic-bench; the support set (features + FAISS index, held whole by design) is
+train@pcmnet and evaluate@syntic-bench; the support set (features + FAISS index, held whole by design) is
 subtracted from the stages that load it and reported beside. Growth: the CPU-side stages' time at 10k,
 50k and 100k captions, one training epoch's at 1k, 5k and 10k (training the tiny models costs 4-9 ms a
 row on one core: 100k rows would take the whole time budget), and the fitted exponent b of time ~ n^b.
@@ -36,8 +36,8 @@ from bench.common import FLICKR8K_CAPTIONS, PHOTOS, Figure, main, peak_rss_mib, 
 
 ROWS_PER_SHARD = 2000
 GROWTH = ("corpus", "encode_text", "support", "optimize", "train syntic")
-MEMORY = ("encode_text", "support", "train syntic", "train pcmnet", "caption syntic bench")
-HOLDS_SUPPORT = ("support", "train syntic", "caption syntic bench")
+MEMORY = ("encode_text", "support", "train syntic", "train pcmnet", "evaluate syntic bench")
+HOLDS_SUPPORT = ("support", "train syntic", "evaluate syntic bench")
 TRAINED = ("syntic", "pcmnet", "capdec", "maccap")      # the method instances the throwaway params keep
 
 
@@ -111,7 +111,7 @@ def write_synthetic(seed: int = 0) -> None:
 
 
 def stage_call(step: str):
-    """The function that runs ``step`` ("corpus", "train syntic", "caption syntic bench", ...)."""
+    """The function that runs ``step`` ("corpus", "train syntic", "evaluate syntic bench", ...)."""
     import importlib
     name, *args = step.split()
     if name == "synthetic":
@@ -156,7 +156,7 @@ def child(root: Path, steps: list[str]) -> None:
 
 CHEAP = ["corpus", "encode_text", "tag_vocabulary", "synthetic", "optimize", "support"]
 MID = CHEAP + ["train syntic", "concepts"]
-FULL = MID + ["train pcmnet", "evalset bench", "encode_eval bench", "tag_eval bench", "caption syntic bench"]
+FULL = MID + ["train pcmnet", "evalset bench", "encode_eval bench", "tag_eval bench", "evaluate syntic bench"]
 
 
 def measure(root: Path, n: int, steps: list[str], separate: bool, device: str) -> dict[str, dict]:

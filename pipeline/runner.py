@@ -753,6 +753,39 @@ def caption_shards(model, header: dict, c, inputs: Inputs, progress: bool = True
 def caption(name: str, instance: cfg.MethodInstance, evalset: str, device: str, progress: bool = True
             ) -> dict[str, str]:
     """Caption eval set ``evalset`` with the trained instance ``name``."""
+    model, header, inputs = _open_captioning(name, instance, evalset, device)
+    return caption_shards(model, header, instance.caption, inputs, progress)
+
+
+def caption_into(out: Path, name: str, instance: cfg.MethodInstance, evalset: str, device: str,
+                 progress: bool = True) -> tuple[dict[str, str], bool]:
+    """Caption eval set ``evalset`` with instance ``name`` into the JSON file ``out`` (image_id -> caption),
+    or keep ``out``'s captions when their fingerprint (the model's bytes, the inputs' content, the caption
+    settings, the captioning code) is unchanged and the file still matches the sha256 recorded beside it
+    (``paths.fingerprint_record``): evaluate@ reruns when only the scoring changes, and then captions
+    nothing. -> (captions, kept)."""
+    out = Path(out)
+    model, header, inputs = _open_captioning(name, instance, evalset, device)
+    fp = fingerprint(_sha256(paths.model(name) / MODEL_FILE), cfg.as_dict(instance.caption), inputs.fingerprint(),
+                     code_version("pipeline.runner", methods.get(instance.method).__name__), device)
+    record = paths.fingerprint_record(out)
+    try:
+        manifest = json.loads(record.read_text())
+        if manifest["fingerprint"] == fp and manifest["files"] == {out.name: _sha256(out)}:
+            return json.loads(out.read_text(encoding="utf-8")), True
+    except (OSError, ValueError, KeyError):
+        pass
+    captions = caption_shards(model, header, instance.caption, inputs, progress)
+    record.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out, captions)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(record, {"fingerprint": fp, "files": {out.name: _sha256(out)}})
+    return captions, False
+
+
+def _open_captioning(name: str, instance: cfg.MethodInstance, evalset: str, device: str):
+    """(model, its checkpoint header, the eval set's inputs) for captioning ``evalset`` with ``name``."""
     model, header = load_checkpoint(paths.model(name) / MODEL_FILE, device)
     if header["method"] != instance.method:
         raise ValueError(f"{paths.model(name)} holds a {header['method']} model but params.yaml says "
@@ -763,4 +796,4 @@ def caption(name: str, instance: cfg.MethodInstance, evalset: str, device: str, 
         require_same_model(trained_on=header["clip_model"], **{f"eval_features_{evalset}": inputs.data.clip})
     except ModelMismatchError as err:
         raise ModelMismatchError(f"{err}: the model {name} cannot caption these features") from None
-    return caption_shards(model, header, instance.caption, inputs, progress)
+    return model, header, inputs

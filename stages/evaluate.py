@@ -1,15 +1,31 @@
-"""Stage evaluate@NAME-EVALSET: COCO caption metrics (pycocoevalcap) and CLIPScore / RefCLIPScore of
-instance NAME's captions of EVALSET, with the number of images evaluated and skipped."""
+"""Stage evaluate@NAME-EVALSET: caption eval set EVALSET's images with the trained instance NAME, then score
+the captions: COCO caption metrics (pycocoevalcap), CLIPScore / RefCLIPScore and, on a world's eval set, the
+exact metrics, with the number of images evaluated and skipped.
+
+One process for both: METEOR's Java process (about 5 s to load its paraphrase table) and the imports (about
+4 s) are paid once, while the captions are made. The captions keep their own fingerprint
+(runner.caption_into): a rerun caused by the scoring alone (params ``evaluate``, the metrics' code)
+captions nothing."""
 import sys
 
-from pipeline import paths
+from pipeline import paths, runner
 from pipeline.evaluation.evaluate import evaluate_captions
-from pipeline.stage import read_json, run, say, start, write_json
+from pipeline.evaluation.metrics import start_meteor
+from pipeline.stage import run, say, start, write_json
 
 
 def main(name: str, evalset: str) -> None:
     config = start("evaluate", name, evalset)
-    metrics, details = evaluate_captions(read_json(paths.captions(name, evalset)), evalset, config)
+    for key, known, wanted in (("methods", config.methods, name), ("evalsets", config.evalsets, evalset)):
+        if wanted not in known:
+            raise SystemExit(f"evaluate: params.yaml `{key}` has no {wanted!r} (known: {', '.join(known)})")
+    if config.evaluate.meteor:
+        start_meteor()              # its Java process loads while the images are captioned
+    captions, kept = runner.caption_into(paths.captions(name, evalset), name, config.methods[name], evalset,
+                                         config.device)
+    say(f"evaluate@{name}-{evalset}: {len(captions)} captions "
+        f"{'kept (model, inputs, settings and code unchanged)' if kept else 'made'} -> {paths.captions(name, evalset)}")
+    metrics, details = evaluate_captions(captions, evalset, config)
     write_json(paths.metrics(name, evalset), metrics)
     write_json(paths.evaluation(name, evalset), details)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))

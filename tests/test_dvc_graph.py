@@ -46,7 +46,7 @@ def stage_key(name: str, cmd: str) -> tuple[str, str | None]:
     """(STAGE_PARAMS key, the stage's foreach/matrix name) from the DVC stage name and command."""
     base = name.split("@")[0]
     args = shlex.split(cmd)[3:]
-    instance = args[0] if base in ("train", "caption", "evaluate", "modality_gap") else None
+    instance = args[0] if base in ("train", "evaluate", "modality_gap") else None
     return base, instance if instance is not None else (name.split("@")[1] if "@" in name else None)
 
 
@@ -68,7 +68,7 @@ def test_every_stage_depends_on_the_code_its_fingerprint_hashes(stages, offline)
         module = shlex.split(cmd)[2]
         modules = [module]
         base, key = stage_key(name, cmd)
-        if base in ("train", "caption", "modality_gap"):
+        if base in ("train", "evaluate", "modality_gap"):
             modules.append(f"pipeline.methods.{offline.methods[key].method}")
         needed = {f for f in code_files(*modules) if (REPO / f).read_text().strip() or not f.endswith("__init__.py")}
         missing = sorted(f for f in needed if not covers(declared, f))

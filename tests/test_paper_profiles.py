@@ -1,7 +1,7 @@
 """Every paper profile runs end to end: each of its method instances is encoded for (only the image columns
 the profile's instances read, ``encode.synthetic_columns`` / ``encode.eval_columns``), trained and made to
 caption, through the code the stages run (``encode_image_table`` and ``patch_grid`` as stages/encode.py
-calls them, ``runner.train`` and ``runner.caption`` as stages/train.py and stages/caption.py do), on small
+calls them, ``runner.train`` and ``runner.caption`` as stages/train.py and stages/evaluate.py do), on small
 models of the architecture family each profile names: a ViT or a ResNet CLIP, an OPT- or GPT-2-shaped
 language model, a RoBERTa classifier. A profile that cannot run (a CLIP family the encoder cannot read, a
 column no stage caches, a language model family the loader cannot build) fails here, not on a GPU.

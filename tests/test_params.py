@@ -227,8 +227,7 @@ def test_paper_profile_dry_run_plans_every_stage(tmp_path, profile):
     data_plane |= {f"target_support@{t}" for t in p.target_supports}
     assert data_plane <= set(planned)
     assert {s for s in planned if s.startswith("train@")} == {f"train@{m}" for m in p.methods}
-    for stage in ("caption", "evaluate"):
-        assert {s for s in planned if s.startswith(stage + "@")} == {f"{stage}@{m}-{e}" for m in p.methods
-                                                                    for e in p.evalsets}
+    assert {s for s in planned if s.startswith("evaluate@")} == {f"evaluate@{m}-{e}" for m in p.methods
+                                                               for e in p.evalsets}
     assert {s for s in planned if s.startswith("modality_gap@")} == {f"modality_gap@{m}" for m in p.modality_gap.models}
     assert planned[-1] == "report"

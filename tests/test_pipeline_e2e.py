@@ -173,7 +173,7 @@ def status(root: Path) -> set[str]:
 
 
 def method_stages(method: str) -> set[str]:
-    return {f"caption@{method}-{EVALSET}", f"evaluate@{method}-{EVALSET}"}
+    return {f"evaluate@{method}-{EVALSET}"}
 
 
 def test_killed_generate_stage_resumes_and_matches_an_uninterrupted_run(fresh):
@@ -355,7 +355,7 @@ def test_shared_artifacts_pulled_into_a_fresh_checkout_need_no_stage_to_run(work
     params["methods"]["syntic"]["train"]["epochs"] = 2
     write_params(features, params)
     ran, _ = repro(features, "--allow-missing", f"evaluate@syntic-{EVALSET}")
-    assert ran == ["train@syntic", f"caption@syntic-{EVALSET}", f"evaluate@syntic-{EVALSET}"]
+    assert ran == ["train@syntic", f"evaluate@syntic-{EVALSET}"]
     assert not (features / "artifacts/synthetic").exists()
 
 
@@ -388,9 +388,28 @@ def test_a_decoding_change_reruns_captioning_and_evaluation_but_never_training(w
     params = read_params(workdir)
     params["methods"]["syntic"]["caption"]["beam_size"] = 1
     write_params(workdir, params)
-    assert status(workdir) == {f"caption@syntic-{EVALSET}", "report"}
-    ran, _ = repro(workdir)
-    assert set(ran) <= method_stages("syntic") | {"report"} and f"caption@syntic-{EVALSET}" in ran
+    assert status(workdir) == {f"evaluate@syntic-{EVALSET}", "report"}
+    ran, out = repro(workdir)
+    assert set(ran) <= method_stages("syntic") | {"report"} and f"evaluate@syntic-{EVALSET}" in ran
+    assert "6 captions made" in out
+
+
+def test_a_scoring_change_rescores_the_kept_captions_and_damaged_captions_are_made_again(workdir):
+    captions = workdir / f"artifacts/methods/syntic/captions/{EVALSET}.json"
+    metrics = workdir / f"artifacts/methods/syntic/metrics/{EVALSET}.json"
+    made, before = captions.read_bytes(), json.loads(metrics.read_text())
+    params = read_params(workdir)
+    params["evaluate"]["clipscore_w"] = 1.25                 # half the default 2.5: CLIPScore halves
+    write_params(workdir, params)
+    ran, out = repro(workdir, f"evaluate@syntic-{EVALSET}")
+    assert ran == [f"evaluate@syntic-{EVALSET}"] and "6 captions kept" in out, out
+    after = json.loads(metrics.read_text())
+    assert after["CLIPScore"] == pytest.approx(before["CLIPScore"] / 2, abs=1e-6) and after["CIDEr"] == before["CIDEr"]
+    assert captions.read_bytes() == made
+    captions.write_text(json.dumps(dict.fromkeys(json.loads(made), "a caption nobody made")))
+    ran, out = repro(workdir, f"evaluate@syntic-{EVALSET}")
+    assert ran == [f"evaluate@syntic-{EVALSET}"] and "6 captions made" in out, out
+    assert captions.read_bytes() == made
 
 
 @pytest.mark.parametrize("method, key", [("syntic", "lr"), ("pcmnet", "lr")])
@@ -400,7 +419,7 @@ def test_changing_one_training_parameter_reruns_only_that_methods_stages(workdir
     write_params(workdir, params)
     assert status(workdir) == {f"train@{method}", "report"}
     ran, _ = repro(workdir)
-    assert {f"train@{method}", f"caption@{method}-{EVALSET}", "report"} <= set(ran)
+    assert {f"train@{method}", f"evaluate@{method}-{EVALSET}", "report"} <= set(ran)
     assert set(ran) <= {f"train@{method}"} | method_stages(method) | {"report"}
 
 
@@ -452,7 +471,7 @@ def test_experiments_and_revisions_compare_metrics_without_retraining(workdir):
                          cwd=workdir, capture_output=True, text=True, env=env())
     assert out.returncode == 0, out.stderr
     ran = re.findall(r"Running stage '([^']+)'", out.stdout)
-    assert f"caption@pcmnet-{EVALSET}" in ran and not [s for s in ran if s.startswith("train@")]
+    assert f"evaluate@pcmnet-{EVALSET}" in ran and not [s for s in ran if s.startswith("train@")]
 
     rows = dvc_json(workdir, "exp", "show")
     metric_file = f"artifacts/methods/pcmnet/metrics/{EVALSET}.json"
@@ -487,7 +506,7 @@ def test_editing_one_eval_reference_reruns_that_eval_sets_stages_and_trains_noth
     # (rerunning all eight evaluations would prove no more: each is the same stage on other captions)
     stale = status(workdir)
     assert {f"evaluate@{m}-{EVALSET}" for m in METHODS} <= stale
-    assert not [s for s in stale if s.startswith(("train@", "caption@", "generate", "encode_text", "encode_synthetic"))], stale
+    assert not [s for s in stale if s.startswith(("train@", "generate", "encode_text", "encode_synthetic"))], stale
     ran, _ = repro(workdir, f"evaluate@syntic-{EVALSET}")     # the eval set's encode and tag stages read it too
     assert set(ran) == {f"encode_eval@{EVALSET}", f"tag_eval@{EVALSET}", f"evaluate@syntic-{EVALSET}"}
 
@@ -510,7 +529,7 @@ def test_the_toy_method_of_the_adding_a_method_guide_trains_captions_and_evaluat
     params["methods"]["toy"] = {"method": "toy", "train": {"hidden": 32, "epochs": 2}, "caption": {}}
     (workdir / "params.yaml").write_text(render(params, "flickr8k"))      # validated by the stages' own copy
     ran, _ = repro(workdir, f"evaluate@toy-{EVALSET}")
-    assert ran == ["train@toy", f"caption@toy-{EVALSET}", f"evaluate@toy-{EVALSET}"]
+    assert ran == ["train@toy", f"evaluate@toy-{EVALSET}"]
     report = json.loads((workdir / "artifacts/methods/toy/model/train_report.json").read_text())
     assert report["variant"] == "GRU 32" and report["epoch_loss"][1] < report["epoch_loss"][0]
     captions = json.loads((workdir / f"artifacts/methods/toy/captions/{EVALSET}.json").read_text())

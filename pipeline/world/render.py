@@ -106,7 +106,6 @@ def _photo(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     image = np.asarray(Image.fromarray(np.clip(background, 0, 255).astype(np.uint8)).resize(
         (big, big), Image.Resampling.BILINEAR), np.float64)
     # objects: jittered colour, lit from the upper left; each blended within its own box only
-    yy, xx = np.mgrid[0:big, 0:big].astype(np.float32)
     for o in scene.objects:
         mask_image = Image.new("L", (big, big), 0)
         _draw_shape(ImageDraw.Draw(mask_image), o, big, 255)
@@ -117,7 +116,9 @@ def _photo(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
         rows, cols = slice(box[1], box[3]), slice(box[0], box[2])
         mask = np.asarray(mask_image.crop(box), np.float32)[..., None] / 255
         r = RADIUS[o.size] * big
-        dist = np.hypot(xx[rows, cols] - (o.x * big - 0.4 * r), yy[rows, cols] - (o.y * big - 0.4 * r)) / (2 * r)
+        xx = np.arange(box[0], box[2], dtype=np.float32)[None, :]       # pixel coordinates within the box
+        yy = np.arange(box[1], box[3], dtype=np.float32)[:, None]
+        dist = np.hypot(xx - (o.x * big - 0.4 * r), yy - (o.y * big - 0.4 * r)) / (2 * r)
         shade = np.clip(1.15 - 0.45 * dist, 0.6, 1.15)[..., None]
         image[rows, cols] = image[rows, cols] * (1 - mask) + np.clip(colour * shade, 0, 255) * mask
     picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
