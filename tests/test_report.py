@@ -436,3 +436,47 @@ def test_write_report_refuses_papers_beside_a_world(tmp_path):
     paper = {"method": "m", "eval_set": "e", "paper": "p", "source": "s", "not_comparable": None, "metrics": []}
     with pytest.raises(ValueError, match="no papers' numbers"):
         write_report(tmp_path / "r.html", "t", [], [], papers=[paper], world={"rows": []})
+
+
+# --- training seeds ------------------------------------------------------------------------------
+
+def test_seed_groups_gather_the_instances_that_differ_only_in_their_seed():
+    from pipeline import config as cfg
+    from pipeline.evaluation.report import seed_groups
+    from pipeline.profiles import resolve_profile
+    seeds = cfg.from_dict(resolve_profile("world-seeds"))
+    groups = seed_groups(seeds)
+    assert groups["syntic"] == ["syntic", "syntic-seed1", "syntic-seed2"]
+    assert groups["syntic-refined"] == ["syntic-refined", "syntic-refined-seed1", "syntic-refined-seed2"]
+    assert len(groups) == 10 and all(len(v) == 3 for v in groups.values())
+    assert seed_groups(cfg.from_dict(resolve_profile("world"))) == {}    # other settings never group
+
+
+def test_seed_rows_show_each_metrics_mean_and_range_and_the_best_mean_against_the_bar(tmp_path):
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+    from pipeline.evaluation.report import seed_comparison
+
+    @dataclass
+    class Train:
+        fo: bool
+        seed: int
+
+    instance = lambda seed, fo=True: SimpleNamespace(method="m", train=Train(fo, seed), caption=None)
+    config = SimpleNamespace(methods={"a": instance(0), "a1": instance(1), "a2": instance(2), "b": instance(0, False)},
+                             evalsets={"shapes": None})
+    f1 = {"a": 0.59, "a1": 0.62, "a2": 0.61, "b": 0.9}
+    rows = [{"method": n, "eval_set": "shapes", "object_f1": v, "CIDEr": 2 * v} for n, v in f1.items()]
+    seeds = seed_comparison(config, rows)
+    assert seeds == {"rows": [{"methods": ["a", "a1", "a2"], "seeds": [0, 1, 2], "eval_set": "shapes",
+                               "object_f1": [0.59, 0.62, 0.61], "CIDEr": [1.18, 1.24, 1.22]}]}
+    write_report(tmp_path / "index.html", "t", rows, [], seeds=seeds)
+    page = (tmp_path / "index.html").read_text()
+    section = page[page.index("<h2>Training seeds</h2>"):]
+    cells = re.findall(r"<td>(.*?)</td>", section)
+    assert cells[:7] == ["a, a1, a2", "0, 1, 2", "shapes", "0.607", "0.590–0.620", "121.3", "118.0–124.0"]
+    assert "Best mean object F1: a over 3 seeds, 0.607 (bar: at least 0.6, met)" in section
+    rows[1]["object_f1"] = None                  # a member without the metric: the metric is left out
+    assert "object_f1" not in seed_comparison(config, rows)["rows"][0]
+    write_report(tmp_path / "none.html", "t", rows, [])
+    assert "Training seeds" not in (tmp_path / "none.html").read_text()

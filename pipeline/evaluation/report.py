@@ -95,6 +95,7 @@ def write_report(
     images: Sequence[tuple[str, bytes]] = (),
     world: Mapping | None = None,
     refined: Mapping | None = None,
+    seeds: Mapping | None = None,
 ) -> None:
     """Write one self-contained HTML page with a metrics table, the papers' numbers, figures, a
     gallery and notes (and, for a world run, the world's gallery, exact metrics and models first).
@@ -121,6 +122,10 @@ def write_report(
     (original, refined), ["object_f1": (original, refined)]}], ["report": the refine stage's report]}``: each
     instance trained on the refined pairs beside the instance trained on the original ones, see
     :func:`_refined_section`.
+
+    ``seeds`` (instances that differ only in ``train.seed``): ``{"rows": [{"methods": [name, ...], "seeds":
+    [seed, ...], "eval_set", ["object_f1": [value per seed]], ["CIDEr": [value per seed]]}]}``, see
+    :func:`_seeds_section`.
     """
     if world is not None and papers:
         raise ValueError("a world run's report shows no papers' numbers: its numbers are not comparable with them")
@@ -128,7 +133,7 @@ def write_report(
         _check_keys(row, ("method", "eval_set"), f"metrics_table[{index}]")
     for index, item in enumerate(gallery):
         _check_keys(item, ("image_id", "image", "predictions", "references"), f"gallery[{index}]")
-    page = _page(title, metrics_table, gallery, list(notes), papers, images, world, refined)
+    page = _page(title, metrics_table, gallery, list(notes), papers, images, world, refined, seeds)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -142,10 +147,12 @@ def _check_keys(entry: Mapping, required: Sequence[str], where: str) -> None:
 
 def _page(title: str, metrics_table: Sequence[Mapping], gallery: Sequence[Mapping],
           notes: list[str], papers: Sequence[Mapping] = (), images: Sequence[tuple[str, bytes]] = (),
-          world: Mapping | None = None, refined: Mapping | None = None) -> str:
+          world: Mapping | None = None, refined: Mapping | None = None, seeds: Mapping | None = None) -> str:
     sections = [f"<h1>{_text(title)}</h1>"]
     if world is not None:
         sections += _world_sections(world)
+    if seeds and seeds.get("rows"):
+        sections.append(_seeds_section(seeds))
     if refined:
         sections.append(_refined_section(refined))
     sections.append(_metrics_section(metrics_table, "Caption metrics" if world is not None else "Metrics"))
@@ -779,6 +786,73 @@ def refined_comparison(config, rows: Sequence[Mapping]) -> dict | None:
     return {"rows": out, "report": _optional_json(paths.REFINE_REPORT)}
 
 
+# --- training seeds -------------------------------------------------------------------------------
+
+def _seeds_section(seeds: Mapping) -> str:
+    """One row per group of instances that differ only in their training seed: each metric's mean and range
+    over the seeds, so that a difference between two methods can be read against the spread of one."""
+    rows = seeds["rows"]
+    has_f1 = any(r.get("object_f1") for r in rows)
+    head = ("<tr><th>Instances</th><th>Seeds</th><th>Eval set</th>"
+            + ("<th>Object F1 mean</th><th>Object F1 min–max</th>" if has_f1 else "")
+            + "<th>CIDEr mean</th><th>CIDEr min–max</th></tr>")
+    body, best = [], None
+    for r in rows:
+        cells = [_text(", ".join(r["methods"])), _text(", ".join(str(s) for s in r["seeds"])), _text(r["eval_set"])]
+        for metric, show in ((("object_f1", _fraction),) if has_f1 else ()) + (("CIDEr", _cider),):
+            values = r.get(metric) or []
+            if values:
+                mean = sum(values) / len(values)
+                cells += [show(mean), f"{show(min(values))}–{show(max(values))}"]
+                if metric == "object_f1" and (best is None or mean > best[1]):
+                    best = (r["methods"][0], mean, len(values))
+            else:
+                cells += [MISSING, MISSING]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    summary = "" if best is None else (
+        f'<p class="scale">Best mean object F1: {_text(best[0])} over {best[2]} seeds, {best[1]:.3f} '
+        f"(bar: at least {BEST_F1_BAR:g}, {'met' if best[1] >= BEST_F1_BAR else 'missed'}).</p>")
+    return ("<h2>Training seeds</h2>\n<p class=\"legend\">Instances whose settings differ only in "
+            "<code>train.seed</code> (e.g. profiles/world-seeds.yaml), with each metric's mean and range over "
+            "the seeds: one seed's row is one draw.</p>\n"
+            f'<table class="metrics"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>\n{summary}')
+
+
+def seed_groups(config) -> dict[str, list[str]]:
+    """Instances whose method, settings and caption settings are the same but for ``train.seed``, by the first
+    of each group in params order; only groups of two or more."""
+    from pipeline import config as cfg
+    first_of: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for name, instance in config.methods.items():
+        train = cfg.as_dict(instance.train)
+        if not isinstance(train, dict) or "seed" not in train:
+            continue
+        train.pop("seed")
+        key = json.dumps([instance.method, train, cfg.as_dict(instance.caption)], sort_keys=True, default=str)
+        groups.setdefault(first_of.setdefault(key, name), []).append(name)
+    return {first: names for first, names in groups.items() if len(names) > 1}
+
+
+def seed_comparison(config, rows: Sequence[Mapping]) -> dict | None:
+    """``write_report``'s ``seeds``: each group of :func:`seed_groups` on each eval set, its members' object F1 and
+    CIDEr (a metric left out when a member lacks it)."""
+    groups = seed_groups(config)
+    if not groups:
+        return None
+    by = {(r["method"], r["eval_set"]): r for r in rows}
+    out = []
+    for names in groups.values():
+        for evalset in config.evalsets:
+            row = {"methods": names, "seeds": [config.methods[n].train.seed for n in names], "eval_set": evalset}
+            for metric in ("object_f1", "CIDEr"):
+                values = [_number(by.get((n, evalset), {}).get(metric)) for n in names]
+                if all(v is not None for v in values):
+                    row[metric] = values
+            out.append(row)
+    return {"rows": out}
+
+
 # --- notes --------------------------------------------------------------------------------------
 
 def _notes_section(notes: list[str]) -> str:
@@ -892,7 +966,7 @@ def build_report(config, out: Path) -> tuple[int, int]:
         world = {"gallery": world_gallery, "rows": world_rows, "controls": world_controls,
                  "models": [_world_models(config, name) for name in config.worlds]}
     write_report(out, f"SynthCap report ({config.profile})", rows, gallery, notes, papers_rows, figures, world,
-                 refined_comparison(config, rows))
+                 refined_comparison(config, rows), seed_comparison(config, rows))
     return len(rows), len(gallery) + len(world_gallery)
 
 
