@@ -74,7 +74,8 @@ def make_project(root: Path, n: int, device: str = "cpu") -> Path:
 
 def write_synthetic(seed: int = 0) -> None:
     """What generate + encode_synthetic + tag_synthetic would write, without a diffusion model: per caption,
-    its text feature plus noise as the global feature, random patch tokens, and random tags."""
+    its text feature plus noise as the global feature, random patch tokens and raw grid cells (PCM-Net's
+    encoder reads the grid; here D wide), and random tags."""
     import pyarrow as pa
 
     from pipeline import paths
@@ -93,7 +94,8 @@ def write_synthetic(seed: int = 0) -> None:
         g = t + 0.5 * rng.standard_normal(t.shape).astype(np.float32) / math.sqrt(dim)
         g /= np.linalg.norm(g, axis=1, keepdims=True)
         return pa.table({"caption_id": part.column("caption_id"), "global": feature_array(g, "float16"),
-                         "patches": feature_array(rng.standard_normal((len(t), patches * dim)), "float16")})
+                         "patches": feature_array(rng.standard_normal((len(t), patches * dim)), "float16"),
+                         "grid": feature_array(rng.standard_normal((len(t), patches * dim)), "float16")})
 
     def tags(task):
         rng = np.random.default_rng([seed + 1, task.index])
@@ -105,7 +107,8 @@ def write_synthetic(seed: int = 0) -> None:
 
     n = texts.num_rows
     write_sharded(paths.SYNTHETIC_FEATURES, n, ROWS_PER_SHARD, f"bench-{texts.fingerprint}", features,
-                  {"model": clip, "dtype": "float16", "num_patches": patches, "dim": dim}, desc="synthetic")
+                  {"model": clip, "dtype": "float16", "num_patches": patches, "dim": dim, "grid_dim": dim},
+                  desc="synthetic")
     write_sharded(paths.SYNTHETIC_TAGS, n, ROWS_PER_SHARD, f"bench-tags-{texts.fingerprint}", tags,
                   {"model": {"kind": "detector", "name": "bench"}, "threshold": 0.5}, desc="tags")
 
