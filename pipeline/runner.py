@@ -634,10 +634,9 @@ def load_checkpoint(path: Path, device: str = "cpu"):
     Loads tensors only (safetensors): nothing is unpickled; their bytes must match the checksum sealed in
     the header (``verify_checkpoint``). Frozen pretrained submodules left out of
     the file are the ones ``create`` loaded again, checked to have the weights recorded at training."""
-    header = checkpoint_header(path)
+    header = trained_header(path)
     verify_checkpoint(path)
-    module = methods.get(header["method"])
-    s = cfg.parse(module.Train, header["train"], f"{path}: train")
+    module, s = methods.get(header["method"]), header["train"]
     model = module.create(s, header["facts"])
     recorded = header.get("frozen") or {}
     if not recorded:
@@ -652,7 +651,14 @@ def load_checkpoint(path: Path, device: str = "cpu"):
                              f"{str(err).splitlines()[-1].strip()}") from None
     else:
         _load_without_frozen(model, path, recorded, device)
-    return model.to(device).eval(), {**header, "train": s}
+    return model.to(device).eval(), header
+
+
+def trained_header(path: Path) -> dict:
+    """A checkpoint's header with ``train`` parsed back into its method's Train settings (no tensor read)."""
+    header = checkpoint_header(path)
+    train = cfg.parse(methods.get(header["method"]).Train, header["train"], f"{path}: train")
+    return {**header, "train": train}
 
 
 def _load_without_frozen(model: torch.nn.Module, path: Path, recorded: dict, device: str) -> None:
@@ -691,22 +697,33 @@ def write_model_folder(out_dir: Path, model, header: dict, report: dict, fp: str
     save_checkpoint(model, tmp, header)
     os.replace(tmp, out_dir / MODEL_FILE)
     _write_json(out_dir / REPORT_FILE, report)
-    files = {f: _sha256(out_dir / f) for f in (MODEL_FILE, REPORT_FILE)}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(record, {"fingerprint": fp, "files": files})
+    write_record(record, out_dir, (MODEL_FILE, REPORT_FILE), fp)
 
 
 def kept_report(out_dir: Path, fp: str) -> dict | None:
     """The previous run's report if its fingerprint is ``fp`` and every file still matches its hash."""
-    try:
-        manifest = json.loads(paths.fingerprint_record(out_dir).read_text())
-        if manifest["fingerprint"] != fp:
-            return None
-        if any(_sha256(out_dir / f) != h for f, h in manifest["files"].items()):
-            return None
-        return json.loads((out_dir / REPORT_FILE).read_text())
-    except (OSError, ValueError, KeyError):
+    if not record_holds(paths.fingerprint_record(out_dir), out_dir, fp):
         return None
+    try:
+        return json.loads((out_dir / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(record: Path, folder: Path, files, fp: str) -> None:
+    """Record that ``files`` (names in ``folder``) were made under fingerprint ``fp``, with each one's sha256."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(record, {"fingerprint": fp, "files": {f: _sha256(folder / f) for f in files}})
+
+
+def record_holds(record: Path, folder: Path, fp: str) -> bool:
+    """Does ``record`` say its files were made under ``fp``, and does every one still match its sha256?"""
+    try:
+        manifest = json.loads(record.read_text())
+        return manifest["fingerprint"] == fp and bool(manifest["files"]) and all(
+            _sha256(folder / f) == h for f, h in manifest["files"].items())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
 
 
 def _sha256(path: Path) -> str:
@@ -753,7 +770,8 @@ def caption_shards(model, header: dict, c, inputs: Inputs, progress: bool = True
 def caption(name: str, instance: cfg.MethodInstance, evalset: str, device: str, progress: bool = True
             ) -> dict[str, str]:
     """Caption eval set ``evalset`` with the trained instance ``name``."""
-    model, header, inputs = _open_captioning(name, instance, evalset, device)
+    header, inputs = _captioning_inputs(name, instance, evalset, device)
+    model, _ = load_checkpoint(paths.model(name) / MODEL_FILE, device)
     return caption_shards(model, header, instance.caption, inputs, progress)
 
 
@@ -762,31 +780,31 @@ def caption_into(out: Path, name: str, instance: cfg.MethodInstance, evalset: st
     """Caption eval set ``evalset`` with instance ``name`` into the JSON file ``out`` (image_id -> caption),
     or keep ``out``'s captions when their fingerprint (the model's bytes, the inputs' content, the caption
     settings, the captioning code) is unchanged and the file still matches the sha256 recorded beside it
-    (``paths.fingerprint_record``): evaluate@ reruns when only the scoring changes, and then captions
-    nothing. -> (captions, kept)."""
+    (``paths.fingerprint_record``): evaluate@ reruns when only the scoring changes, and then neither loads
+    the model nor captions. -> (captions, kept)."""
     out = Path(out)
-    model, header, inputs = _open_captioning(name, instance, evalset, device)
+    header, inputs = _captioning_inputs(name, instance, evalset, device)
     fp = fingerprint(_sha256(paths.model(name) / MODEL_FILE), cfg.as_dict(instance.caption), inputs.fingerprint(),
                      code_version("pipeline.runner", methods.get(instance.method).__name__), device)
     record = paths.fingerprint_record(out)
-    try:
-        manifest = json.loads(record.read_text())
-        if manifest["fingerprint"] == fp and manifest["files"] == {out.name: _sha256(out)}:
+    if record_holds(record, out.parent, fp):
+        try:
             return json.loads(out.read_text(encoding="utf-8")), True
-    except (OSError, ValueError, KeyError):
-        pass
+        except (OSError, ValueError):
+            pass
+    model, _ = load_checkpoint(paths.model(name) / MODEL_FILE, device)
     captions = caption_shards(model, header, instance.caption, inputs, progress)
     record.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_json(out, captions)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(record, {"fingerprint": fp, "files": {out.name: _sha256(out)}})
+    write_record(record, out.parent, (out.name,), fp)
     return captions, False
 
 
-def _open_captioning(name: str, instance: cfg.MethodInstance, evalset: str, device: str):
-    """(model, its checkpoint header, the eval set's inputs) for captioning ``evalset`` with ``name``."""
-    model, header = load_checkpoint(paths.model(name) / MODEL_FILE, device)
+def _captioning_inputs(name: str, instance: cfg.MethodInstance, evalset: str, device: str):
+    """(the checkpoint's header, the eval set's inputs) for captioning ``evalset`` with ``name``, checked to
+    be of the method params.yaml names and from the CLIP the model was trained on."""
+    header = trained_header(paths.model(name) / MODEL_FILE)
     if header["method"] != instance.method:
         raise ValueError(f"{paths.model(name)} holds a {header['method']} model but params.yaml says "
                          f"methods.{name}.method is {instance.method}: run `dvc repro train@{name}`")
@@ -796,4 +814,4 @@ def _open_captioning(name: str, instance: cfg.MethodInstance, evalset: str, devi
         require_same_model(trained_on=header["clip_model"], **{f"eval_features_{evalset}": inputs.data.clip})
     except ModelMismatchError as err:
         raise ModelMismatchError(f"{err}: the model {name} cannot caption these features") from None
-    return model, header, inputs
+    return header, inputs

@@ -799,7 +799,7 @@ def _seeds_section(seeds: Mapping) -> str:
     body, best = [], None
     for r in rows:
         cells = [_text(", ".join(r["methods"])), _text(", ".join(str(s) for s in r["seeds"])), _text(r["eval_set"])]
-        for metric, show in ((("object_f1", _fraction),) if has_f1 else ()) + (("CIDEr", _cider),):
+        for metric, show in [("object_f1", _fraction)] * has_f1 + [("CIDEr", _cider)]:
             values = r.get(metric) or []
             if values:
                 mean = sum(values) / len(values)
